@@ -1,0 +1,308 @@
+"""Hugging Face Qwen3 / Qwen3-MoE safetensors checkpoints <-> qwen3-jax models.
+
+One table (`_hf_name`) maps each parameter of the abstract model to its Hugging Face tensor name;
+the abstract model supplies shapes, logical axes and shardings, so loading, exporting and shape
+checks all follow from the same description. Loading memory-maps the safetensors files and builds
+each device shard with `jax.make_array_from_callback`, reading only the tensors (and rows) that
+shard needs: host memory stays around one checkpoint tensor, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
+from qwen3_jax.model import Qwen3, abstract_model
+from qwen3_jax.sharding import state_shardings
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match the model its config describes."""
+
+
+# ----------------------------------------------------------------------- safetensors I/O
+
+_ST_DTYPES = {
+    "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsReader:
+    """Lazy, memory-mapped view of every tensor in a checkpoint directory (one file or an index)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in {path}")
+        self._entries: dict[str, tuple[np.memmap, str, list[int], int, int]] = {}
+        for name in files:
+            fpath = os.path.join(path, name)
+            if not os.path.exists(fpath):
+                raise FileNotFoundError(f"{fpath} is listed in the index but missing")
+            with open(fpath, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            mm = np.memmap(fpath, dtype=np.uint8, mode="r")
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"tensor {key} has unsupported dtype {meta['dtype']}")
+                begin, end = meta["data_offsets"]
+                self._entries[key] = (mm, meta["dtype"], meta["shape"], 8 + header_len + begin, 8 + header_len + end)
+
+    def keys(self) -> set[str]:
+        return set(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][2])
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._entries:
+            raise CheckpointError(f"missing tensor {name} in {self.path}")
+        mm, dtype, shape, begin, end = self._entries[name]
+        return mm[begin:end].view(_ST_DTYPES[dtype]).reshape(shape)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, arr in tensors.items():
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+
+
+# ------------------------------------------------------------------------- name mapping
+
+
+def _layer_offsets(cfg: Qwen3Config) -> list[int]:
+    offsets, total = [], 0
+    for _, n in cfg.layer_runs:
+        offsets.append(total)
+        total += n
+    return offsets
+
+
+_LAYER_NAMES = {
+    ("input_norm", "weight"): ("input_layernorm.weight", None),
+    ("post_attn_norm", "weight"): ("post_attention_layernorm.weight", None),
+    ("attn", "q_proj"): ("self_attn.q_proj.weight", 1),
+    ("attn", "k_proj"): ("self_attn.k_proj.weight", 1),
+    ("attn", "v_proj"): ("self_attn.v_proj.weight", 1),
+    ("attn", "o_proj"): ("self_attn.o_proj.weight", 2),
+    ("attn", "q_norm", "weight"): ("self_attn.q_norm.weight", None),
+    ("attn", "k_norm", "weight"): ("self_attn.k_norm.weight", None),
+    ("mlp", "router"): ("mlp.gate.weight", 1),
+}
+
+
+class _Tensor:
+    """How one model parameter is stored in the Hugging Face checkpoint.
+
+    `template` names the tensor (with {layer} and {expert} fields for stacked dims); `n_in` is the
+    number of leading input dims of a Linear kernel (HF stores [out, in]); None means same layout.
+    """
+
+    def __init__(self, template: str, n_in: int | None, stacked: int, layer0: int = 0):
+        self.template, self.n_in, self.stacked, self.layer0 = template, n_in, stacked, layer0
+
+    def name(self, idx: tuple[int, ...]) -> str:
+        fields = dict(zip(("layer", "expert"), idx))
+        if "layer" in fields:
+            fields["layer"] += self.layer0
+        return self.template.format(**fields)
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        if self.n_in is None:
+            return ours
+        return (math.prod(ours[self.n_in:]), math.prod(ours[: self.n_in]))
+
+    def to_ours(self, hf: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+        return hf if self.n_in is None else hf.T.reshape(ours)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        if self.n_in is None:
+            return ours
+        return ours.reshape(math.prod(ours.shape[: self.n_in]), -1).T
+
+
+def _hf_tensor(path: tuple, cfg: Qwen3Config) -> _Tensor:
+    if path == ("embed",):
+        return _Tensor("model.embed_tokens.weight", None, 0)
+    if path == ("norm", "weight"):
+        return _Tensor("model.norm.weight", None, 0)
+    if path == ("lm_head",):
+        return _Tensor("lm_head.weight", 1, 0)
+    assert path[0] == "runs", path
+    run, rest = path[1], tuple(path[2:])
+    layer0 = _layer_offsets(cfg)[run]
+    prefix = "model.layers.{layer}."
+    if rest in _LAYER_NAMES:
+        name, n_in = _LAYER_NAMES[rest]
+        return _Tensor(prefix + name, n_in, 1, layer0)
+    moe = cfg.layer_runs[run][0]
+    proj = rest[1]
+    if moe:
+        return _Tensor(prefix + "mlp.experts.{expert}." + proj + ".weight", 1, 2, layer0)
+    return _Tensor(prefix + "mlp." + proj + ".weight", 1, 1, layer0)
+
+
+def _params(model_or_abstract: Qwen3) -> Iterator[tuple[tuple, nnx.Variable]]:
+    for path, var in nnx.to_flat_state(nnx.state(model_or_abstract, nnx.Param)):
+        yield tuple(path), var
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def from_hf(
+    path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+    progress: Callable[[str], None] | None = None, **config_overrides,
+) -> Qwen3:
+    """Loads a Hugging Face Qwen3 / Qwen3-MoE checkpoint directory as a sharded model.
+
+    `dtype` is both the parameter and the compute dtype (override either with param_dtype= / dtype
+    in `config_overrides` as strings); `progress` is called with each parameter path as it loads.
+    """
+    name = jnp.dtype(dtype).name
+    overrides = {"param_dtype": name, "dtype": name, **config_overrides}
+    cfg = from_hf_config(path, **overrides)
+    reader = SafetensorsReader(path)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    shardings = (
+        state_shardings(state, mesh, cfg.rules) if mesh is not None else None
+    )
+    flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    used: set[str] = set()
+    flat = []
+    for path_, var in nnx.to_flat_state(state):
+        path_ = tuple(path_)
+        spec = _hf_tensor(path_, cfg)
+        shape = tuple(var.shape)
+        stacked, inner = shape[: spec.stacked], shape[spec.stacked:]
+        names = {ix: spec.name(ix) for ix in np.ndindex(*stacked)}
+        for n in names.values():
+            if n not in reader.keys():
+                raise CheckpointError(f"missing tensor {n} in {path} (needed for parameter {'/'.join(map(str, path_))})")
+            if reader.shape(n) != spec.hf_shape(inner):
+                raise CheckpointError(
+                    f"tensor {n} has shape {list(reader.shape(n))} in the checkpoint but the config needs "
+                    f"{list(spec.hf_shape(inner))}"
+                )
+        used.update(names.values())
+        target = np.dtype(var.dtype)
+
+        def read(index, spec=spec, names=names, stacked=stacked, inner=inner, target=target):
+            outer = [range(n)[s] for s, n in zip(index[: len(stacked)], stacked)]
+            rest = index[len(stacked):]
+            out = np.empty([len(r) for r in outer] + [len(range(n)[s]) for s, n in zip(rest, inner)], target)
+            for pos in np.ndindex(*[len(r) for r in outer]):
+                ix = tuple(r[p] for r, p in zip(outer, pos))
+                out[pos] = spec.to_ours(reader.get(names[ix]), inner)[rest].astype(target)
+            return out
+
+        sharding = flat_shardings.get(path_, single)
+        if isinstance(sharding, nnx.Variable):
+            sharding = sharding.get_value()
+        value = jax.make_array_from_callback(shape, sharding, read)
+        flat.append((path_, var.replace(value)))
+        if progress is not None:
+            progress("/".join(map(str, path_)))
+
+    unexpected = reader.keys() - used
+    if cfg.tie_word_embeddings:
+        unexpected.discard("lm_head.weight")  # tied checkpoints may carry a copy of the embedding
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in {path}: {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def hf_tensors(model: Qwen3, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) in Hugging Face layout, one tensor at a time (host memory: one tensor)."""
+    cfg = model.cfg
+    for path_, var in _params(model):
+        spec = _hf_tensor(path_, cfg)
+        arr = var.get_value()
+        for ix in np.ndindex(*arr.shape[: spec.stacked]):
+            host = np.asarray(jax.device_get(arr[ix] if ix else arr))
+            if dtype is not None:
+                host = host.astype(dtype)
+            yield spec.name(ix), np.ascontiguousarray(spec.to_hf(host))
+
+
+def to_hf(model: Qwen3, path: str, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
+          progress: Callable[[str], None] | None = None) -> None:
+    """Writes config.json and safetensors (sharded with an index above `max_shard_bytes`)."""
+    cfg = model.cfg
+    out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    os.makedirs(path, exist_ok=True)
+    # Plan shards from shapes first, so file names can carry the shard count.
+    sizes: list[tuple[str, int]] = []
+    for path_, var in _params(abstract_model(cfg)):
+        spec = _hf_tensor(path_, cfg)
+        shape = tuple(var.shape)
+        nbytes = math.prod(shape[spec.stacked:]) * out_dtype.itemsize
+        sizes += [(spec.name(ix), nbytes) for ix in np.ndindex(*shape[: spec.stacked])]
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for name, nbytes in sizes:
+        if shards[-1] and acc + nbytes > max_shard_bytes:
+            shards.append([])
+            acc = 0
+        shards[-1].append(name)
+        acc += nbytes
+    files = (
+        ["model.safetensors"] if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    file_of = {n: files[i] for i, names in enumerate(shards) for n in names}
+
+    pending: dict[str, dict[str, np.ndarray]] = {f: {} for f in files}
+    remaining = {f: len(names) for f, names in zip(files, shards)}
+    for name, arr in hf_tensors(model, out_dtype):
+        f = file_of[name]
+        pending[f][name] = arr
+        remaining[f] -= 1
+        if remaining[f] == 0:
+            write_safetensors(os.path.join(path, f), pending.pop(f))
+            if progress is not None:
+                progress(f)
+    if len(files) > 1:
+        total = sum(n for _, n in sizes)
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": file_of}, f, indent=2)
+    hf_cfg = to_hf_config(cfg)
+    hf_cfg["torch_dtype"] = out_dtype.name
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)

@@ -1,0 +1,189 @@
+"""Dense building blocks: RMSNorm, RoPE (with YaRN), GQA attention with QK-Norm, SwiGLU MLP.
+
+Shapes in names: B batch, T query length, S key length (cache slots), D hidden, N query heads,
+K kv heads, G = N / K query heads per kv head, H head_dim, F MLP width.
+Every parameter carries its logical axes as `axes` metadata; `qwen3_jax.sharding` maps them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen3_jax.config import Qwen3Config, YarnScaling
+from qwen3_jax.sharding import constrain
+
+_init = nnx.initializers.normal(0.02)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init=_init) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+def ones_param(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """Statistics in float32, cast back to the activation dtype, then multiply by `w` (not 1 + w)."""
+
+    def __init__(self, dim: int, eps: float, axes: tuple[str | None, ...], *, param_dtype):
+        self.eps = eps
+        self.weight = ones_param((dim,), axes, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: YarnScaling | None) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [H/2] (float32) and the cos/sin scale, as transformers computes them."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    pos_freqs = np.float32(theta) ** exponents
+    if scaling is None:
+        return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
+
+    def correction_dim(rotations: float) -> float:
+        orig = scaling.original_max_position_embeddings
+        return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation = np.float32(1.0) - ramp
+    inv_extra = np.float32(1.0) / pos_freqs
+    inv_inter = np.float32(1.0) / (np.float32(scaling.factor) * pos_freqs)
+    inv_freq = inv_inter * (np.float32(1.0) - extrapolation) + inv_extra * extrapolation
+    return inv_freq.astype(np.float32), scaling.mscale
+
+
+def rope_cos_sin(positions_BxT: jax.Array, cfg: Qwen3Config) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, H] in float32, scaled by the YaRN attention factor, then cast to the compute dtype."""
+    inv_freq, scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    dtype = jnp.dtype(cfg.dtype)
+    return (jnp.cos(emb_BxTxH) * scale).astype(dtype), (jnp.sin(emb_BxTxH) * scale).astype(dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    """Half-split ("rotate_half") convention: pairs (i, i + H/2), not interleaved."""
+    half = x_BxTxNxH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+    return x_BxTxNxH * cos_BxTxH[:, :, None, :] + rotated * sin_BxTxH[:, :, None, :]
+
+
+# ------------------------------------------------------------------------------------ Attention
+
+
+class KVCache(NamedTuple):
+    """Key/value slots of one layer (stacked with a leading layer axis in the model)."""
+
+    k_BxSxKxH: jax.Array
+    v_BxSxKxH: jax.Array
+
+
+class AttentionInputs(NamedTuple):
+    """Per-call attention context shared by all layers.
+
+    q_slots_BxT: index of each query in its row's key sequence (cache slot, or t without cache);
+    causality is by slot, so packed documents whose positions restart still mask correctly.
+    cache_start_B: where this call's keys are written in the cache (None without a cache).
+    segment_ids_BxT: packed-document ids; queries attend only within their own segment.
+    """
+
+    cos_BxTxH: jax.Array
+    sin_BxTxH: jax.Array
+    q_slots_BxT: jax.Array
+    cache_start_B: jax.Array | None = None
+    segment_ids_BxT: jax.Array | None = None
+
+
+def _write_cache(cache_BxSxKxH: jax.Array, new_BxTxKxH: jax.Array, start_B: jax.Array) -> jax.Array:
+    # dynamic_update_slice clamps out-of-range starts; callers check lengths on the host first.
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))(
+        cache_BxSxKxH, new_BxTxKxH.astype(cache_BxSxKxH.dtype), start_B
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.q_proj = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd)
+        self.q_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), param_dtype=pd)
+        self.k_norm = RMSNorm(H, cfg.rms_norm_eps, ("head_dim",), param_dtype=pd)
+
+    def __call__(
+        self, x_BxTxD: jax.Array, ctx: AttentionInputs, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg, rules = self.cfg, self.cfg.rules
+        dtype = x_BxTxD.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, self.v_proj[...].astype(dtype))
+        # QK-Norm: one RMSNorm over head_dim, per head, before RoPE.
+        q = apply_rope(self.q_norm(q), ctx.cos_BxTxH, ctx.sin_BxTxH)
+        k = apply_rope(self.k_norm(k), ctx.cos_BxTxH, ctx.sin_BxTxH)
+        q = constrain(q, ("batch", "seq", "act_heads", None), rules)
+        k = constrain(k, ("batch", "seq", "act_kv_heads", None), rules)
+        v = constrain(v, ("batch", "seq", "act_kv_heads", None), rules)
+
+        B, T = x_BxTxD.shape[:2]
+        if cache is not None:
+            cache = KVCache(_write_cache(cache.k_BxSxKxH, k, ctx.cache_start_B),
+                            _write_cache(cache.v_BxSxKxH, v, ctx.cache_start_B))
+            k, v = cache.k_BxSxKxH.astype(dtype), cache.v_BxSxKxH.astype(dtype)
+        S = k.shape[1]
+        mask_BxTxS = jnp.arange(S)[None, None, :] <= ctx.q_slots_BxT[:, :, None]
+        if ctx.segment_ids_BxT is not None:
+            seg = ctx.segment_ids_BxT
+            mask_BxTxS &= seg[:, :, None] == seg[:, None, :]
+
+        G = cfg.num_heads // cfg.num_kv_heads
+        q_BxTxKxGxH = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k, preferred_element_type=jnp.float32)
+        scores = scores * (cfg.head_dim**-0.5)
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+        out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, self.o_proj[...].astype(dtype))
+        return out, cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        pd = jnp.dtype(cfg.param_dtype)
+        self.rules = cfg.rules
+        self.gate_proj = param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.up_proj = param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.down_proj = param(rngs, (F, D), ("mlp", "embed"), pd)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        dtype = x_BxTxD.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x_BxTxD, self.gate_proj[...].astype(dtype))
+        up = jnp.einsum("BTD,DF->BTF", x_BxTxD, self.up_proj[...].astype(dtype))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), self.rules)
+        return jnp.einsum("BTF,FD->BTD", h, self.down_proj[...].astype(dtype))

@@ -1,0 +1,212 @@
+"""The Qwen3 causal LM (dense and MoE) as a Flax NNX module, with stacked, scanned layers.
+
+Layers of the same kind are stacked along a leading `layers` axis and applied with `lax.scan`
+(or a Python loop over the same stacked parameters when `scan_layers=False`), so a 94-layer model
+compiles one layer body and checkpoints have one layout either way.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.layers import MLP, Attention, AttentionInputs, KVCache, RMSNorm, param, rope_cos_sin
+from qwen3_jax.moe import MoE, RouterStats
+from qwen3_jax.sharding import constrain, state_shardings
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is dense or MoE."""
+
+    def __init__(self, cfg: Qwen3Config, moe: bool, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("norm",), param_dtype=pd)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("norm",), param_dtype=pd)
+        self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
+
+    def __call__(
+        self, x_BxTxD: jax.Array, ctx: AttentionInputs, cache: KVCache | None, token_mask_BxT: jax.Array | None
+    ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+        h, cache = self.attn(self.input_norm(x_BxTxD), ctx, cache)
+        x_BxTxD = x_BxTxD + h
+        h = self.post_attn_norm(x_BxTxD)
+        stats = None
+        if isinstance(self.mlp, MoE):
+            h, stats = self.mlp(h, token_mask_BxT)
+        else:
+            h = self.mlp(h)
+        x_BxTxD = constrain(x_BxTxD + h, ("batch", "seq", "act_embed"), self.cfg.rules)
+        return x_BxTxD, cache, stats
+
+
+def _stack_layers(cfg: Qwen3Config, moe: bool, n: int, rngs: nnx.Rngs) -> DecoderLayer:
+    """n layers with every parameter stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(r: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(cfg, moe, rngs=r)
+
+    stack = make(rngs)
+    for _, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param):
+            var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
+    return stack
+
+
+class ForwardOutput(NamedTuple):
+    hidden_BxTxD: jax.Array  # after the final norm
+    cache: tuple[KVCache, ...] | None  # one stacked [layers, B, S, K, H] cache per layer run
+    router_stats: RouterStats | None  # summed over MoE layers; None for dense models
+
+
+class Qwen3(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.runs = nnx.List([_stack_layers(cfg, moe, n, rngs) for moe, n in cfg.layer_runs])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("norm",), param_dtype=pd)
+        self.lm_head = None if cfg.tie_word_embeddings else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    # --------------------------------------------------------------------------------- API
+    def __call__(
+        self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, T, vocab] for a full sequence (no cache)."""
+        return self.logits(self.forward(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT).hidden_BxTxD)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        dtype = hidden_BxTxD.dtype
+        if self.lm_head is None:
+            out = jnp.einsum("BTD,VD->BTV", hidden_BxTxD, self.embed[...].astype(dtype))
+        else:
+            out = jnp.einsum("BTD,DV->BTV", hidden_BxTxD, self.lm_head[...].astype(dtype))
+        return constrain(out, ("batch", "seq", "act_vocab"), self.cfg.rules)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
+        cfg = self.cfg
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = lambda n: (n, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+        return tuple(KVCache(jnp.zeros(shape(n), dtype), jnp.zeros(shape(n), dtype)) for _, n in cfg.layer_runs)
+
+    def forward(
+        self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None, cache: tuple[KVCache, ...] | None = None,
+        cache_start_B: jax.Array | None = None,
+    ) -> ForwardOutput:
+        """Hidden states after the final norm.
+
+        Without a cache, attention is causal over the T tokens (within segments if segment ids are
+        given; segment id 0 marks padding and is left out of the MoE load-balancing statistics).
+        With a cache, this call's keys are written at slots cache_start_B + t and queries attend to
+        every slot up to their own, so prefill and decode are the same call.
+        """
+        cfg = self.cfg
+        _check_token_range(tokens_BxT, cfg.vocab_size)
+        B, T = tokens_BxT.shape
+        if cache is not None and segment_ids_BxT is not None:
+            raise ValueError("segment_ids are for packed training sequences and cannot be combined with a KV cache")
+        if cache is not None and cache_start_B is None:
+            cache_start_B = jnp.zeros((B,), jnp.int32)
+        q_slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if cache_start_B is not None:
+            q_slots = q_slots + cache_start_B[:, None].astype(jnp.int32)
+        positions_BxT = q_slots if positions_BxT is None else positions_BxT
+        cos, sin = rope_cos_sin(positions_BxT, cfg)
+        ctx = AttentionInputs(cos, sin, q_slots, cache_start_B, segment_ids_BxT)
+        token_mask = None if segment_ids_BxT is None else segment_ids_BxT != 0
+
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(x, ("batch", "seq", "act_embed"), cfg.rules)
+        stats = RouterStats.zeros(cfg.num_experts) if cfg.is_moe else None
+        new_cache = []
+        for i, run in enumerate(self.runs):
+            x, run_cache, stats = _apply_run(run, x, ctx, None if cache is None else cache[i], token_mask, stats, cfg)
+            new_cache.append(run_cache)
+        return ForwardOutput(self.norm(x), None if cache is None else tuple(new_cache), stats)
+
+
+def _apply_run(run: DecoderLayer, x, ctx, cache, token_mask, stats, cfg: Qwen3Config):
+    graphdef, state = nnx.split(run)
+
+    def body(carry, xs):
+        h, acc = carry
+        layer_state, layer_cache = xs
+        h, layer_cache, s = nnx.merge(graphdef, layer_state)(h, ctx, layer_cache, token_mask)
+        return (h, acc if s is None else acc + s), layer_cache
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        (x, stats), new_cache = jax.lax.scan(body, (x, stats), (state, cache))
+        return x, new_cache, stats
+    n = jax.tree.leaves(state)[0].shape[0]
+    layer_caches = []
+    for i in range(n):
+        at = lambda t: jax.tree.map(lambda a: a[i], t)  # noqa: E731
+        (x, stats), c = body((x, stats), (at(state), None if cache is None else at(cache)))
+        layer_caches.append(c)
+    new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
+    return x, new_cache, stats
+
+
+def _check_token_range(tokens, vocab_size: int) -> None:
+    """Rejects out-of-range ids when they are concrete (under jit they cannot be checked)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    t = np.asarray(tokens)
+    if t.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {t.shape}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {t.dtype}")
+    if t.size and (t.min() < 0 or t.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {t.min()} max {t.max()}")
+
+
+# ------------------------------------------------------------------------------ construction
+
+
+def abstract_model(cfg: Qwen3Config) -> Qwen3:
+    """The model with ShapeDtypeStruct leaves: nothing is allocated."""
+    return nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
+
+
+def init_model(cfg: Qwen3Config, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Qwen3:
+    """Randomly initialised model whose parameters are created already sharded on `mesh`.
+
+    The init runs under jit with the rules' output shardings, so no device ever holds the whole
+    model unless the rules say so.
+    """
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+
+    def make():
+        return nnx.state(Qwen3(cfg, rngs=nnx.Rngs(seed)))
+
+    shardings = None if mesh is None else state_shardings(abstract_state, mesh, cfg.rules)
+    return nnx.merge(graphdef, jax.jit(make, out_shardings=shardings)())
+
+
+def count_params(cfg: Qwen3Config) -> tuple[int, int]:
+    """(total, active per token) parameter counts, computed from shapes without allocating."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    if not cfg.is_moe:
+        return total, total
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return total, total - moe_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert

@@ -1,0 +1,165 @@
+"""Logical axis names -> mesh axes, in one table, plus mesh construction.
+
+Sharding mode: **Auto** mesh axes, chosen deliberately. Parameters and step inputs/outputs get
+explicit NamedShardings at jit boundaries (pjit style), activations are pinned at layer
+boundaries with `with_sharding_constraint`, and XLA's partitioner places the collectives in
+between. Explicit (sharding-in-types) mode would force a sharding on every intermediate einsum;
+the MoE block is the one place that needs manual control and it uses `jax.shard_map`.
+
+The model never takes a mesh argument: it reads the mesh installed by `jax.set_mesh`, and with
+no mesh installed every constraint is a no-op, so one code path serves 1 CPU and a TPU pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+Logical = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Maps each logical dimension name to the mesh axes it is split over (hashable, static).
+
+    Mesh axes absent from the current mesh are dropped, so the same rules serve any mesh that has
+    a subset of data / fsdp / tensor / expert.
+    """
+
+    table: tuple[tuple[str, tuple[str, ...]], ...] = (
+        # activations
+        ("batch", ("data", "fsdp", "expert")),
+        ("seq", ()),
+        ("act_embed", ()),
+        ("act_heads", ("tensor",)),
+        ("act_kv_heads", ("tensor",)),
+        ("act_mlp", ("tensor",)),
+        ("act_vocab", ("tensor",)),
+        ("cache_seq", ()),
+        # parameters
+        ("layers", ()),
+        ("vocab", ("tensor",)),
+        ("embed", ("fsdp",)),
+        ("heads", ("tensor",)),
+        ("kv_heads", ("tensor",)),
+        ("head_dim", ()),
+        ("mlp", ("tensor",)),
+        ("experts", ("expert",)),
+        ("moe_mlp", ("tensor",)),
+        ("router_experts", ()),
+        ("norm", ()),
+    )
+
+    def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        for name, axes in self.table:
+            if name == logical:
+                return axes
+        raise KeyError(f"no sharding rule for logical axis {logical!r}")
+
+    def spec(self, logical: Logical, mesh_axis_names: Sequence[str]) -> P:
+        """PartitionSpec for `logical` on a mesh with `mesh_axis_names`; raises on collisions."""
+        used: dict[str, str | None] = {}
+        parts = []
+        for name in logical:
+            axes = tuple(a for a in self.mesh_axes(name) if a in mesh_axis_names)
+            for a in axes:
+                if a in used:
+                    raise ValueError(
+                        f"mesh axis {a!r} is used by both logical axes {used[a]!r} and {name!r} in {logical}"
+                    )
+                used[a] = name
+            parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return P(*parts)
+
+
+def current_mesh_axes() -> tuple[str, ...]:
+    """Axis names of the mesh installed by `jax.set_mesh`, or () when running unsharded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(mesh.axis_names)
+
+
+def constrain(x: jax.Array, logical: Logical, rules: ShardingRules) -> jax.Array:
+    """Pins an activation's sharding by logical names; identity with no mesh installed."""
+    names = current_mesh_axes()
+    if not names:
+        return x
+    return jax.lax.with_sharding_constraint(x, rules.spec(logical, names))
+
+
+def axis_size(name: str) -> int:
+    """Size of a mesh axis in the installed mesh (1 if absent or unsharded)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or name not in mesh.axis_names:
+        return 1
+    return mesh.shape[name]
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh with named axes from `{axis: size}`; -1 once means 'all remaining devices'.
+
+    Axes of size 1 are kept so rules still resolve; unknown names and sizes that do not divide the
+    device count are errors.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; allowed: {MESH_AXES}")
+    names = [a for a in MESH_AXES if a in shape]
+    sizes = [int(shape[a]) for a in names]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {shape} does not divide the {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    total = math.prod(sizes)
+    if total > len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {total} devices but only {len(devices)} exist")
+    if total < len(devices):
+        devices = devices[:total]
+    try:
+        dev_array = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        dev_array = np.asarray(devices).reshape(sizes)
+    return Mesh(dev_array, tuple(names), axis_types=(AxisType.Auto,) * len(names))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Multi-host start-up (TPU pods, multi-node GPU). On TPU all arguments are discovered."""
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def named(mesh: Mesh | None, spec: P) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, spec)
+
+
+
+def logical_axes(state) -> "jax.tree":
+    """The `axes` metadata of every parameter in an nnx State, as a pytree of tuples."""
+    from flax import nnx
+
+    return jax.tree.map(
+        lambda v: tuple(v.get_metadata()["axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def state_shardings(state, mesh: Mesh, rules: ShardingRules):
+    """NamedShardings for every parameter of an nnx State (abstract or concrete) on `mesh`."""
+    from flax import nnx
+
+    def one(v):
+        return NamedSharding(mesh, rules.spec(tuple(v.get_metadata()["axes"]), mesh.axis_names))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
