@@ -189,7 +189,9 @@ class MoE(nnx.Module):
         act = P(batch, None, None)
         gu = rules.spec(("experts", None, "moe_mlp"), names)
         dn = rules.spec(("experts", "moe_mlp", None), names)
-        return jax.shard_map(sharded, in_specs=(act, act, act, gu, gu, dn), out_specs=act)(
+        # check_vma=False: the blocked path's lax.cond skips empty blocks with a zeros branch that
+        # carries no varying-axis type; the collectives above are placed by hand.
+        return jax.shard_map(sharded, in_specs=(act, act, act, gu, gu, dn), out_specs=act, check_vma=False)(
             x_BxTxD, idx_BxTxK, w_BxTxK, gate, up, down
         )
 

@@ -1,0 +1,327 @@
+"""Token sampling and the Qwen3 thinking budget, as pure jit-friendly array functions.
+
+Both run inside the compiled decode loop for a batch of B rows over V logits. Every
+per-request setting is a per-row array, so changing settings between calls never
+recompiles; only `max_candidates` and the length of the forced stop-thinking ids are
+static.
+
+Sampling order follows Hugging Face: presence penalty, temperature, top-k, top-p,
+min-p, then a categorical draw. Every filter keeps a prefix of the tokens sorted by
+logit, so a row's kept set is "all tokens whose tempered logit >= a per-row cutoff";
+ties at the cutoff are all kept (as HF does for top-k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+THINK_START_ID = 151667  # <think>
+THINK_END_ID = 151668  # </think>
+# Qwen's stop-thinking text; encode it with the tokenizer (24 ids with Qwen3's) and
+# pass the ids to `budget_apply`. It contains </think>, which closes the block.
+STOP_THINKING_TEXT = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based "
+    "on the thinking directly now.\n</think>\n\n"
+)
+UNLIMITED_BUDGET = -1  # any negative thinking budget means "no limit"
+
+# Qwen's recommended settings: `SamplingParams.make(B, **THINKING_SAMPLING)`.
+THINKING_SAMPLING: Mapping[str, float] = MappingProxyType(
+    {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
+)
+NON_THINKING_SAMPLING: Mapping[str, float] = MappingProxyType(
+    {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@struct.dataclass
+class SamplingParams:
+    """Per-row sampling settings, each an array of shape [B].
+
+    temperature: f32, 0 = greedy. top_k: i32, 0 = off. top_p: f32 in (0, 1], 1 = off.
+    min_p: f32 in [0, 1), 0 = off. presence_penalty: f32, 0 = off.
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    presence_penalty: jax.Array
+
+    @classmethod
+    def make(
+        cls,
+        batch: int,
+        *,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        min_p: float | Sequence[float] = 0.0,
+        presence_penalty: float | Sequence[float] = 0.0,
+    ) -> SamplingParams:
+        """Validates host-side values (a scalar for all rows or one per row)."""
+        if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        t = _per_row("temperature", temperature, batch)
+        k = _per_row("top_k", top_k, batch)
+        p = _per_row("top_p", top_p, batch)
+        m = _per_row("min_p", min_p, batch)
+        pp = _per_row("presence_penalty", presence_penalty, batch)
+        _check("temperature", t, t >= 0, "must be >= 0 (0 = greedy)")
+        _check("top_k", k, (k >= 0) & (k < 2**31) & (k == np.round(k)), "must be an int >= 0 (0 = off)")
+        _check("top_p", p, (p > 0) & (p <= 1), "must be in (0, 1] (1 = off)")
+        _check("min_p", m, (m >= 0) & (m < 1), "must be in [0, 1) (0 = off)")
+        return cls(
+            temperature=jnp.asarray(t, jnp.float32),
+            top_k=jnp.asarray(k, jnp.int32),
+            top_p=jnp.asarray(p, jnp.float32),
+            min_p=jnp.asarray(m, jnp.float32),
+            presence_penalty=jnp.asarray(pp, jnp.float32),
+        )
+
+
+def _per_row(name: str, value: Any, batch: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if not (np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating)):
+        raise ValueError(f"{name} must be a real number or a sequence of them, got {value!r}")
+    if arr.ndim == 0:
+        arr = np.full(batch, arr)
+    elif arr.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or have {batch} values (one per row), got shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    _check(name, arr, np.isfinite(arr), "must be finite")
+    return arr
+
+
+def _check(name: str, values: np.ndarray, ok: np.ndarray, rule: str) -> None:
+    bad = np.flatnonzero(~ok)
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"{name} {rule}; row {row} has {values[row]}")
+
+
+def update_seen(seen_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
+    """Marks each row's emitted token in the presence-penalty mask.
+
+    The loop starts from `jnp.zeros((B, V), bool)` (the penalty covers generated tokens
+    only, not the prompt, as in vLLM) and calls this with the tokens it actually emits
+    each step, i.e. after `budget_apply`.
+    """
+    rows_B = jnp.arange(seen_BxV.shape[0])
+    return seen_BxV.at[rows_B, tokens_B].set(True)
+
+
+def sample(
+    logits_BxV: jax.Array,
+    params: SamplingParams,
+    keys_B: jax.Array,
+    seen_BxV: jax.Array | None = None,
+    *,
+    max_candidates: int = 64,
+) -> jax.Array:
+    """Draws one token per row; returns int32 [B].
+
+    keys_B: one PRNG key per row ([B] typed keys, or raw uint32 [B, 2]). A row's token
+    depends only on its own logits, params, seen mask and key, so derive the key from
+    the request's own seed and step (e.g. `fold_in(request_key, step)`) for results that
+    do not depend on batch composition.
+
+    Cost: rows with 0 < top_k <= max_candidates (static) are filtered and drawn exactly
+    within the `lax.top_k` candidates; a full sort over V and a draw over all V tokens
+    run only when some row needs them (top_k == 0 or top_k > max_candidates), under
+    `lax.cond`. Do not `vmap` this function: that turns the cond into a select and the
+    sort would always run. (A candidate-path row whose cutoff value ties past position
+    max_candidates draws only among the candidates.)
+    """
+    s = _support(logits_BxV, params, seen_BxV, max_candidates)
+    # Gumbel-max with noise indexed by (row key, token id): both paths give the same
+    # token for a row with the same kept set, whatever the candidate count.
+    noise_BxK = jax.vmap(_gumbel_at)(keys_B, s.cand_ids_BxK)
+    cand_BxK = jnp.where(s.cand_logits_BxK >= s.cutoff_B[:, None], s.cand_logits_BxK + noise_BxK, -jnp.inf)
+    cand_tokens_B = jnp.take_along_axis(s.cand_ids_BxK, jnp.argmax(cand_BxK, axis=-1)[:, None], axis=-1)[:, 0]
+    full_tokens_B = jax.lax.cond(
+        jnp.any(s.needs_full_B),
+        _draw_full,
+        lambda *_: jnp.zeros_like(cand_tokens_B),
+        s.logits_BxV,
+        s.cutoff_B,
+        keys_B,
+    )
+    sampled_B = jnp.where(s.needs_full_B, full_tokens_B, cand_tokens_B)
+    greedy_B = jnp.argmax(s.logits_BxV, axis=-1).astype(jnp.int32)
+    return jnp.where(params.temperature > 0, sampled_B, greedy_B)
+
+
+def kept_mask(
+    logits_BxV: jax.Array,
+    params: SamplingParams,
+    seen_BxV: jax.Array | None = None,
+    *,
+    max_candidates: int = 64,
+) -> jax.Array:
+    """Bool [B, V]: the tokens `sample` can draw for each row (its argmax for greedy rows).
+
+    For inspecting or testing the filters; the decode loop only needs `sample`.
+    """
+    s = _support(logits_BxV, params, seen_BxV, max_candidates)
+    vocab = logits_BxV.shape[-1]
+    greedy_BxV = jax.nn.one_hot(jnp.argmax(s.logits_BxV, axis=-1), vocab, dtype=jnp.bool_)
+    sampled_BxV = s.logits_BxV >= s.cutoff_B[:, None]
+    return jnp.where((params.temperature > 0)[:, None], sampled_BxV, greedy_BxV)
+
+
+@struct.dataclass
+class _Support:
+    logits_BxV: jax.Array  # penalised, tempered f32 logits (only penalised for greedy rows)
+    cand_logits_BxK: jax.Array  # the K largest of logits_BxV, descending
+    cand_ids_BxK: jax.Array
+    cutoff_B: jax.Array  # kept set = {v : logits_BxV[v] >= cutoff_B}
+    needs_full_B: jax.Array  # sampled row whose kept set may extend past the candidates
+
+
+def _support(
+    logits_BxV: jax.Array, params: SamplingParams, seen_BxV: jax.Array | None, max_candidates: int
+) -> _Support:
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if seen_BxV is not None:
+        logits_BxV = logits_BxV - jnp.where(seen_BxV, params.presence_penalty[:, None], 0.0)
+    greedy_B = params.temperature <= 0
+    logits_BxV = logits_BxV / jnp.where(greedy_B, 1.0, params.temperature)[:, None]
+
+    num_cands = min(max_candidates, logits_BxV.shape[-1])
+    cand_logits_BxK, cand_ids_BxK = jax.lax.top_k(logits_BxV, num_cands)
+    needs_full_B = ~greedy_B & ((params.top_k <= 0) | (params.top_k > num_cands))
+    cutoff_B = jnp.where(
+        needs_full_B,
+        jax.lax.cond(
+            jnp.any(needs_full_B),
+            _full_cutoff,
+            lambda x, _: jnp.zeros(x.shape[:1], x.dtype),
+            logits_BxV,
+            params,
+        ),
+        _prefix_cutoff(cand_logits_BxK, params),
+    )
+    return _Support(logits_BxV, cand_logits_BxK, cand_ids_BxK, cutoff_B, needs_full_B)
+
+
+def _full_cutoff(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
+    return _prefix_cutoff(jnp.sort(logits_BxV, axis=-1, descending=True), params)
+
+
+def _prefix_cutoff(sorted_BxN: jax.Array, params: SamplingParams) -> jax.Array:
+    """Lowest kept logit after top-k, top-p, min-p, given each row's N largest logits
+    in descending order; exact when the row's kept set lies within those N."""
+    n = sorted_BxN.shape[-1]
+    k_B = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, n), n)
+    cut_k_B = jnp.take_along_axis(sorted_BxN, (k_B - 1)[:, None], axis=-1)[:, 0]
+
+    # top-p on the top-k-renormalised distribution: keep a token while the mass of the
+    # tokens ranked above it is < top_p (HF: drop where ascending cumsum <= 1 - top_p).
+    probs_BxN = jax.nn.softmax(jnp.where(sorted_BxN >= cut_k_B[:, None], sorted_BxN, -jnp.inf), axis=-1)
+    # Shifted cumsum, not "cumsum - probs", which rounding can make non-monotone.
+    mass_above_BxN = jnp.pad(jnp.cumsum(probs_BxN, axis=-1)[:, :-1], ((0, 0), (1, 0)))
+    num_p_B = jnp.sum(mass_above_BxN < params.top_p[:, None], axis=-1)
+    cut_p_B = jnp.take_along_axis(sorted_BxN, (jnp.maximum(num_p_B, 1) - 1)[:, None], axis=-1)[:, 0]
+    cut_p_B = jnp.where(params.top_p < 1, cut_p_B, -jnp.inf)
+
+    # min-p: p < min_p * p_max  <=>  logit < max_logit + log(min_p); renormalising by
+    # the earlier filters does not change the ratio. log(0) = -inf turns it off.
+    cut_m_B = sorted_BxN[:, 0] + jnp.log(params.min_p)
+    return jnp.maximum(jnp.maximum(cut_k_B, cut_p_B), cut_m_B)
+
+
+def _gumbel_at(key: jax.Array, ids_N: jax.Array) -> jax.Array:
+    """Gumbel noise for one row at the given token ids, a function of (key, id) only."""
+    return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i)))(ids_N)
+
+
+def _draw_full(logits_BxV: jax.Array, cutoff_B: jax.Array, keys_B: jax.Array) -> jax.Array:
+    ids_V = jnp.arange(logits_BxV.shape[-1], dtype=jnp.int32)
+    noise_BxV = jax.vmap(_gumbel_at, in_axes=(0, None))(keys_B, ids_V)
+    scores_BxV = jnp.where(logits_BxV >= cutoff_B[:, None], logits_BxV + noise_BxV, -jnp.inf)
+    return jnp.argmax(scores_BxV, axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------- thinking budget
+
+
+@struct.dataclass
+class BudgetState:
+    """Per-row thinking-budget state, each an array of shape [B].
+
+    budget: i32 tokens allowed inside an open <think> block; negative = unlimited.
+    in_think: bool, a <think> block is open.
+    count: i32 tokens the row generated while the block was open (forced ones excluded).
+    forcing_pos: i32 index into the forced ids of this step's forced token; -1 = not forcing.
+    done: bool, forcing has started or the row closed the block itself: never forced again.
+    """
+
+    budget: jax.Array
+    in_think: jax.Array
+    count: jax.Array
+    forcing_pos: jax.Array
+    done: jax.Array
+
+
+def prompt_think_open(prompt_ids: Sequence[int] | np.ndarray) -> bool:
+    """Whether the prompt leaves a <think> block open (its last <think> follows its
+    last </think>). A prompt ending in the empty block (thinking off) gives False, as
+    does a plain generation prompt, where the model may still open the block itself."""
+    ids = np.asarray(prompt_ids).reshape(-1)
+    starts = np.flatnonzero(ids == THINK_START_ID)
+    ends = np.flatnonzero(ids == THINK_END_ID)
+    return bool(starts.size) and (not ends.size or starts[-1] > ends[-1])
+
+
+def budget_init(prompt_in_think_B: jax.Array | Sequence[bool], budget_B: jax.Array | Sequence[int]) -> BudgetState:
+    """State before the first generated token: `prompt_in_think_B` from
+    `prompt_think_open`, `budget_B` per row (`UNLIMITED_BUDGET` for none)."""
+    in_think_B = jnp.asarray(prompt_in_think_B, jnp.bool_)
+    budget_B = jnp.broadcast_to(jnp.asarray(budget_B, jnp.int32), in_think_B.shape)
+    return BudgetState(
+        budget=budget_B,
+        in_think=in_think_B,
+        count=jnp.zeros_like(budget_B),
+        forcing_pos=jnp.full_like(budget_B, -1),
+        done=jnp.zeros_like(in_think_B),
+    )
+
+
+def budget_apply(
+    state: BudgetState, sampled_B: jax.Array, forced_ids_F: jax.Array
+) -> tuple[jax.Array, BudgetState]:
+    """Returns the tokens to emit this step and the state after emitting them.
+
+    A row that has generated `budget` tokens inside an open block without closing it
+    emits `forced_ids_F` (static length >= 1), one per step, instead of its samples;
+    then sampling resumes and the row is never forced again. Budget 0 forces from the
+    first token generated with the block open.
+    """
+    num_forced = forced_ids_F.shape[0]
+    start_B = (
+        ~state.done & state.in_think & (state.forcing_pos < 0) & (state.budget >= 0) & (state.count >= state.budget)
+    )
+    pos_B = jnp.where(start_B, 0, state.forcing_pos)
+    forcing_B = pos_B >= 0
+    tokens_B = jnp.where(forcing_B, forced_ids_F[jnp.maximum(pos_B, 0)], sampled_B).astype(jnp.int32)
+    new_state = BudgetState(
+        budget=state.budget,
+        in_think=jnp.where(
+            tokens_B == THINK_END_ID, False, jnp.where(tokens_B == THINK_START_ID, True, state.in_think)
+        ),
+        count=state.count + (state.in_think & ~forcing_B).astype(jnp.int32),
+        forcing_pos=jnp.where(forcing_B & (pos_B + 1 < num_forced), pos_B + 1, -1),
+        done=state.done | start_B | (tokens_B == THINK_END_ID),
+    )
+    return tokens_B, new_state

@@ -1,0 +1,423 @@
+"""Input pipeline (train/data.py) and SentencePiece trainer (train/spm.py)."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qwen3_jax.chat import render, render_for_training
+from qwen3_jax.tokenizer import Tokenizer
+from train import data
+from train.spm import CONTROL_TOKENS, train_sentencepiece
+
+SEP = 1  # WordIdTokenizer's <|endoftext|>
+
+
+class WordIdTokenizer:
+    """Text is whitespace-separated ids, so every document's tokens are known exactly."""
+
+    eos_ids = (SEP,)
+    vocab_size = 1 << 20
+
+    def encode(self, text: str) -> list[int]:
+        return [SEP] if text == "<|endoftext|>" else [int(w) for w in text.split()]
+
+
+def doc_ids(d: int, n: int) -> list[int]:
+    """Document d: n distinct ids d*1000 + k (ids never collide with SEP)."""
+    return [d * 1000 + k for k in range(n)]
+
+
+DOC_LENGTHS = [3, 6, 2, 5, 13, 1, 4, 8, 7, 0, 17, 2]  # with L=8: 13+1 and 17+1 tokens are chunked
+TEXT_RECORDS = [{"text": " ".join(map(str, doc_ids(d + 1, n)))} for d, n in enumerate(DOC_LENGTHS)]
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+def config(**fields) -> ml_collections.ConfigDict:
+    """A training config with a `data` section; unspecified fields keep their defaults."""
+    base = {"seq_len": 8, "batch_size": 2, "num_epochs": 1, "shuffle": False, "num_threads": 2}
+    return ml_collections.ConfigDict({"data": {**base, **fields}})
+
+
+def batches(cfg, tokenizer, process_index=0, process_count=1, limit=None) -> list[dict]:
+    it = data.make_dataset(
+        cfg, tokenizer, process_index=process_index, process_count=process_count
+    )
+    return list(itertools.islice(it, limit))
+
+
+def rows(batch_list):
+    for b in batch_list:
+        for r in range(b["tokens"].shape[0]):
+            yield {k: v[r] for k, v in b.items()}
+
+
+def segments(row):
+    """(tokens, targets, loss_mask, positions) of each document piece of a row, in order."""
+    seg = row["segment_ids"]
+    for s in range(1, seg.max() + 1):
+        idx = np.flatnonzero(seg == s)
+        yield row["tokens"][idx], row["targets"][idx], row["loss_mask"][idx], row["positions"][idx]
+
+
+@pytest.fixture(scope="module")
+def text_jsonl(tmp_path_factory) -> str:
+    return write_jsonl(tmp_path_factory.mktemp("text") / "docs.jsonl", TEXT_RECORDS)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog what is two plus three five hello".split()
+    lines = [
+        " ".join(rng.choice(words, rng.integers(3, 15))) + rng.choice(["", ".", "?", " 42"])
+        for _ in range(1500)
+    ]
+    corpus = tmp_path_factory.mktemp("spm") / "corpus.txt"
+    corpus.write_text("\n".join(lines))
+    return train_sentencepiece([str(corpus)], str(corpus.parent / "m" / "spm"), 400)
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(sp_model) -> Tokenizer:
+    return Tokenizer.from_sentencepiece(sp_model)
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer() -> Tokenizer:
+    return Tokenizer.qwen3()
+
+
+# ---- packing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", data.PACKINGS)
+def test_packing_rows(text_jsonl, packing):
+    out = batches(config(paths=text_jsonl, packing=packing), WordIdTokenizer())
+    for b in out:
+        assert b["tokens"].shape == (2, 8) and set(b) == set(data.ROW_FEATURES)
+        assert {k: v.dtype for k, v in b.items()} == {
+            "tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
+            "segment_ids": np.int32, "positions": np.int32,
+        }
+    triples = collections.Counter()
+    for row in rows(out):
+        seg = row["segment_ids"]
+        used = seg > 0
+        # Segment ids count up from 1; padding (id 0) only at the end and all-zero.
+        assert (np.diff(seg[used]) >= 0).all()
+        assert set(np.unique(seg[used])) == set(range(1, seg.max() + 1))
+        assert used[: used.sum()].all()
+        for name in ("tokens", "targets", "loss_mask", "positions"):
+            assert not row[name][~used].any()
+        for tokens, targets, mask, positions in segments(row):
+            np.testing.assert_array_equal(positions, np.arange(len(tokens)))
+            np.testing.assert_array_equal(targets[:-1], tokens[1:])
+        triples.update(
+            zip(*(row[k][used].tolist() for k in ("tokens", "targets", "loss_mask")))
+        )
+    # Every token of every document (chunked ones included) appears once, with its next token as
+    # target; the separator's target would be the next document, so it is not trained.
+    expected = collections.Counter()
+    for d, n in enumerate(DOC_LENGTHS):
+        ids = doc_ids(d + 1, n) + [SEP]
+        expected.update((t, nxt, 1.0) for t, nxt in zip(ids[:-1], ids[1:]))
+        expected[(SEP, 0, 0.0)] += 1
+    assert triples == expected
+
+
+def test_concat_then_split_keeps_stream_order(text_jsonl):
+    out = batches(config(paths=text_jsonl, packing="concat_then_split"), WordIdTokenizer())
+    stream = np.concatenate([r["tokens"][r["segment_ids"] > 0] for r in rows(out)]).tolist()
+    assert stream == [t for d, n in enumerate(DOC_LENGTHS) for t in doc_ids(d + 1, n) + [SEP]]
+
+
+def test_long_document_chunks(tmp_path):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(map(str, doc_ids(5, 20)))}])
+    (row0, row1, row2) = rows(batches(config(paths=path, batch_size=3), WordIdTokenizer()))
+    # 20 tokens + separator = 8 + 8 + 5, each chunk its own segment from position 0; the chunk's
+    # last target is the next chunk's first token and is trained.
+    np.testing.assert_array_equal(row0["tokens"], doc_ids(5, 8))
+    assert row0["targets"][-1] == 5008 and row0["loss_mask"][-1] == 1
+    np.testing.assert_array_equal(row2["tokens"][:5], doc_ids(5, 20)[16:] + [SEP])
+    np.testing.assert_array_equal(row2["positions"], [0, 1, 2, 3, 4, 0, 0, 0])
+    np.testing.assert_array_equal(row2["loss_mask"], [1, 1, 1, 1, 0, 0, 0, 0])
+    assert (row1["positions"] == np.arange(8)).all() and (row1["segment_ids"] == 1).all()
+
+
+def test_last_partial_batch_padded_with_empty_rows(text_jsonl):
+    out = batches(config(paths=text_jsonl, batch_size=16), WordIdTokenizer())
+    assert len(out) == 1 and out[0]["tokens"].shape == (16, 8)
+    assert not out[0]["segment_ids"][-1].any() and not out[0]["loss_mask"][-1].any()
+
+
+def test_synthetic_source_is_learnable():
+    cfg = config(
+        format="synthetic", synthetic_vocab_size=64, synthetic_num_docs=50, seq_len=16,
+        num_epochs=None,
+    )
+    for row in rows(batches(cfg, None, limit=4)):
+        assert row["tokens"].max() < 64
+        for tokens, targets, mask, _ in segments(row):
+            steps = (targets[mask > 0] - tokens[mask > 0]) % 64
+            assert len(set(steps.tolist())) <= 1  # one arithmetic progression per document
+    with pytest.raises(data.DataConfigError, match="synthetic_vocab_size"):
+        batches(config(format="synthetic"), None)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["sp_tokenizer", "qwen3_tokenizer"])
+def test_text_documents_end_with_endoftext(tmp_path, request, tokenizer_name):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    separator = data.document_separator_id(tokenizer)
+    assert tokenizer.decode([separator]) == "<|endoftext|>"
+    if tokenizer_name == "qwen3_tokenizer":
+        assert separator == 151643
+    text = "the quick brown fox jumps over the lazy dog 42 times."
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": text}])
+    (b,) = batches(config(paths=path, seq_len=64, batch_size=1), tokenizer)
+    ids = tokenizer.encode(text) + [separator]
+    np.testing.assert_array_equal(b["tokens"][0, : len(ids)], ids)
+    np.testing.assert_array_equal(b["loss_mask"][0], [1] * (len(ids) - 1) + [0] * (65 - len(ids)))
+
+
+# ---- SFT -------------------------------------------------------------------------------------
+
+CONVERSATIONS = {
+    "thinking": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "what is two plus three?"},
+        {"role": "assistant", "content": "five", "reasoning_content": "two plus three is five"},
+    ],
+    "non_thinking": [
+        {"role": "user", "content": "hello /no_think"},
+        {"role": "assistant", "content": "hello! the answer is 42."},
+    ],
+    "multi_turn": [
+        {"role": "user", "content": "what is two plus three?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\nfive"},
+        {"role": "user", "content": "and plus one?"},
+        {"role": "assistant", "content": "<think>\nfive plus one\n</think>\n\nsix"},
+    ],
+    "tools": [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "It is 21.", "reasoning_content": "the tool says 21"},
+    ],
+}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+def chat_record(name: str) -> dict:
+    return {"messages": CONVERSATIONS[name], **({"tools": TOOLS} if name == "tools" else {})}
+
+
+@pytest.mark.parametrize("tokenizer_name", ["sp_tokenizer", "qwen3_tokenizer"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_segmentwise_tokens_equal_whole_text(request, tokenizer_name, name):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    record = chat_record(name)
+    ids, trained = data.chat_tokens(tokenizer, record["messages"], record.get("tools"))
+    assert ids == tokenizer.encode(render(record["messages"], tools=record.get("tools")))
+    assert len(trained) == len(ids)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["sp_tokenizer", "qwen3_tokenizer"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_sft_loss_mask_covers_exactly_the_assistant_answer(tmp_path, request, tokenizer_name, name):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat_record(name)])
+    (b,) = batches(config(paths=path, kind="chat", seq_len=2048, batch_size=1), tokenizer)
+    trained_targets = b["targets"][0][b["loss_mask"][0] > 0].tolist()
+    record = chat_record(name)
+    parts = render_for_training(record["messages"], tools=record.get("tools"))
+    answer = "".join(text for text, trained in parts if trained)
+    assert answer.startswith("<think>\n") and answer.endswith("<|im_end|>")
+    assert trained_targets == tokenizer.encode(answer)
+    if tokenizer_name == "qwen3_tokenizer":
+        assert tokenizer.decode(trained_targets) == answer
+    # The trained targets are one contiguous run ending in <|im_end|>; the header and "\n" are not.
+    mask = b["loss_mask"][0]
+    on = np.flatnonzero(mask)
+    assert (np.diff(on) == 1).all()
+    n = int((b["segment_ids"][0] > 0).sum())
+    assert on[-1] == n - 3  # targets: ..., <|im_end|>, "\n"; last position has no target
+
+
+# ---- order, sharding, resuming ----------------------------------------------------------------
+
+
+def first_tokens(cfg, n=6, **kw) -> list[list[int]]:
+    return [b["tokens"].tolist() for b in batches(cfg, WordIdTokenizer(), limit=n, **kw)]
+
+
+def test_shuffle_is_deterministic_per_seed(text_jsonl):
+    def stream(**fields):
+        return first_tokens(config(paths=text_jsonl, num_epochs=None, **fields))
+
+    assert stream(shuffle=True, seed=1) == stream(shuffle=True, seed=1)
+    assert stream(shuffle=True, seed=1) != stream(shuffle=True, seed=2)
+    assert stream(shuffle=True, seed=1) != stream(shuffle=False)
+
+
+def document_ids(batch_list) -> set[int]:
+    return {t // 1000 for row in rows(batch_list) for t in row["tokens"].tolist() if t >= 1000}
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(text_jsonl):
+    cfg = config(paths=text_jsonl, shuffle=True, batch_size=3)
+    shards = [document_ids(batches(cfg, WordIdTokenizer(), p, 3)) for p in range(3)]
+    assert all(shards)
+    assert not (shards[0] & shards[1] or shards[0] & shards[2] or shards[1] & shards[2])
+    assert set.union(*shards) == {d + 1 for d, n in enumerate(DOC_LENGTHS) if n}
+    with pytest.raises(data.DataConfigError, match=r"batch_size=4 .* process_count=3"):
+        batches(config(paths=text_jsonl, batch_size=4), WordIdTokenizer(), 0, 3)
+
+
+@pytest.mark.parametrize("packing", data.PACKINGS)
+def test_iterator_state_restores_the_exact_stream(text_jsonl, packing):
+    cfg = config(paths=text_jsonl, shuffle=True, seed=3, num_epochs=None, packing=packing)
+    it = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
+    for _ in range(5):
+        next(it)
+    state = data.iterator_state(it)
+    expected = [next(it) for _ in range(12)]  # crosses epoch boundaries (reshuffled)
+    resumed = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
+    data.restore_iterator_state(resumed, state)
+    for want, got in zip(expected, (next(resumed) for _ in range(12))):
+        for k in data.ROW_FEATURES:
+            np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_orbax_checkpoint_of_iterator(tmp_path, text_jsonl):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    cfg = config(paths=text_jsonl, shuffle=True, num_epochs=None)
+    it = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
+    next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(1, args=ocp.args.Composite(data=data.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        want = next(it)
+        resumed = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
+        mngr.restore(1, args=ocp.args.Composite(data=data.CheckpointRestore(resumed)))
+    np.testing.assert_array_equal(next(resumed)["tokens"], want["tokens"])
+
+
+# ---- sources ----------------------------------------------------------------------------------
+
+
+def write_all_formats(tmp_path, records) -> dict[str, list[str]]:
+    half = len(records) // 2
+    parts = [records[:half], records[half:]]  # two files each: file order must be kept
+    paths = {"jsonl": [], "parquet": [], "arrayrecord": []}
+    for i, part in enumerate(parts):
+        paths["jsonl"].append(write_jsonl(tmp_path / f"p{i}.jsonl", part))
+        pq_path = str(tmp_path / f"p{i}.parquet")
+        columns = sorted({k for r in records for k in r})  # from_pylist keeps row 0's keys only
+        table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in part])
+        pq.write_table(table, pq_path, row_group_size=2)
+        paths["parquet"].append(pq_path)
+        ar_path = str(tmp_path / f"p{i}.array_record")
+        assert data.write_arrayrecord(ar_path, part) == len(part)
+        paths["arrayrecord"].append(ar_path)
+    return paths
+
+
+@pytest.mark.parametrize("kind", data.KINDS)
+def test_jsonl_parquet_arrayrecord_give_the_same_batches(tmp_path, sp_tokenizer, kind):
+    if kind == "text":
+        records, tokenizer = TEXT_RECORDS, WordIdTokenizer()
+    else:  # Parquet stores messages as structs and fills absent keys with null
+        records, tokenizer = [chat_record(name) for name in CONVERSATIONS], sp_tokenizer
+    paths = write_all_formats(tmp_path, records)
+    seq_len = 8 if kind == "text" else 64
+    outs = {
+        fmt: batches(
+            config(format=fmt, paths=p, kind=kind, shuffle=True, seed=7, seq_len=seq_len), tokenizer
+        )
+        for fmt, p in paths.items()
+    }
+    assert outs["jsonl"]
+    for fmt in ("parquet", "arrayrecord"):
+        assert len(outs[fmt]) == len(outs["jsonl"])
+        for want, got in zip(outs["jsonl"], outs[fmt]):
+            for k in data.ROW_FEATURES:
+                np.testing.assert_array_equal(want[k], got[k], err_msg=f"{fmt} {k}")
+
+
+def test_glob_and_missing_files(tmp_path, text_jsonl):
+    glob_cfg = config(paths=[os.path.join(os.path.dirname(text_jsonl), "*.jsonl")])
+    assert document_ids(batches(glob_cfg, WordIdTokenizer())) == document_ids(
+        batches(config(paths=text_jsonl), WordIdTokenizer())
+    )
+    for pattern in (str(tmp_path / "nothing-*.jsonl"), str(tmp_path / "absent.jsonl")):
+        with pytest.raises(FileNotFoundError, match="nothing-|absent"):
+            batches(config(paths=[text_jsonl, pattern]), WordIdTokenizer())
+
+
+def test_missing_fields_are_named(tmp_path, text_jsonl):
+    with pytest.raises(KeyError, match="'body'"):
+        batches(config(paths=text_jsonl, text_field="body"), WordIdTokenizer())
+    pq_path = str(tmp_path / "t.parquet")
+    pq.write_table(pa.Table.from_pylist(TEXT_RECORDS), pq_path)
+    with pytest.raises(KeyError, match="body"):
+        batches(config(format="parquet", paths=pq_path, text_field="body"), WordIdTokenizer())
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("format", "csv"), ("kind", "dialogue"), ("seq_len", 1), ("seq_len", 8.0),
+        ("batch_size", 0), ("seed", -1), ("num_epochs", 0), ("shuffle", "yes"),
+        ("packing", "best_fit"), ("paths", []), ("seqlen", 8),
+    ],
+)
+def test_bad_config_values_are_named(text_jsonl, field, value):
+    cfg = config(**{"paths": text_jsonl, field: value})
+    with pytest.raises(data.DataConfigError, match=field):
+        data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
+
+
+# ---- spm --------------------------------------------------------------------------------------
+
+
+def test_spm_cli_trains_model_with_control_tokens(tmp_path):
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the cat sat on the mat, {i * 7}." for i in range(300)))
+    prefix = tmp_path / "out" / "spm"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--model_prefix", str(prefix), "--vocab_size", "300"]
+    cmd = [sys.executable, "-m", "train.spm", "--input", str(corpus), *args]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=repo)
+    sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    for token in CONTROL_TOKENS:
+        assert sp.encode(token, out_type=str) == [token]
+    text = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsat"
+    pieces = sp.encode(text, out_type=str)
+    assert all(t in pieces for t in CONTROL_TOKENS[1:]) and sp.decode(sp.encode(text)) == text
+
+    missing = subprocess.run(
+        [*cmd[:4], str(tmp_path / "nope.txt"), *args], capture_output=True, text=True, cwd=repo
+    )
+    assert missing.returncode != 0 and "nope.txt" in missing.stderr

@@ -1,0 +1,355 @@
+"""Model core against the Hugging Face reference, on one device and on an 8-device CPU mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import qwen3_jax as q
+from hf_fixtures import make_hf_model, save_hf_model
+from qwen3_jax import moe as moe_lib
+from qwen3_jax.hf import SafetensorsReader, write_safetensors
+from qwen3_jax.layers import rope_inv_freq
+
+KINDS = ("dense_tied", "dense", "moe")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for kind in KINDS:
+        hf = make_hf_model(kind, seed=len(out))
+        out[kind] = (hf, save_hf_model(hf, tmp_path_factory.mktemp(kind)))
+    return out
+
+
+def _tokens(batch=2, length=13, vocab=300, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, (batch, length)).astype(np.int32)
+
+
+def _hf_logits(hf, tokens, **kw):
+    with torch.no_grad():
+        return hf(torch.tensor(tokens, dtype=torch.long), **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_and_greedy_match_transformers(checkpoints, kind):
+    hf, path = checkpoints[kind]
+    model = q.from_hf(path, dtype=jnp.float32)
+    tokens = _tokens()
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    ref = _hf_logits(hf, tokens).logits.numpy()
+    assert ours.shape == ref.shape == (2, 13, 300)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_moe_aux_loss_matches_transformers(checkpoints):
+    hf, path = checkpoints["moe"]
+    model = q.from_hf(path)
+    tokens = _tokens(3, 11, seed=1)
+    ref = _hf_logits(hf, tokens, output_router_logits=True).aux_loss.item()
+    ours = float(moe_lib.load_balancing_loss(model.forward(jnp.asarray(tokens)).router_stats))
+    assert ours == pytest.approx(ref, rel=1e-5)
+    assert ours > 1.0  # E * sum(f * p) >= 1 with equality only for perfect balance: the value is informative
+
+
+def test_moe_aux_loss_excludes_padding_like_attention_mask(checkpoints):
+    hf, path = checkpoints["moe"]
+    model = q.from_hf(path)
+    tokens = _tokens(2, 9, seed=2)
+    mask = np.ones_like(tokens)
+    mask[1, 6:] = 0
+    # transformers excludes masked tokens from both means; segment id 0 plays that role here.
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask), output_router_logits=True).aux_loss.item()
+    stats = model.forward(jnp.asarray(tokens), segment_ids_BxT=jnp.asarray(mask)).router_stats
+    assert float(moe_lib.load_balancing_loss(stats)) == pytest.approx(ref, rel=1e-5)
+
+
+def test_yarn_frequencies_and_logits_match_transformers(tmp_path):
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    hf_cfg = transformers.Qwen3Config(head_dim=128, rope_theta=1e6, rope_scaling=scaling, max_position_embeddings=131072)
+    ref_inv, ref_scale = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    cfg = q.from_hf_config({**hf_cfg.to_dict(), "model_type": "qwen3"})
+    inv, scale = rope_inv_freq(128, cfg.rope_theta, cfg.rope_scaling)
+    np.testing.assert_allclose(inv, ref_inv.numpy(), rtol=3e-7, atol=0)  # float32 pow: within 1 ulp
+    assert scale == pytest.approx(ref_scale) and scale == pytest.approx(0.1 * np.log(4) + 1)
+    # End to end, on positions where the scaling matters.
+    hf = make_hf_model("dense", seed=5, rope_scaling=dict(scaling, original_max_position_embeddings=64), max_position_embeddings=256)
+    model = q.from_hf(save_hf_model(hf, tmp_path))
+    assert model.cfg.rope_scaling is not None
+    tokens = _tokens(1, 150, seed=3)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _hf_logits(hf, tokens).logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dense_tied", "moe"])
+def test_export_round_trip_loads_in_transformers(checkpoints, kind, tmp_path):
+    hf, path = checkpoints[kind]
+    model = q.from_hf(path)
+    q.to_hf(model, str(tmp_path), max_shard_bytes=40_000)  # force several shards + index
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    cls = transformers.Qwen3MoeForCausalLM if kind == "moe" else transformers.Qwen3ForCausalLM
+    reloaded = cls.from_pretrained(str(tmp_path)).eval()
+    tokens = _tokens(seed=4)
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens).logits.numpy(), _hf_logits(hf, tokens).logits.numpy(), atol=1e-5)
+    again = q.from_hf(str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
+
+
+def test_bf16_checkpoint_loads(tmp_path):
+    hf = make_hf_model("dense", seed=11).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    model = q.from_hf(str(tmp_path), dtype=jnp.float32)
+    assert model.embed[...].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), hf.model.embed_tokens.weight.detach().float().numpy())
+    tokens = _tokens(seed=12)
+    # The reference reads the same bf16 file into float32 (a cast in place would also round RoPE buffers).
+    ref_model = transformers.Qwen3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ref = _hf_logits(ref_model, tokens).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+MESHES = {"dense": {"data": 2, "fsdp": 2, "tensor": 2}, "moe": {"data": 2, "expert": 2, "tensor": 2}}
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_sharded_equals_unsharded(checkpoints, kind):
+    _, path = checkpoints[kind]
+    tokens = jnp.asarray(_tokens(8, 12, seed=6))
+    single = q.from_hf(path)
+    ref = np.asarray(single(tokens))
+    ref_aux = single.forward(tokens).router_stats
+    mesh = q.make_mesh(MESHES[kind])
+    sharded = q.from_hf(path, mesh=mesh)
+
+    @nnx.jit
+    def run(m, t):
+        out = m.forward(t)
+        return m.logits(out.hidden_BxTxD), out.router_stats
+
+    with jax.set_mesh(mesh):
+        logits, stats = run(sharded, tokens)
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=2e-5)
+    if kind == "moe":
+        np.testing.assert_allclose(float(moe_lib.load_balancing_loss(stats)), float(moe_lib.load_balancing_loss(ref_aux)), rtol=1e-6)
+
+
+def test_parameters_are_sharded_as_the_rules_say(checkpoints):
+    mesh = q.make_mesh(MESHES["moe"])
+    model = q.from_hf(checkpoints["moe"][1], mesh=mesh)
+    run = model.runs[0]
+    q_proj = run.attn.q_proj[...]  # [layers, D, N, H]: embed -> fsdp (absent here), heads -> tensor
+    assert q_proj.sharding.spec == P(None, None, "tensor", None)
+    assert q_proj.addressable_shards[0].data.shape == (3, 80, 3, 24)
+    gate = run.mlp.gate_proj[...]  # [layers, E, D, I]: experts -> expert, moe_mlp -> tensor
+    assert gate.sharding.spec == P(None, "expert", None, "tensor")
+    assert gate.addressable_shards[0].data.shape == (3, 3, 80, 20)
+    assert model.embed[...].sharding.spec == P("tensor", None)
+
+    dense = q.from_hf(checkpoints["dense"][1], mesh=q.make_mesh(MESHES["dense"]))
+    up = dense.runs[0].mlp.up_proj[...]
+    assert up.sharding.spec == P(None, "fsdp", "tensor") and up.addressable_shards[0].data.shape == (3, 40, 68)
+
+
+def test_init_creates_parameters_already_sharded():
+    mesh = q.make_mesh({"fsdp": 4, "tensor": 2})
+    model = q.init_model(q.preset("tiny-dense"), mesh=mesh)
+    emb = model.embed[...]
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    assert {s.data.shape for s in emb.addressable_shards} == {(256, 24)}
+
+
+def test_rules_reject_collisions():
+    rules = q.ShardingRules(table=(("a", ("tensor",)), ("b", ("tensor",))))
+    with pytest.raises(ValueError, match="tensor"):
+        rules.spec(("a", "b"), ("tensor",))
+
+
+def test_mesh_larger_than_devices_is_an_error():
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        q.make_mesh({"data": 4, "tensor": 4})
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_dropless_moe_equals_masked_reference(impl):
+    cfg = q.preset("tiny-moe", moe_impl=impl)
+    layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(0), (3, 7, cfg.hidden_size))
+    ref = moe_lib.masked_reference(x, layer.router[...], layer.gate_proj[...], layer.up_proj[...], layer.down_proj[...],
+                                   cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    out, _ = layer(x, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+    def loss(params, fn):
+        return jnp.sum(jnp.sin(fn(params)))
+
+    params = (layer.gate_proj[...], layer.up_proj[...], layer.down_proj[...])
+    g_ours = jax.grad(loss)(params, lambda p: moe_lib.local_experts(
+        x.reshape(-1, cfg.hidden_size), *_route(layer, x, cfg), *p, 0, impl))
+    g_ref = jax.grad(loss)(params, lambda p: moe_lib.masked_reference(
+        x, layer.router[...], *p, cfg.num_experts_per_tok, cfg.norm_topk_prob).reshape(-1, cfg.hidden_size))
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _route(layer, x, cfg):
+    _, w, idx = moe_lib.route(jnp.einsum("BTD,DE->BTE", x, layer.router[...]), cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    return idx.reshape(-1, cfg.num_experts_per_tok), w.reshape(-1, cfg.num_experts_per_tok)
+
+
+def test_scan_unrolled_and_remat_agree():
+    tokens = jnp.asarray(_tokens(2, 10, vocab=512))
+    base = q.init_model(q.preset("tiny-moe"), seed=1)
+    ref = np.asarray(base(tokens))
+    for overrides in ({"scan_layers": False}, {"remat": "full"}, {"scan_layers": False, "remat": "dots"}):
+        model = q.init_model(q.preset("tiny-moe", **overrides), seed=1)
+        np.testing.assert_allclose(np.asarray(model(tokens)), ref, atol=1e-5)
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward():
+    model = q.init_model(q.preset("tiny-moe"), seed=2)
+    tokens = jnp.asarray(_tokens(2, 12, vocab=512, seed=7))
+    full = np.asarray(model(tokens))
+    cache = model.init_cache(batch=2, max_len=16)
+    lengths = np.array([5, 8])  # rows prefilled to different lengths, padded to 8
+    out = model.forward(tokens[:, :8], cache=cache)
+    cache = out.cache
+    logits = np.asarray(model.logits(out.hidden_BxTxD))
+    np.testing.assert_allclose(logits[0, :5], full[0, :5], atol=1e-5)
+    np.testing.assert_allclose(logits[1, :8], full[1, :8], atol=1e-5)
+    pos = jnp.asarray(lengths, jnp.int32)
+    for _ in range(4):  # one token per step, each row at its own position
+        step_tokens = jnp.take_along_axis(tokens, pos[:, None], axis=1)
+        out = model.forward(step_tokens, cache=cache, cache_start_B=pos)
+        cache = out.cache
+        step = np.asarray(model.logits(out.hidden_BxTxD))[:, 0]
+        np.testing.assert_allclose(step, full[np.arange(2), np.asarray(pos)], atol=1e-5)
+        pos = pos + 1
+
+
+def test_packed_segments_do_not_attend_across_documents():
+    model = q.init_model(q.preset("tiny-dense"), seed=3)
+    a, b = _tokens(1, 5, vocab=512, seed=8), _tokens(1, 7, vocab=512, seed=9)
+    packed = jnp.asarray(np.concatenate([a, b], axis=1))
+    seg = jnp.asarray([[1] * 5 + [2] * 7])
+    pos = jnp.asarray([list(range(5)) + list(range(7))])
+    out = np.asarray(model(packed, positions_BxT=pos, segment_ids_BxT=seg))
+    np.testing.assert_allclose(out[0, :5], np.asarray(model(jnp.asarray(a)))[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 5:], np.asarray(model(jnp.asarray(b)))[0], atol=1e-5)
+
+
+def test_causality_by_gradient():
+    model = q.init_model(q.preset("tiny-dense"), seed=4)
+    tokens = jnp.asarray(_tokens(1, 8, vocab=512))
+    x = jnp.take(model.embed[...], tokens, axis=0)
+
+    def logit_at(x_emb, t):
+        return model.logits(_forward_from_embeddings(model, x_emb))[0, t].sum()
+
+    grad = jax.grad(logit_at)(x, 3)
+    influence = np.abs(np.asarray(grad[0])).sum(-1)
+    assert np.all(influence[4:] == 0) and np.all(influence[:4] > 0)
+
+
+def _forward_from_embeddings(m, x_BxTxD):
+    from qwen3_jax.layers import AttentionInputs, rope_cos_sin
+    from qwen3_jax.model import _apply_run
+
+    T = x_BxTxD.shape[1]
+    pos = jnp.arange(T)[None]
+    cos, sin = rope_cos_sin(pos, m.cfg)
+    ctx = AttentionInputs(cos, sin, pos)
+    for run in m.runs:
+        x_BxTxD, _, _ = _apply_run(run, x_BxTxD, ctx, None, None, None, m.cfg)
+    return m.norm(x_BxTxD)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_preset_parameter_counts():
+    expected = {
+        "qwen3-0.6b": (0.596, None), "qwen3-1.7b": (1.72, None), "qwen3-4b": (4.02, None), "qwen3-8b": (8.19, None),
+        "qwen3-14b": (14.77, None), "qwen3-32b": (32.76, None), "qwen3-30b-a3b": (30.53, 3.35),
+        "qwen3-235b-a22b": (235.09, 22.19),
+    }
+    for name, (total, active) in expected.items():
+        got_total, got_active = q.count_params(q.preset(name))
+        assert round(got_total / 1e9, 2 if total >= 1 else 3) == total, name
+        if active is not None:
+            assert round(got_active / 1e9, 2) == active, name
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 5}, "multiple of num_kv_heads"),
+        ({"model_type": "llama"}, "unsupported model_type 'llama'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_scaling type 'dynamic'"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"num_experts_per_tok": 9, "num_experts": 4, "model_type": "qwen3_moe", "moe_intermediate_size": 8}, "num_experts_per_tok"),
+    ],
+)
+def test_bad_configs_are_named(checkpoints, change, message):
+    with open(os.path.join(checkpoints["dense"][1], "config.json")) as f:
+        hf = json.load(f)
+    hf.update(change)
+    with pytest.raises(q.ConfigError, match=message):
+        q.from_hf_config(hf)
+
+
+def _edit_checkpoint(src, dst, edit):
+    reader = SafetensorsReader(src)
+    tensors = {k: np.array(reader.get(k)) for k in sorted(reader.keys())}
+    edit(tensors)
+    os.makedirs(dst, exist_ok=True)
+    write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    return dst
+
+
+def test_bad_checkpoints_are_named(checkpoints, tmp_path):
+    src = checkpoints["dense"][1]
+    name = "model.layers.1.self_attn.k_norm.weight"
+    missing = _edit_checkpoint(src, tmp_path / "missing", lambda t: t.pop(name))
+    with pytest.raises(q.CheckpointError, match=f"missing tensor {name}"):
+        q.from_hf(str(missing))
+    wrong = _edit_checkpoint(src, tmp_path / "shape", lambda t: t.update({name: np.ones(7, np.float32)}))
+    with pytest.raises(q.CheckpointError, match=rf"{name} has shape \[7\].*needs \[24\]"):
+        q.from_hf(str(wrong))
+    extra = _edit_checkpoint(src, tmp_path / "extra", lambda t: t.update({"model.layers.9.mlp.extra": np.ones(2, np.float32)}))
+    with pytest.raises(q.CheckpointError, match="unexpected tensors.*model.layers.9.mlp.extra"):
+        q.from_hf(str(extra))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        q.from_hf(str(tmp_path / "nowhere"))
+
+
+def test_tied_checkpoint_without_lm_head_loads(checkpoints, tmp_path):
+    hf, src = checkpoints["dense_tied"]
+    stripped = _edit_checkpoint(src, tmp_path / "nohead", lambda t: t.pop("lm_head.weight", None))
+    model = q.from_hf(str(stripped))
+    tokens = _tokens(seed=10)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _hf_logits(hf, tokens).logits.numpy(), atol=1e-4)
+
+
+def test_out_of_range_tokens_are_rejected():
+    model = q.init_model(q.preset("tiny-dense"))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        model(jnp.asarray([[1, 512]]))

@@ -1,0 +1,239 @@
+"""Tokenizer: known Qwen3 ids, added tokens, tiktoken parity, save/load, SentencePiece wrapper."""
+
+import base64
+import json
+import random
+import unicodedata
+
+import pytest
+import sentencepiece as spm
+import tiktoken
+
+from qwen3_jax import tokenizer as tokenizer_module
+from qwen3_jax.tokenizer import (
+    ADDED_TOKENS,
+    END_THINK_ID,
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IM_START_ID,
+    QWEN_PATTERN,
+    STOP_THINKING_TEXT,
+    THINK_ID,
+    Tokenizer,
+)
+
+ROUND_TRIP_TEXTS = [
+    "Hello, world!",
+    "Ünïcödé façade naïve — “quotes” … ½ ∑ ∫ √2",
+    "中文分词测试：你好，世界！日本語のテキスト。한국어 문장입니다.",
+    "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇯🇵 and a lone ZWJ \u200d",
+    "def f(x):\n\tif x  >  1:\n        return x ** 2  # comment\n\n\n    return None\r\n",
+    "   leading and trailing spaces   ",
+    "numbers 3.14159 1,000,000 0x1F 2024-05-06",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<think>\nhmm\n</think>\n\nok<|endoftext|>",
+    "",
+]
+
+TIKTOKEN_CORPUS = ROUND_TRIP_TEXTS + [
+    "I'm sure they'll say it's THE END'S start, we've seen it, you'd know.",
+    "Привет, мир! Γειά σου Κόσμε! مرحبا بالعالم שלום עולם",
+    "tabs\tand\t\tnewlines\n\n\n  \n mixed \u00a0nbsp\u3000ideographic space",
+    "x = [i**2 for i in range(10) if i % 2 == 0]  # list comp; s = 'a\\nb'",
+    "<div class=\"a\">&amp; &lt;tag&gt;</div> https://example.com/path?q=1&r=2#frag",
+    "e\u0301 vs é, Å vs A\u030a (NFC composes both)",
+    "1234567890 ١٢٣ ४५६ ⅷ ² ₃",
+    "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>",
+    "!!!???...,,,;;;:::'''\"\"\"```~~~",
+]
+
+
+@pytest.fixture(scope="session")
+def qwen3() -> Tokenizer:
+    return Tokenizer.qwen3()
+
+
+@pytest.fixture(scope="session")
+def ranks() -> dict[bytes, int]:
+    data = tokenizer_module._qwen_rank_file().read_bytes()
+    return {base64.b64decode(t): int(r) for t, r in (line.split() for line in data.splitlines() if line)}
+
+
+def test_known_encodings(qwen3):
+    assert qwen3.encode("<|im_start|>user\nHello, world! 12345<|im_end|>\n") == [
+        151644, 872, 198, 9707, 11, 1879, 0, 220, 16, 17, 18, 19, 20, 151645, 198,
+    ]
+    assert qwen3.encode("<|im_start|>assistant\n") == [151644, 77091, 198]
+    assert qwen3.encode("") == []  # no BOS
+
+
+def test_ids_and_attributes(qwen3):
+    assert (ENDOFTEXT_ID, IM_START_ID, IM_END_ID, THINK_ID, END_THINK_ID) == (
+        151643, 151644, 151645, 151667, 151668,
+    )
+    assert qwen3.eos_ids == (IM_END_ID, ENDOFTEXT_ID)
+    assert (qwen3.think_id, qwen3.end_think_id) == (THINK_ID, END_THINK_ID)
+    assert qwen3.vocab_size == 151_669
+    assert qwen3.token_to_id("<|im_end|>") == IM_END_ID
+    assert qwen3.token_to_id("not-a-token") is None
+
+
+def test_added_tokens_are_single_ids(qwen3):
+    assert len(ADDED_TOKENS) == 26
+    assert [i for i, _, _ in ADDED_TOKENS] == list(range(151643, 151669))
+    for i, content, special in ADDED_TOKENS:
+        assert qwen3.encode(content) == [i]
+        assert qwen3.encode(f"a{content}b")[1] == i
+        assert qwen3.decode([i]) == content
+        # skip_special_tokens drops exactly the `special` ones; <think>/</think> survive.
+        assert qwen3.decode([i], skip_special_tokens=True) == ("" if special else content)
+
+
+def test_stop_thinking_ids(qwen3):
+    ids = qwen3.stop_thinking_ids
+    assert len(ids) == 24
+    assert ids[-2:] == (END_THINK_ID, qwen3.encode("\n\n")[0])
+    assert qwen3.decode(ids) == STOP_THINKING_TEXT
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_decode_round_trip(qwen3, text):
+    assert qwen3.decode(qwen3.encode(text)) == text
+
+
+def test_nfc_normalization(qwen3):
+    assert qwen3.encode("e\u0301") == qwen3.encode("é")
+    assert qwen3.decode(qwen3.encode("Cafe\u0301")) == "Café"
+
+
+def test_matches_tiktoken(qwen3, ranks):
+    """Same ranks, regex and added tokens through tiktoken give identical ids."""
+    enc = tiktoken.Encoding(
+        "qwen3-reference",
+        pat_str=QWEN_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={content: i for i, content, _ in ADDED_TOKENS},
+    )
+    rng = random.Random(0)
+    vocab = list(ranks)
+    # Concatenated random vocab entries exercise many merges the hand-written corpus misses.
+    random_texts = [
+        b"".join(rng.choice(vocab) for _ in range(rng.randint(1, 30))).decode("utf-8", "replace")
+        for _ in range(500)
+    ]
+    for text in TIKTOKEN_CORPUS + random_texts:
+        expected = enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+        assert qwen3.encode(text) == expected, text
+
+
+def test_qwen3_cache(tmp_path, monkeypatch, qwen3):
+    builds = []
+
+    def fake_build(rank_bytes):
+        builds.append(len(rank_bytes))
+        return qwen3._backend
+
+    monkeypatch.setattr(tokenizer_module, "build_qwen3_tokenizer", fake_build)
+    first = Tokenizer.qwen3(cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("qwen3-tokenizer-v*-*.json")
+    second = Tokenizer.qwen3(cache_dir=tmp_path)
+    assert len(builds) == 1  # the second call read the cache
+    assert first.encode("cache hit?") == second.encode("cache hit?") == qwen3.encode("cache hit?")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert cached.stat().st_size > 1_000_000
+
+
+def test_build_rejects_bad_ranks():
+    with pytest.raises(ValueError, match="not contiguous"):
+        tokenizer_module.build_qwen3_tokenizer(b"IQ== 0\nIg== 2\n")
+    with pytest.raises(ValueError, match="malformed tiktoken rank line"):
+        tokenizer_module.build_qwen3_tokenizer(b"IQ== 0\nnot-a-rank-line\n")
+    with pytest.raises(ValueError, match="expected 151643"):
+        tokenizer_module.build_qwen3_tokenizer(b"IQ== 0\nIg== 1\n")
+
+
+def test_save_and_load_round_trip(qwen3, tmp_path):
+    qwen3.save(tmp_path)
+    loaded = Tokenizer.from_checkpoint(tmp_path)
+    assert loaded.vocab_size == qwen3.vocab_size
+    for text in ROUND_TRIP_TEXTS:
+        assert loaded.encode(text) == qwen3.encode(text)
+    assert loaded.eos_ids == qwen3.eos_ids
+    assert loaded.stop_thinking_ids == qwen3.stop_thinking_ids
+    ids = qwen3.encode(ROUND_TRIP_TEXTS[-2])
+    assert loaded.decode(ids, skip_special_tokens=True) == qwen3.decode(ids, skip_special_tokens=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["eos_token"], config["pad_token"], config["bos_token"]) == ("<|im_end|>", "<|endoftext|>", None)
+    assert config["added_tokens_decoder"][str(THINK_ID)]["special"] is False
+
+
+def test_saved_directory_loads_in_transformers(qwen3, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    qwen3.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TIKTOKEN_CORPUS:
+        assert hf.encode(text, add_special_tokens=False) == qwen3.encode(text), text
+    assert hf.eos_token_id == IM_END_ID
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        Tokenizer.from_file(tmp_path / "nope.json")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.from_file(bad)
+    with pytest.raises(FileNotFoundError, match="missing.model"):
+        Tokenizer.from_sentencepiece(tmp_path / "missing.model")
+    with pytest.raises(TypeError, match="backend"):
+        Tokenizer("not a backend")
+
+
+# ---- SentencePiece ------------------------------------------------------------------------------
+
+SP_CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sp")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog time user solution thinking now give".split()
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / "sp"),
+        vocab_size=400,
+        model_type="bpe",
+        user_defined_symbols=SP_CONTROL,
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return directory / "sp.model"
+
+
+def test_sentencepiece_wrapper(sp_model, tmp_path):
+    tok = Tokenizer.from_sentencepiece(sp_model)
+    proc = spm.SentencePieceProcessor(model_file=str(sp_model))
+    ids = {piece: proc.piece_to_id(piece) for piece in SP_CONTROL}
+    assert tok.eos_ids == (ids["<|im_end|>"], ids["<|endoftext|>"])
+    assert (tok.think_id, tok.end_think_id) == (ids["<think>"], ids["</think>"])
+    assert tok.vocab_size == proc.get_piece_size() == 400
+    assert tok.token_to_id("<|im_start|>") == ids["<|im_start|>"]
+    assert tok.token_to_id("<|vision_pad|>") is None
+
+    encoded = tok.encode("<|im_start|>the fox<think>lazy dog</think>now<|im_end|>")
+    for piece in ["<|im_start|>", "<think>", "</think>", "<|im_end|>"]:
+        assert encoded.count(ids[piece]) == 1  # control tokens are kept whole
+    assert proc.bos_id() not in encoded
+    assert tok.decode(encoded) == "<|im_start|>the fox<think>lazy dog</think>now<|im_end|>"
+    assert tok.decode(encoded, skip_special_tokens=True) == "the fox<think>lazy dog</think>now"
+    assert tok.stop_thinking_ids == tuple(proc.encode(STOP_THINKING_TEXT))
+    assert Tokenizer.from_sentencepiece(sp_model, stop_thinking_ids=[5, 6]).stop_thinking_ids == (5, 6)
+
+    tok.save(tmp_path)
+    reloaded = Tokenizer.from_checkpoint(tmp_path)
+    assert reloaded.encode("the quick dog<|im_end|>") == tok.encode("the quick dog<|im_end|>")
