@@ -22,14 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-THINK_START_ID = 151667  # <think>
-THINK_END_ID = 151668  # </think>
-# Qwen's stop-thinking text; encode it with the tokenizer (24 ids with Qwen3's) and
-# pass the ids to `budget_apply`. It contains </think>, which closes the block.
-STOP_THINKING_TEXT = (
-    "\n\nConsidering the limited time by the user, I have to give the solution based "
-    "on the thinking directly now.\n</think>\n\n"
-)
+from qwen3_jax.tokenizer import END_THINK_ID, THINK_ID
+
 UNLIMITED_BUDGET = -1  # any negative thinking budget means "no limit"
 
 # Qwen's recommended settings: `SamplingParams.make(B, **THINKING_SAMPLING)`.
@@ -279,8 +273,8 @@ def prompt_think_open(prompt_ids: Sequence[int] | np.ndarray) -> bool:
     last </think>). A prompt ending in the empty block (thinking off) gives False, as
     does a plain generation prompt, where the model may still open the block itself."""
     ids = np.asarray(prompt_ids).reshape(-1)
-    starts = np.flatnonzero(ids == THINK_START_ID)
-    ends = np.flatnonzero(ids == THINK_END_ID)
+    starts = np.flatnonzero(ids == THINK_ID)
+    ends = np.flatnonzero(ids == END_THINK_ID)
     return bool(starts.size) and (not ends.size or starts[-1] > ends[-1])
 
 
@@ -318,10 +312,10 @@ def budget_apply(
     new_state = BudgetState(
         budget=state.budget,
         in_think=jnp.where(
-            tokens_B == THINK_END_ID, False, jnp.where(tokens_B == THINK_START_ID, True, state.in_think)
+            tokens_B == END_THINK_ID, False, jnp.where(tokens_B == THINK_ID, True, state.in_think)
         ),
         count=state.count + (state.in_think & ~forcing_B).astype(jnp.int32),
         forcing_pos=jnp.where(forcing_B & (pos_B + 1 < num_forced), pos_B + 1, -1),
-        done=state.done | start_B | (tokens_B == THINK_END_ID),
+        done=state.done | start_B | (tokens_B == END_THINK_ID),
     )
     return tokens_B, new_state

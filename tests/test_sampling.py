@@ -12,8 +12,6 @@ import pytest
 from infer import sampling
 from infer.sampling import (
     NON_THINKING_SAMPLING,
-    THINK_END_ID,
-    THINK_START_ID,
     THINKING_SAMPLING,
     UNLIMITED_BUDGET,
     SamplingParams,
@@ -24,8 +22,10 @@ from infer.sampling import (
     sample,
     update_seen,
 )
+from qwen3_jax.tokenizer import END_THINK_ID as THINK_END_ID
+from qwen3_jax.tokenizer import THINK_ID as THINK_START_ID
 
-# sampling.STOP_THINKING_TEXT encoded with the Qwen3 tokenizer (qwen.tiktoken ranks plus
+# STOP_THINKING_TEXT encoded with the Qwen3 tokenizer (qwen.tiktoken ranks plus
 # the Qwen3 added tokens); </think> is at index 22.
 QWEN3_STOP_THINKING_IDS = np.array(
     [271, 82796, 279, 7199, 882, 553, 279, 1196, 11, 358, 614, 311, 2968, 279, 6291, 3118,

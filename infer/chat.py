@@ -1,0 +1,59 @@
+"""Interactive multi-turn chat with streaming output.
+
+    python -m infer.chat --checkpoint DIR [--no_thinking] [--thinking_budget N]
+
+`/think` and `/no_think` in a message are passed to the model as text (Qwen3's soft switches);
+the sampling defaults follow the last flag. Type `/clear` to start over, `/exit` or EOF to quit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+
+from infer import cli_common
+from infer.messages import stream_text
+from qwen3_jax import chat
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    engine, tokenizer = cli_common.load()
+    messages: list[dict] = []
+    print("qwen3-jax chat: /clear resets, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/clear":
+            messages = []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        text = ""
+        try:
+            for delta in stream_text(
+                engine, tokenizer, messages, max_new_tokens=cli_common.MAX_NEW_TOKENS.value,
+                enable_thinking=not cli_common.NO_THINKING.value, thinking_budget=cli_common.THINKING_BUDGET.value,
+                seed=cli_common.SEED.value, **cli_common.sampling_overrides(),
+            ):
+                text += delta
+                print(delta, end="", flush=True)
+        except ValueError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        thinking, answer = chat.parse_completion(text)
+        # History keeps the reasoning; the template drops it from earlier turns when rendering.
+        messages.append({"role": "assistant", "content": answer, "reasoning_content": thinking})
+
+
+if __name__ == "__main__":
+    app.run(main)

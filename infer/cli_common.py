@@ -1,0 +1,37 @@
+"""Flags and loading shared by the generate and chat command lines."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from absl import flags
+
+from infer.engine import Engine
+from qwen3_jax.checkpoint import load_any
+from qwen3_jax.tokenizer import Tokenizer
+
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face or qwen3-jax Orbax checkpoint directory.", required=True)
+NO_THINKING = flags.DEFINE_bool("no_thinking", False, "Hard switch: render the empty think block (enable_thinking=False).")
+THINKING_BUDGET = flags.DEFINE_integer("thinking_budget", None, "Tokens allowed inside <think> before the stop-thinking text is forced.")
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 1024, "Tokens to generate at most.")
+TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy. Default: Qwen's value for the mode.")
+TOP_K = flags.DEFINE_integer("top_k", None, "0 = off. Default: Qwen's value for the mode.")
+TOP_P = flags.DEFINE_float("top_p", None, "In (0, 1]. Default: Qwen's value for the mode.")
+MIN_P = flags.DEFINE_float("min_p", None, "In [0, 1). Default: Qwen's value for the mode.")
+PRESENCE_PENALTY = flags.DEFINE_float("presence_penalty", None, "Penalty on already generated tokens (Qwen suggests 0-2).")
+SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype (float32 on CPU).")
+
+
+def load() -> tuple[Engine, Tokenizer]:
+    model = load_any(CHECKPOINT.value, dtype=jnp.dtype(DTYPE.value))
+    tokenizer = Tokenizer.from_checkpoint(CHECKPOINT.value)
+    return Engine(model, forced_ids=tokenizer.stop_thinking_ids), tokenizer
+
+
+def sampling_overrides() -> dict:
+    """The sampling flags the user set; unset ones fall back to the mode's defaults."""
+    values = {
+        "temperature": TEMPERATURE.value, "top_k": TOP_K.value, "top_p": TOP_P.value, "min_p": MIN_P.value,
+        "presence_penalty": PRESENCE_PENALTY.value,
+    }
+    return {k: v for k, v in values.items() if v is not None}

@@ -1,0 +1,263 @@
+"""Compiled prefill + KV-cache decode with per-row sampling and thinking budgets.
+
+One prefill call fills the cache for a batch of right-padded prompts (lengths padded to power-of-
+two buckets, so mixed workloads compile a bounded number of times). The decode loop is a
+`lax.while_loop` inside one jit: it samples, applies the thinking budget, writes each row's token
+at that row's own cache slot, and stops when every row has finished or after `steps` iterations
+(a traced value), so streaming runs the same executable chunk by chunk. Sampling parameters,
+budgets and seeds are per-row arrays: changing them never recompiles.
+
+Shapes: B batch, P padded prompt length, S cache slots, V vocab, N max new tokens, F forced ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.sampling import (
+    UNLIMITED_BUDGET, BudgetState, SamplingParams, budget_apply, budget_init, prompt_think_open, sample, update_seen,
+)
+from qwen3_jax.layers import KVCache
+from qwen3_jax.model import Qwen3
+from qwen3_jax.sharding import ShardingRules
+from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT
+
+DEFAULT_STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
+MIN_BUCKET = 16
+CACHE_ROUND = 128
+
+
+class DecodeState(NamedTuple):
+    cache: tuple[KVCache, ...]
+    logits_BxV: jax.Array  # float32 logits for the next token of each row
+    slot_B: jax.Array  # cache slot where the next token is written
+    num_generated_B: jax.Array
+    out_BxN: jax.Array  # generated ids (valid up to num_generated_B)
+    done_B: jax.Array
+    seen_BxV: jax.Array  # presence-penalty mask over generated tokens
+    budget: BudgetState
+
+
+class RowSettings(NamedTuple):
+    """Per-row, per-call values: traced arrays, so new values never recompile."""
+
+    sampling: SamplingParams
+    keys_B: jax.Array
+    max_new_B: jax.Array
+    stop_ids: jax.Array  # [num_stop]
+    forced_ids_F: jax.Array
+
+
+def bucket(n: int) -> int:
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return b
+
+
+def _cache_shardings(model: Qwen3, mesh: jax.sharding.Mesh, rules: ShardingRules):
+    spec = rules.spec(("layers", "batch", "cache_seq", "act_kv_heads", None), mesh.axis_names)
+    return tuple(KVCache(*(jax.sharding.NamedSharding(mesh, spec),) * 2) for _ in model.cfg.layer_runs)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _prefill(graphdef, params, tokens_BxP, lengths_B, cache):
+    model = nnx.merge(graphdef, params)
+    out = model.forward(tokens_BxP, cache=cache, cache_start_B=jnp.zeros_like(lengths_B))
+    last_BxD = jnp.take_along_axis(out.hidden_BxTxD, (lengths_B - 1)[:, None, None], axis=1)
+    return out.cache, model.logits(last_BxD)[:, 0].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_candidates: int):
+    model = nnx.merge(graphdef, params)
+    B, N = state.out_BxN.shape
+    row_ids = jnp.arange(B)
+
+    def body(carry):
+        s, i = carry
+        keys = jax.vmap(jax.random.fold_in)(rows.keys_B, s.num_generated_B)
+        sampled = sample(s.logits_BxV, rows.sampling, keys, s.seen_BxV, max_candidates=max_candidates)
+        tok_B, budget = budget_apply(s.budget, sampled, rows.forced_ids_F)
+        active = ~s.done_B
+        tok_B = jnp.where(active, tok_B, 0)
+        budget = jax.tree.map(lambda new, old: jnp.where(active, new, old), budget, s.budget)
+        write_at = jnp.minimum(s.num_generated_B, N - 1)
+        out = s.out_BxN.at[row_ids, write_at].set(jnp.where(active, tok_B, s.out_BxN[row_ids, write_at]))
+        seen = jnp.where(active[:, None], update_seen(s.seen_BxV, tok_B), s.seen_BxV)
+        num_generated = s.num_generated_B + active
+        done = s.done_B | (active & (jnp.isin(tok_B, rows.stop_ids) | (num_generated >= rows.max_new_B)))
+        # Finished rows keep running in the batch; their writes land on their own last slot.
+        fwd = model.forward(tok_B[:, None], cache=s.cache, cache_start_B=s.slot_B)
+        logits = model.logits(fwd.hidden_BxTxD)[:, 0].astype(jnp.float32)
+        slot = s.slot_B + active
+        return DecodeState(fwd.cache, logits, slot, num_generated, out, done, seen, budget), i + 1
+
+    def cond(carry):
+        s, i = carry
+        return (i < steps) & ~jnp.all(s.done_B)
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+    return state
+
+
+def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int) -> list[list[int]]:
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        if len(ids) + max_new_tokens > context:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's context of {context} positions"
+            )
+        out.append(ids)
+    return out
+
+
+def _budgets(thinking_budget, batch: int) -> np.ndarray:
+    if thinking_budget is None:
+        return np.full(batch, UNLIMITED_BUDGET, np.int32)
+    values = [thinking_budget] * batch if np.isscalar(thinking_budget) else list(thinking_budget)
+    if len(values) != batch:
+        raise ValueError(f"thinking_budget has {len(values)} values for {batch} prompts")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(UNLIMITED_BUDGET)
+        elif not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"thinking_budget must be None or an int >= 0; prompt {i} has {v!r}")
+        else:
+            out.append(int(v))
+    return np.asarray(out, np.int32)
+
+
+class Engine:
+    """Holds a model split into (graphdef, params) and runs batched generation on it."""
+
+    def __init__(self, model: Qwen3, *, mesh: jax.sharding.Mesh | None = None,
+                 forced_ids: Sequence[int] | None = None, max_candidates: int = 64):
+        self.graphdef, self.params = nnx.split(model)
+        self.model = model
+        self.cfg = model.cfg
+        self.mesh = mesh
+        self.max_candidates = max_candidates
+        self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else forced_ids, np.int32)
+
+    def _batch_multiple(self) -> int:
+        if self.mesh is None:
+            return 1
+        spec = self.cfg.rules.spec(("batch",), self.mesh.axis_names)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        return int(np.prod([self.mesh.shape[a] for a in axes]))
+
+    def stream(
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature=0.6, top_k=20, top_p=0.95,
+        min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS, thinking_budget=None,
+        seed: int = 0, chunk: int | None = None,
+    ) -> Iterator[list[list[int]]]:
+        """Yields, after each compiled chunk of `chunk` steps, the new tokens of every row."""
+        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, self.cfg.max_position_embeddings)
+        n = len(prompts)
+        sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       presence_penalty=presence_penalty)
+        budgets = _budgets(thinking_budget, n)
+        stop_ids = tuple(int(t) for t in stop_token_ids)
+        if any(not 0 <= t < self.cfg.vocab_size for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.cfg.vocab_size}), got {stop_ids}")
+
+        # Pad the batch to the data-parallel degree with rows that start finished.
+        B = -(-n // self._batch_multiple()) * self._batch_multiple()
+        P = bucket(max(len(p) for p in prompts))
+        S = -(-(P + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
+        tokens = np.zeros((B, P), np.int32)
+        lengths = np.ones((B,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        pad = B - n
+        sampling = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling)
+        in_think = [prompt_think_open(p) for p in prompts] + [False] * pad
+        budgets = np.concatenate([budgets, np.full(pad, UNLIMITED_BUDGET, np.int32)])
+        keys = jax.random.split(jax.random.key(seed), B)
+        rows = RowSettings(sampling, keys, jnp.full((B,), max_new_tokens, jnp.int32),
+                           jnp.asarray(stop_ids or (-1,), jnp.int32), jnp.asarray(self.forced_ids))
+
+        with self._mesh_context():
+            cache = self._init_cache(B, S)
+            cache, logits = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+            state = DecodeState(
+                cache, logits, jnp.asarray(lengths), jnp.zeros((B,), jnp.int32),
+                jnp.zeros((B, max_new_tokens), jnp.int32), jnp.arange(B) >= n,
+                jnp.zeros((B, self.cfg.vocab_size), jnp.bool_), budget_init(in_think, budgets),
+            )
+            emitted = np.zeros(n, np.int64)
+            steps = jnp.asarray(chunk or max_new_tokens, jnp.int32)
+            while True:
+                state = _decode(self.graphdef, self.params, state, rows, steps, self.max_candidates)
+                counts = np.asarray(state.num_generated_B)[:n]
+                out = np.asarray(state.out_BxN)[:n]
+                yield [out[i, emitted[i]: counts[i]].tolist() for i in range(n)]
+                emitted = counts
+                if bool(np.all(np.asarray(state.done_B))):
+                    return
+
+    def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
+        result: list[list[int]] = [[] for _ in prompts]
+        for new in self.stream(prompts, **kwargs):
+            for r, toks in zip(result, new):
+                r.extend(toks)
+        return result
+
+    def _init_cache(self, batch: int, slots: int):
+        dtype = jnp.dtype(self.cfg.dtype)
+        if self.mesh is None:
+            return self.model.init_cache(batch, slots, dtype)
+        shardings = _cache_shardings(self.model, self.mesh, self.cfg.rules)
+        return jax.jit(lambda: self.model.init_cache(batch, slots, dtype), out_shardings=shardings)()
+
+    def _mesh_context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+
+@functools.cache
+def _qwen3_forced_ids() -> tuple[int, ...]:
+    """The stop-thinking text in the real Qwen3 vocabulary (built offline, cached on disk)."""
+    from qwen3_jax.tokenizer import Tokenizer
+
+    return tuple(Tokenizer.qwen3().encode(STOP_THINKING_TEXT))
+
+
+def generate(
+    model: Qwen3, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float | Sequence[float] = 0.6,
+    top_k=20, top_p=0.95, min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS,
+    thinking_budget: int | Sequence[int | None] | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+    forced_ids: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Generates for a batch of token-id prompts; one list of new ids per prompt.
+
+    temperature=0.0 is greedy. A stop token is included when one was generated. thinking_budget:
+    None (unlimited), an int for every prompt, or one value (int or None) per prompt.
+    `forced_ids` overrides the stop-thinking ids (e.g. for a sentencepiece vocabulary).
+    """
+    # A fresh split each call sees the model's current parameters; jit reuses compilations
+    # because equal graphdefs hash equal.
+    return Engine(model, mesh=mesh, forced_ids=forced_ids).generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        presence_penalty=presence_penalty, stop_token_ids=stop_token_ids, thinking_budget=thinking_budget, seed=seed,
+    )

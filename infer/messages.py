@@ -1,0 +1,71 @@
+"""Message-level generation: chat rendering + the decode engine + completion parsing."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple, Sequence
+
+from infer.engine import Engine
+from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING
+from qwen3_jax import chat
+from qwen3_jax.tokenizer import Tokenizer
+
+Message = dict[str, Any]
+
+
+class Completion(NamedTuple):
+    thinking: str
+    answer: str
+    token_ids: list[int]
+
+
+def last_soft_switch(messages: Sequence[Message]) -> str | None:
+    """'/think' or '/no_think' as the model would read it: the last flag in user/system text."""
+    for message in reversed(messages):
+        if message.get("role") not in ("user", "system"):
+            continue
+        content = message.get("content") or ""
+        positions = {flag: content.rfind(flag) for flag in ("/think", "/no_think")}
+        found = {f: p for f, p in positions.items() if p >= 0}
+        if found:
+            return max(found, key=found.get)
+    return None
+
+
+def sampling_defaults(messages: Sequence[Message], enable_thinking: bool) -> dict[str, float]:
+    """Qwen's recommended settings for the mode the conversation asks for."""
+    thinking = enable_thinking and last_soft_switch(messages) != "/no_think"
+    return dict(THINKING_SAMPLING if thinking else NON_THINKING_SAMPLING)
+
+
+def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Message], *, enable_thinking: bool = True,
+               tools: Sequence[dict] | None = None) -> list[int]:
+    return tokenizer.encode(chat.render(messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking))
+
+
+def complete(
+    engine: Engine, tokenizer: Tokenizer, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int,
+    enable_thinking: bool = True, tools: Sequence[dict] | None = None, **kwargs,
+) -> list[Completion]:
+    """One completion per conversation; sampling defaults follow each batch's first conversation's mode."""
+    prompts = [prompt_ids(tokenizer, m, enable_thinking=enable_thinking, tools=tools) for m in conversations]
+    settings = {**sampling_defaults(conversations[0], enable_thinking), "stop_token_ids": tokenizer.eos_ids, **kwargs}
+    outputs = engine.generate(prompts, max_new_tokens=max_new_tokens, **settings)
+    return [Completion(*chat.parse_completion_ids(ids, tokenizer), ids) for ids in outputs]
+
+
+def stream_text(
+    engine: Engine, tokenizer: Tokenizer, messages: Sequence[Message], *, max_new_tokens: int,
+    enable_thinking: bool = True, chunk: int = 8, **kwargs,
+) -> Iterator[str]:
+    """Yields the completion's text as it is produced (decoded in compiled chunks of `chunk` tokens)."""
+    prompt = prompt_ids(tokenizer, messages, enable_thinking=enable_thinking)
+    settings = {**sampling_defaults(messages, enable_thinking), "stop_token_ids": tokenizer.eos_ids, **kwargs}
+    ids: list[int] = []
+    shown = ""
+    for new in engine.stream([prompt], max_new_tokens=max_new_tokens, chunk=chunk, **settings):
+        ids.extend(new[0])
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its next token
+            continue
+        yield text[len(shown):]
+        shown = text
