@@ -319,6 +319,7 @@ def to_hf_config(cfg: Qwen3Config) -> dict[str, Any]:
             "original_max_position_embeddings": rs.original_max_position_embeddings,
             "beta_fast": rs.beta_fast,
             "beta_slow": rs.beta_slow,
+            "truncate": rs.truncate,
             **({"attention_factor": rs.attention_factor} if rs.attention_factor is not None else {}),
         }
     if cfg.is_moe:

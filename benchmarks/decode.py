@@ -1,0 +1,83 @@
+"""Decode throughput of a Qwen3-0.6B-shaped model in float32 against transformers' generate, plus
+the batch-1 memory-bandwidth roofline, prefill throughput, compile time and compilation counts.
+
+    python -m benchmarks.decode [--new_tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+
+import qwen3_jax as q
+from benchmarks.common import hf_qwen3_0_6b_shaped, memory_bandwidth, report, timeit
+from infer import engine as engine_lib
+from infer.engine import Engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--prompt_len", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_qwen3_0_6b_shaped(tmp)
+        model = q.from_hf(tmp)
+    engine = Engine(model)
+    rng = np.random.RandomState(0)
+    results: dict = {"shape": f"qwen3-0.6b float32, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy"}
+    kw = dict(temperature=0.0, stop_token_ids=())
+
+    t = time.perf_counter()
+    engine.generate([[1] * args.prompt_len], max_new_tokens=args.new_tokens, **kw)
+    results["first_call_s_including_compile_batch1"] = time.perf_counter() - t
+
+    for batch in (1, 8):
+        prompts = rng.randint(0, 151643, (batch, args.prompt_len))
+        ours = timeit(lambda: engine.generate(prompts.tolist(), max_new_tokens=args.new_tokens, **kw), repeats=2)
+        with torch.inference_mode():
+            hf_time = timeit(lambda: hf.generate(torch.tensor(prompts), max_new_tokens=args.new_tokens,
+                                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0),
+                             repeats=2, warmup=1)
+        results[f"batch{batch}_ours_tokens_per_s"] = batch * args.new_tokens / ours
+        results[f"batch{batch}_transformers_tokens_per_s"] = batch * args.new_tokens / hf_time
+        results[f"batch{batch}_speedup_vs_transformers"] = hf_time / ours
+
+    # Batch-1 step time from the difference of two lengths (prefill and dispatch cancel out).
+    prompt = [rng.randint(0, 151643, args.prompt_len).tolist()]
+    short = timeit(lambda: engine.generate(prompt, max_new_tokens=16, **kw), repeats=2)
+    long = timeit(lambda: engine.generate(prompt, max_new_tokens=16 + 64, **kw), repeats=2)
+    step_s = (long - short) / 64
+    total, _ = q.count_params(model.cfg)
+    bw = memory_bandwidth()
+    results["batch1_step_ms"] = step_s * 1e3
+    results["batch1_roofline_fraction"] = (total * 4 / bw) / step_s
+    results["measured_bandwidth_gb_s"] = bw / 1e9
+
+    tokens = jax.numpy.asarray(rng.randint(0, 151643, (4, 256)), jax.numpy.int32)
+    lengths = jax.numpy.full((4,), 256, jax.numpy.int32)
+
+    def prefill():
+        cache = model.init_cache(4, 384)
+        engine_lib._prefill(engine.graphdef, engine.params, tokens, lengths, cache)[1].block_until_ready()
+
+    results["prefill_tokens_per_s_batch4x256"] = 4 * 256 / timeit(prefill)
+
+    before = (engine_lib._prefill._cache_size(), engine_lib._decode._cache_size())
+    lengths_mixed = rng.randint(4, 300, size=100)
+    for i in range(0, 100, 8):
+        engine.generate([rng.randint(0, 151643, n).tolist() for n in lengths_mixed[i:i + 8]], max_new_tokens=4, **kw)
+    results["compilations_over_100_mixed_prompts"] = {
+        "prefill": engine_lib._prefill._cache_size() - before[0], "decode": engine_lib._decode._cache_size() - before[1],
+        "prompt_lengths": "4..300 in batches of 8",
+    }
+    report("decode", results)
+
+
+if __name__ == "__main__":
+    main()

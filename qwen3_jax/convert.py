@@ -1,0 +1,105 @@
+"""Converts checkpoints between Hugging Face safetensors and qwen3-jax Orbax directories.
+
+    python -m qwen3_jax.convert --src Qwen3-8B --dst qwen3-8b-jax
+    python -m qwen3_jax.convert --src qwen3-8b-sft --dst Qwen3-8B-sft --to hf --dtype bfloat16
+
+The direction defaults to "the other format"; naming the source's own format re-writes it (for
+example to change the dtype or the shard size). The dtype defaults to the source's. Tokenizer
+files are copied along, so the result serves decoding and fine-tuning as is. The model passes
+through the default device once: with JAX_PLATFORMS=cpu it is converted in host memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+
+from qwen3_jax.checkpoint import is_hf_checkpoint, is_orbax_checkpoint, load_model, save_model
+from qwen3_jax.config import DTYPES, from_hf_config
+from qwen3_jax.hf import from_hf, to_hf
+from qwen3_jax.model import abstract_model
+
+FORMATS = ("orbax", "hf")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qwen3_jax.convert", description=__doc__.splitlines()[0])
+    p.add_argument("--src", required=True, help="Hugging Face or qwen3-jax checkpoint directory")
+    p.add_argument("--dst", required=True, help="output directory (must be absent or empty)")
+    p.add_argument("--to", choices=FORMATS, help="output format (default: the one the source is not in)")
+    p.add_argument("--dtype", choices=DTYPES, help="parameter dtype of the output (default: the source's)")
+    p.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors file size limit for --to hf")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    return p
+
+
+def _hf_dtype(path: str) -> str:
+    """The dtype an HF checkpoint declares (transformers v5 writes `dtype`, v4 `torch_dtype`)."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    return name if name in DTYPES else "float32"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    src, dst = os.path.abspath(args.src), os.path.abspath(args.dst)
+    if not os.path.isdir(src):
+        parser.error(f"--src {args.src} does not exist")
+    if is_orbax_checkpoint(src):
+        src_format = "orbax"
+    elif is_hf_checkpoint(src):
+        src_format = "hf"
+    else:
+        parser.error(
+            f"--src {args.src} is neither a Hugging Face checkpoint (config.json + *.safetensors) nor a "
+            "qwen3-jax one (qwen3_jax.json + params/)"
+        )
+    dst_format = args.to or ("hf" if src_format == "orbax" else "orbax")
+    if os.path.commonpath([src, dst]) in (src, dst):
+        parser.error("--src and --dst must be separate directories, neither inside the other")
+    if args.max_shard_gb <= 0:
+        parser.error(f"--max_shard_gb must be positive, got {args.max_shard_gb}")
+    if os.path.isdir(dst) and os.listdir(dst):
+        if not args.overwrite:
+            parser.error(f"--dst {args.dst} exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(dst)
+    elif os.path.exists(dst) and not os.path.isdir(dst):
+        parser.error(f"--dst {args.dst} exists and is not a directory")
+
+    if src_format == "hf":
+        dtype = args.dtype or _hf_dtype(src)
+        cfg = from_hf_config(src)
+        with tqdm(total=len(jax.tree.leaves(nnx.state(abstract_model(cfg)))), desc="load", unit="param") as bar:
+            model = from_hf(src, dtype=jnp.dtype(dtype), progress=lambda _: bar.update())
+    else:
+        model = load_model(src, dtype=args.dtype)
+        dtype = model.cfg.param_dtype
+
+    if dst_format == "orbax":
+        save_model(model, dst)
+    else:
+        with tqdm(desc="write", unit="file") as bar:
+            to_hf(model, dst, dtype=jnp.dtype(dtype), max_shard_bytes=int(args.max_shard_gb * 2**30),
+                  progress=lambda _: bar.update())
+    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in copied:
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    print(f"wrote {dst_format} checkpoint {dst} ({dtype}; copied {', '.join(copied) or 'no tokenizer files'})")
+
+
+if __name__ == "__main__":
+    main()
