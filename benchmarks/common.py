@@ -40,6 +40,14 @@ def matmul_peak_flops(n: int = 2048, dtype=jnp.float32) -> float:
     return 2 * n**3 / dt
 
 
+def torch_matmul_peak_flops(n: int = 2048) -> float:
+    """The same GEMM in torch: the ceiling transformers runs against on this machine."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timeit(lambda: a @ b, repeats=5)
+
+
 def memory_bandwidth(nbytes: int = 1 << 30) -> float:
     """Measured read bandwidth (bytes/s) of a float32 matrix-vector product over `nbytes` of weights.
 

@@ -181,16 +181,18 @@ def _params(model_or_abstract: Qwen3) -> Iterator[tuple[tuple, nnx.Variable]]:
 
 
 def from_hf(
-    path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+    path: str, *, dtype=jnp.float32, param_dtype=None, mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[str], None] | None = None, **config_overrides,
 ) -> Qwen3:
     """Loads a Hugging Face Qwen3 / Qwen3-MoE checkpoint directory as a sharded model.
 
-    `dtype` is both the parameter and the compute dtype (override either with param_dtype= / dtype
-    in `config_overrides` as strings); `progress` is called with each parameter path as it loads.
+    `dtype` is the compute dtype and, unless `param_dtype` is given, the stored parameter dtype;
+    other runtime fields (scan_layers, remat, ...) go in `config_overrides`. `progress` is called
+    with each parameter path as it loads.
     """
-    name = jnp.dtype(dtype).name
-    overrides = {"param_dtype": name, "dtype": name, **config_overrides}
+    overrides = {
+        "dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(param_dtype or dtype).name, **config_overrides,
+    }
     cfg = from_hf_config(path, **overrides)
     reader = SafetensorsReader(path)
     graphdef, state = nnx.split(abstract_model(cfg))

@@ -131,7 +131,10 @@ class Qwen3(nnx.Module):
         ctx = AttentionInputs(cos, sin, q_slots, cache_start_B, segment_ids_BxT)
         token_mask = None if segment_ids_BxT is None else segment_ids_BxT != 0
 
-        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+        # Gather from a table sharded only on the embed dim: a lookup along a sharded vocab axis
+        # would make the partitioner rematerialise the whole table on every device.
+        table = constrain(self.embed[...], (None, "embed"), cfg.rules)
+        x = jnp.take(table, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"), cfg.rules)
         stats = RouterStats.zeros(cfg.num_experts) if cfg.is_moe else None
         new_cache = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +156,37 @@ def test_streaming_chunks_concatenate_to_the_full_generation(hf_and_model):
     assert len(chunks) == 5
     joined = [sum((c[i] for c in chunks), []) for i in range(len(PROMPTS))]
     assert joined == engine.generate(PROMPTS, **kw)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory, qwen3_vocab_model):
+    path = str(tmp_path_factory.mktemp("cli"))
+    q.to_hf(qwen3_vocab_model, path)
+    Tokenizer.qwen3().save(path)
+    return path
+
+
+def _run(args, stdin=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=600,
+                          env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_generate_cli_prints_thinking_and_answer(cli_checkpoint):
+    r = _run(["infer.generate", "--checkpoint", cli_checkpoint, "--prompt", "Hello /no_think", "--max_new_tokens", "6",
+              "--thinking_budget", "3", "--temperature", "0"])
+    assert r.returncode == 0, r.stderr
+    assert "=== thinking ===" in r.stdout and "=== answer ===" in r.stdout
+    assert "(6 tokens)" in r.stderr
+    bad = _run(["infer.generate", "--checkpoint", cli_checkpoint, "--prompt", "x", "--top_p", "1.5"])
+    assert bad.returncode != 0 and "top_p must be in (0, 1]" in bad.stderr
+
+
+def test_chat_cli_streams_multi_turn(cli_checkpoint):
+    r = _run(["infer.chat", "--checkpoint", cli_checkpoint, "--max_new_tokens", "5", "--no_thinking"],
+             stdin="first question /think\nsecond\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("assistant> ") == 2

@@ -1,0 +1,17 @@
+"""Qwen3-235B-A22B pretraining on a TPU v5p-1024 (512 chips, 128 hosts): expert 16 (8 of the 128
+experts per shard) x FSDP 32.
+
+Global batch 2048 x 4096 tokens (8.4M) in 4 microbatches of 1 row per device.
+Memory: 235B x 16 B = 3.8 TB of state, 7.3 GB per chip; 22B parameters active per token.
+Documented, not run here; see configs/_released.py for the shared recipe.
+
+    python -m train.train --config configs/qwen3_235b_a22b.py --workdir DIR --config.data.paths='DATA/*.arrayrecord'
+"""
+
+from configs._released import pretrain_config
+
+
+def get_config():
+    return pretrain_config(
+        "qwen3-235b-a22b", mesh={"fsdp": 32, "expert": 16}, batch_size=2048, microbatches=4, learning_rate=1e-4
+    )
