@@ -24,8 +24,7 @@ from flax import nnx
 from infer.sampling import (
     UNLIMITED_BUDGET, BudgetState, SamplingParams, budget_apply, budget_init, prompt_think_open, sample, update_seen,
 )
-from qwen3_jax.layers import KVCache
-from qwen3_jax.model import Qwen3
+from qwen3_jax.model import Qwen3, unstack_layers
 from qwen3_jax.sharding import ShardingRules
 from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT
 
@@ -35,7 +34,7 @@ CACHE_ROUND = 128
 
 
 class DecodeState(NamedTuple):
-    cache: tuple[KVCache, ...]
+    cache: tuple  # Qwen3.init_cache structure
     logits_BxV: jax.Array  # float32 logits for the next token of each row
     slot_B: jax.Array  # cache slot where the next token is written
     num_generated_B: jax.Array
@@ -62,9 +61,14 @@ def bucket(n: int) -> int:
     return b
 
 
-def _cache_shardings(model: Qwen3, mesh: jax.sharding.Mesh, rules: ShardingRules):
-    spec = rules.spec(("layers", "batch", "cache_seq", "act_kv_heads", None), mesh.axis_names)
-    return tuple(KVCache(*(jax.sharding.NamedSharding(mesh, spec),) * 2) for _ in model.cfg.layer_runs)
+def _cache_shardings(abstract_cache, mesh: jax.sharding.Mesh, rules: ShardingRules):
+    names = ("batch", "cache_seq", "act_kv_heads", None)
+
+    def one(x):  # stacked [layers, B, S, K, H] or per-layer [B, S, K, H]
+        logical = ("layers",) * (x.ndim - len(names)) + names
+        return jax.sharding.NamedSharding(mesh, rules.spec(logical, mesh.axis_names))
+
+    return jax.tree.map(one, abstract_cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
@@ -152,6 +156,8 @@ class Engine:
 
     def __init__(self, model: Qwen3, *, mesh: jax.sharding.Mesh | None = None,
                  forced_ids: Sequence[int] | None = None, max_candidates: int = 64):
+        if jax.default_backend() == "cpu":
+            model = unstack_layers(model)  # see unstack_layers: halves the bytes a CPU decode step moves
         self.graphdef, self.params = nnx.split(model)
         self.model = model
         self.cfg = model.cfg
@@ -228,8 +234,9 @@ class Engine:
         dtype = jnp.dtype(self.cfg.dtype)
         if self.mesh is None:
             return self.model.init_cache(batch, slots, dtype)
-        shardings = _cache_shardings(self.model, self.mesh, self.cfg.rules)
-        return jax.jit(lambda: self.model.init_cache(batch, slots, dtype), out_shardings=shardings)()
+        make = lambda: self.model.init_cache(batch, slots, dtype)  # noqa: E731
+        shardings = _cache_shardings(jax.eval_shape(make), self.mesh, self.cfg.rules)
+        return jax.jit(make, out_shardings=shardings)()
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)

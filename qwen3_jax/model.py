@@ -98,11 +98,20 @@ class Qwen3(nnx.Module):
             out = jnp.einsum("BTD,DV->BTV", hidden_BxTxD, self.lm_head[...].astype(dtype))
         return constrain(out, ("batch", "seq", "act_vocab"), self.cfg.rules)
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple:
+        """Zeroed KV cache: per run, one stacked [layers, B, S, K, H] KVCache, or one KVCache per
+        layer for runs split by `unstack_layers`."""
         cfg = self.cfg
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = lambda n: (n, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
-        return tuple(KVCache(jnp.zeros(shape(n), dtype), jnp.zeros(shape(n), dtype)) for _, n in cfg.layer_runs)
+        slots = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+
+        def zeros(*lead):
+            return KVCache(jnp.zeros(lead + slots, dtype), jnp.zeros(lead + slots, dtype))
+
+        return tuple(
+            tuple(zeros() for _ in run) if isinstance(run, nnx.List) else zeros(n)
+            for run, (_, n) in zip(self.runs, cfg.layer_runs)
+        )
 
     def forward(
         self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
@@ -144,7 +153,14 @@ class Qwen3(nnx.Module):
         return ForwardOutput(self.norm(x), None if cache is None else tuple(new_cache), stats)
 
 
-def _apply_run(run: DecoderLayer, x, ctx, cache, token_mask, stats, cfg: Qwen3Config):
+def _apply_run(run: DecoderLayer | nnx.List, x, ctx, cache, token_mask, stats, cfg: Qwen3Config):
+    if isinstance(run, nnx.List):  # split by unstack_layers: separate weights, a plain loop
+        new_cache = []
+        for i, layer in enumerate(run):
+            x, c, s = layer(x, ctx, None if cache is None else cache[i], token_mask)
+            stats = stats if s is None else stats + s
+            new_cache.append(c)
+        return x, None if cache is None else tuple(new_cache), stats
     graphdef, state = nnx.split(run)
 
     def body(carry, xs):
@@ -166,6 +182,24 @@ def _apply_run(run: DecoderLayer, x, ctx, cache, token_mask, stats, cfg: Qwen3Co
         layer_caches.append(c)
     new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
     return x, new_cache, stats
+
+
+def unstack_layers(model: Qwen3) -> Qwen3:
+    """The same model with every stacked run split into a list of per-layer modules (a copy).
+
+    For decoding on XLA:CPU, which copies each layer's weights out of the stack on every step of a
+    scan (or unrolled loop) over stacked weights: that doubles the memory traffic of a
+    bandwidth-bound decode step. The stacked layout stays canonical for training and checkpoints.
+    """
+    graphdef, state = nnx.split(model)
+    split = nnx.merge(graphdef, state)
+    runs = []
+    for run in model.runs:
+        run_def, run_state = nnx.split(run)
+        n = jax.tree.leaves(run_state)[0].shape[0]
+        runs.append(nnx.List([nnx.merge(run_def, jax.tree.map(lambda a: a[i], run_state)) for i in range(n)]))
+    split.runs = nnx.List(runs)
+    return split
 
 
 def _check_token_range(tokens, vocab_size: int) -> None:

@@ -19,8 +19,13 @@ from hf_fixtures import make_hf_model, save_hf_model
 from qwen3_jax import moe as moe_lib
 from qwen3_jax.hf import SafetensorsReader, write_safetensors
 from qwen3_jax.layers import rope_inv_freq
+from qwen3_jax.model import unstack_layers
 
 KINDS = ("dense_tied", "dense", "moe")
+
+# Compiled once per model structure: eager op-by-op dispatch of a whole model is slow on CPU.
+jit_logits = nnx.jit(lambda model, tokens: model(tokens))
+jit_forward = nnx.jit(lambda model, tokens, cache, start: model.forward(tokens, cache=cache, cache_start_B=start))
 
 
 @pytest.fixture(scope="module")
@@ -213,22 +218,31 @@ def _route(layer, x, cfg):
     return idx.reshape(-1, cfg.num_experts_per_tok), w.reshape(-1, cfg.num_experts_per_tok)
 
 
-def test_scan_unrolled_and_remat_agree():
+def test_scan_unrolled_unstacked_and_remat_agree():
     tokens = jnp.asarray(_tokens(2, 10, vocab=512))
     base = q.init_model(q.preset("tiny-moe"), seed=1)
-    ref = np.asarray(base(tokens))
-    for overrides in ({"scan_layers": False}, {"remat": "full"}, {"scan_layers": False, "remat": "dots"}):
-        model = q.init_model(q.preset("tiny-moe", **overrides), seed=1)
-        np.testing.assert_allclose(np.asarray(model(tokens)), ref, atol=1e-5)
+    ref = np.asarray(jit_logits(base, tokens))
+    np.testing.assert_allclose(np.asarray(jit_logits(unstack_layers(base), tokens)), ref, atol=1e-5)
+    dense_ref = np.asarray(jit_logits(q.init_model(q.preset("tiny-dense"), seed=1), tokens))
+    unrolled = q.init_model(q.preset("tiny-dense", scan_layers=False), seed=1)
+    np.testing.assert_allclose(np.asarray(jit_logits(unrolled, tokens)), dense_ref, atol=1e-5)
+
+    def grads(remat):  # remat changes what the backward pass recomputes, never the gradient
+        model = q.init_model(q.preset("tiny-dense", remat=remat), seed=1)
+        graphdef, state = nnx.split(model)
+        return jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens) ** 2)))(state)
+
+    for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads("full"))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(a)).max())
 
 
 def test_kv_cache_prefill_and_decode_match_full_forward():
     model = q.init_model(q.preset("tiny-moe"), seed=2)
     tokens = jnp.asarray(_tokens(2, 12, vocab=512, seed=7))
-    full = np.asarray(model(tokens))
+    full = np.asarray(jit_logits(model, tokens))
     cache = model.init_cache(batch=2, max_len=16)
     lengths = np.array([5, 8])  # rows prefilled to different lengths, padded to 8
-    out = model.forward(tokens[:, :8], cache=cache)
+    out = jit_forward(model, tokens[:, :8], cache, jnp.zeros((2,), jnp.int32))
     cache = out.cache
     logits = np.asarray(model.logits(out.hidden_BxTxD))
     np.testing.assert_allclose(logits[0, :5], full[0, :5], atol=1e-5)
@@ -236,7 +250,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     pos = jnp.asarray(lengths, jnp.int32)
     for _ in range(4):  # one token per step, each row at its own position
         step_tokens = jnp.take_along_axis(tokens, pos[:, None], axis=1)
-        out = model.forward(step_tokens, cache=cache, cache_start_B=pos)
+        out = jit_forward(model, step_tokens, cache, pos)
         cache = out.cache
         step = np.asarray(model.logits(out.hidden_BxTxD))[:, 0]
         np.testing.assert_allclose(step, full[np.arange(2), np.asarray(pos)], atol=1e-5)
