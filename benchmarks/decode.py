@@ -63,7 +63,7 @@ def main() -> None:
     lengths = jax.numpy.full((4,), 256, jax.numpy.int32)
 
     def prefill():
-        cache = model.init_cache(4, 384)
+        cache = engine.model.init_cache(4, 384)
         engine_lib._prefill(engine.graphdef, engine.params, tokens, lengths, cache)[1].block_until_ready()
 
     results["prefill_tokens_per_s_batch4x256"] = 4 * 256 / timeit(prefill)
@@ -71,7 +71,7 @@ def main() -> None:
     before = (engine_lib._prefill._cache_size(), engine_lib._decode._cache_size())
     lengths_mixed = rng.randint(4, 300, size=100)
     for i in range(0, 100, 8):
-        engine.generate([rng.randint(0, 151643, n).tolist() for n in lengths_mixed[i:i + 8]], max_new_tokens=4, **kw)
+        engine.generate([rng.randint(0, 151643, n).tolist() for n in lengths_mixed[i:i + 8]], max_new_tokens=2, **kw)
     results["compilations_over_100_mixed_prompts"] = {
         "prefill": engine_lib._prefill._cache_size() - before[0], "decode": engine_lib._decode._cache_size() - before[1],
         "prompt_lengths": "4..300 in batches of 8",

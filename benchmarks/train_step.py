@@ -54,7 +54,8 @@ def main() -> None:
     for remat in ("none", "full"):
         c = cfg.replace(remat=remat)
         step = make_train_step(c, StepConfig(ce_chunk_len=min(T, 128)), opt, mesh)
-        state = init_train_state(c, opt, mesh, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # consumed (donated)
+        state = init_train_state(c, opt, mesh, params=params)
         with jax.set_mesh(mesh):
             mem = step.jitted.lower(state, batch).compile().memory_analysis()
         memory[remat] = mem.temp_size_in_bytes / 2**20
