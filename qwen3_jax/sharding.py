@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -96,14 +97,6 @@ def constrain(x: jax.Array, logical: Logical, rules: ShardingRules) -> jax.Array
     return jax.lax.with_sharding_constraint(x, rules.spec(logical, names))
 
 
-def axis_size(name: str) -> int:
-    """Size of a mesh axis in the installed mesh (1 if absent or unsharded)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or name not in mesh.axis_names:
-        return 1
-    return mesh.shape[name]
-
-
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a mesh with named axes from `{axis: size}`; -1 once means 'all remaining devices'.
 
@@ -141,24 +134,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def named(mesh: Mesh | None, spec: P) -> NamedSharding | None:
-    return None if mesh is None else NamedSharding(mesh, spec)
-
-
-
-def logical_axes(state) -> "jax.tree":
-    """The `axes` metadata of every parameter in an nnx State, as a pytree of tuples."""
-    from flax import nnx
-
-    return jax.tree.map(
-        lambda v: tuple(v.get_metadata()["axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-
-
 def state_shardings(state, mesh: Mesh, rules: ShardingRules):
     """NamedShardings for every parameter of an nnx State (abstract or concrete) on `mesh`."""
-    from flax import nnx
-
     def one(v):
         return NamedSharding(mesh, rules.spec(tuple(v.get_metadata()["axes"]), mesh.axis_names))
 
