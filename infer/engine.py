@@ -62,9 +62,9 @@ def bucket(n: int) -> int:
 
 
 def _cache_shardings(abstract_cache, mesh: jax.sharding.Mesh, rules: ShardingRules):
-    names = ("batch", "cache_seq", "act_kv_heads", None)
+    names = ("batch", "act_kv_heads", "cache_seq", None)
 
-    def one(x):  # stacked [layers, B, S, K, H] or per-layer [B, S, K, H]
+    def one(x):  # stacked [layers, B, K, S, H] or per-layer [B, K, S, H]
         logical = ("layers",) * (x.ndim - len(names)) + names
         return jax.sharding.NamedSharding(mesh, rules.spec(logical, mesh.axis_names))
 

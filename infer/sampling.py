@@ -193,7 +193,9 @@ def _support(
     logits_BxV = logits_BxV / jnp.where(greedy_B, 1.0, params.temperature)[:, None]
 
     num_cands = min(max_candidates, logits_BxV.shape[-1])
-    cand_logits_BxK, cand_ids_BxK = jax.lax.top_k(logits_BxV, num_cands)
+    # The barrier keeps XLA:CPU from turning top_k into a full sort of [B, V] when its
+    # values feed several slices (measured 265 ms -> 2 ms at B=8, V=151,936).
+    cand_logits_BxK, cand_ids_BxK = jax.lax.optimization_barrier(jax.lax.top_k(logits_BxV, num_cands))
     needs_full_B = ~greedy_B & ((params.top_k <= 0) | (params.top_k > num_cands))
     cutoff_B = jnp.where(
         needs_full_B,

@@ -69,7 +69,7 @@ def _stack_layers(cfg: Qwen3Config, moe: bool, n: int, rngs: nnx.Rngs) -> Decode
 
 class ForwardOutput(NamedTuple):
     hidden_BxTxD: jax.Array  # after the final norm
-    cache: tuple[KVCache, ...] | None  # one stacked [layers, B, S, K, H] cache per layer run
+    cache: tuple[KVCache, ...] | None  # one stacked [layers, B, K, S, H] cache per layer run
     router_stats: RouterStats | None  # summed over MoE layers; None for dense models
 
 
@@ -99,11 +99,11 @@ class Qwen3(nnx.Module):
         return constrain(out, ("batch", "seq", "act_vocab"), self.cfg.rules)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple:
-        """Zeroed KV cache: per run, one stacked [layers, B, S, K, H] KVCache, or one KVCache per
+        """Zeroed KV cache: per run, one stacked [layers, B, K, S, H] KVCache, or one KVCache per
         layer for runs split by `unstack_layers`."""
         cfg = self.cfg
         dtype = jnp.dtype(dtype or cfg.dtype)
-        slots = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        slots = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
 
         def zeros(*lead):
             return KVCache(jnp.zeros(lead + slots, dtype), jnp.zeros(lead + slots, dtype))
