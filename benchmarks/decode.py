@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--long_prompt_len", type=int, default=400)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_qwen3_0_6b_shaped(tmp)
@@ -64,6 +65,14 @@ def main() -> None:
         results[f"batch{batch}_decode_step_ms"] = {"ours": ours_step * 1e3, "transformers": hf_step * 1e3}
         results[f"batch{batch}_decode_speedup_vs_transformers"] = hf_step / ours_step
         results[f"batch{batch}_roofline_fraction"] = (total * 4 / bw) / ours_step  # weights read once per step
+
+    # Steady-state step at a longer context: each step also reads the batch's KV cache (~0.9 GB here).
+    prompts = rng.randint(0, 151643, (8, args.long_prompt_len))
+    ours_step = (timeit(ours(prompts, long), repeats=1) - timeit(ours(prompts, short), repeats=1)) / (long - short)
+    hf_step = (timeit(theirs(prompts, long), repeats=1) - timeit(theirs(prompts, short), repeats=1)) / (long - short)
+    key = f"batch8_prompt{args.long_prompt_len}"
+    results[f"{key}_decode_step_ms"] = {"ours": ours_step * 1e3, "transformers": hf_step * 1e3}
+    results[f"{key}_decode_speedup_vs_transformers"] = hf_step / ours_step
 
     tokens = jax.numpy.asarray(rng.randint(0, 151643, (4, 256)), jax.numpy.int32)
     lengths = jax.numpy.full((4,), 256, jax.numpy.int32)

@@ -24,6 +24,7 @@ from flax import nnx
 from infer.sampling import (
     UNLIMITED_BUDGET, BudgetState, SamplingParams, budget_apply, budget_init, prompt_think_open, sample, update_seen,
 )
+from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
 from qwen3_jax.sharding import ShardingRules
 from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT
@@ -62,13 +63,14 @@ def bucket(n: int) -> int:
 
 
 def _cache_shardings(abstract_cache, mesh: jax.sharding.Mesh, rules: ShardingRules):
-    names = ("batch", "act_kv_heads", "cache_seq", None)
+    def one(c: KVCache) -> KVCache:  # stacked on a leading layers axis, or one layer's
+        def spec(x, axes):
+            logical = ("layers",) * (x.ndim - len(axes)) + axes
+            return jax.sharding.NamedSharding(mesh, rules.spec(logical, mesh.axis_names))
 
-    def one(x):  # stacked [layers, B, K, S, H] or per-layer [B, K, S, H]
-        logical = ("layers",) * (x.ndim - len(names)) + names
-        return jax.sharding.NamedSharding(mesh, rules.spec(logical, mesh.axis_names))
+        return KVCache(*map(spec, c, CACHE_AXES))
 
-    return jax.tree.map(one, abstract_cache)
+    return jax.tree.map(one, abstract_cache, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.layers import MLP, Attention, AttentionInputs, KVCache, RMSNorm, param, rope_cos_sin
+from qwen3_jax.layers import CACHE_AXES, MLP, Attention, AttentionInputs, KVCache, RMSNorm, param, rope_cos_sin
 from qwen3_jax.moe import MoE, RouterStats
 from qwen3_jax.sharding import constrain, state_shardings
 
@@ -69,7 +69,7 @@ def _stack_layers(cfg: Qwen3Config, moe: bool, n: int, rngs: nnx.Rngs) -> Decode
 
 class ForwardOutput(NamedTuple):
     hidden_BxTxD: jax.Array  # after the final norm
-    cache: tuple[KVCache, ...] | None  # one stacked [layers, B, K, S, H] cache per layer run
+    cache: tuple[KVCache, ...] | None  # one KVCache per layer run, stacked on a leading layers axis
     router_stats: RouterStats | None  # summed over MoE layers; None for dense models
 
 
@@ -99,14 +99,14 @@ class Qwen3(nnx.Module):
         return constrain(out, ("batch", "seq", "act_vocab"), self.cfg.rules)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple:
-        """Zeroed KV cache: per run, one stacked [layers, B, K, S, H] KVCache, or one KVCache per
-        layer for runs split by `unstack_layers`."""
+        """Zeroed KV cache: per run, one KVCache stacked on a leading layers axis, or one KVCache
+        per layer for runs split by `unstack_layers` (see `KVCache` for the slot layout)."""
         cfg = self.cfg
         dtype = jnp.dtype(dtype or cfg.dtype)
-        slots = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        sizes = {"batch": batch, "act_kv_heads": cfg.num_kv_heads, "cache_seq": max_len, None: cfg.head_dim}
 
         def zeros(*lead):
-            return KVCache(jnp.zeros(lead + slots, dtype), jnp.zeros(lead + slots, dtype))
+            return KVCache(*(jnp.zeros(lead + tuple(sizes[a] for a in axes), dtype) for axes in CACHE_AXES))
 
         return tuple(
             tuple(zeros() for _ in run) if isinstance(run, nnx.List) else zeros(n)
