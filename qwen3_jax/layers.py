@@ -104,7 +104,7 @@ class KVCache(NamedTuple):
 
 
 # Logical axes of the two cache arrays, for sharding them (batch -> data, kv heads -> tensor).
-CACHE_AXES = KVCache(("batch", "act_kv_heads", None, "cache_seq"), ("batch", "act_kv_heads", "cache_seq", None))
+CACHE_AXES = KVCache(("batch", "act_kv_heads", "head_dim", "cache_seq"), ("batch", "act_kv_heads", "cache_seq", "head_dim"))
 
 
 class AttentionInputs(NamedTuple):

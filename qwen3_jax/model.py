@@ -103,7 +103,7 @@ class Qwen3(nnx.Module):
         per layer for runs split by `unstack_layers` (see `KVCache` for the slot layout)."""
         cfg = self.cfg
         dtype = jnp.dtype(dtype or cfg.dtype)
-        sizes = {"batch": batch, "act_kv_heads": cfg.num_kv_heads, "cache_seq": max_len, None: cfg.head_dim}
+        sizes = {"batch": batch, "act_kv_heads": cfg.num_kv_heads, "cache_seq": max_len, "head_dim": cfg.head_dim}
 
         def zeros(*lead):
             return KVCache(*(jnp.zeros(lead + tuple(sizes[a] for a in axes), dtype) for axes in CACHE_AXES))
