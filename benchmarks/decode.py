@@ -1,7 +1,8 @@
 """Decode throughput of a Qwen3-0.6B-shaped model in float32 against transformers' generate, at
 batch 1 and 8: end to end (one generate call) and steady-state per step (the difference of two
-generation lengths), each step against the memory-bandwidth roofline (every weight read once),
-plus prefill throughput, compile time and compilation counts.
+generation lengths), each step against the memory-bandwidth roofline (every weight read once) and
+against its matmul floor (the step's weight matmuls alone, in each library), plus prefill
+throughput, compile time and compilation counts.
 
     python -m benchmarks.decode [--new_tokens 32]
 """
@@ -13,13 +14,63 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 import qwen3_jax as q
 from benchmarks.common import hf_qwen3_0_6b_shaped, memory_bandwidth, report, timeit
 from infer import engine as engine_lib
 from infer.engine import Engine
+
+
+# How each weight of a dense model meets the [B, in] activation of a decode step: contracting its
+# first dim ([in, ...out]), its leading dims ([...in, out]), or its last dim (the tied embedding).
+_IN_FIRST = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"}
+_IN_LEADING = {"o_proj", "down_proj"}
+
+
+def matmul_floor_s(engine: Engine, hf, batch: int) -> dict[str, float]:
+    """Seconds per decode step spent in the step's weight matmuls alone, ours and transformers'.
+
+    Every weight meets a [batch, in] activation once, in the layout the model stores it, with
+    nothing else of the step around it and no dependencies between the products. No decode step
+    can beat this with the same matmul kernels, so transformers' step over our floor bounds the
+    speedup that any change outside the kernels could reach.
+    """
+    kinds, weights = [], []
+    for path, w in nnx.to_flat_state(engine.params):
+        name = path[-1]
+        if w.ndim < 2 or (name == "embed" and engine.model.lm_head is not None):
+            continue  # norms; an untied model's logits read lm_head, not the embedding
+        if name not in _IN_FIRST | _IN_LEADING | {"embed"}:
+            raise ValueError(f"no decode matmul known for weight {path}")
+        kinds.append(name)
+        weights.append(w[...])
+
+    @jax.jit
+    def ours(weights):
+        out = []
+        for name, w in zip(kinds, weights):
+            if name == "embed":
+                out.append(jnp.einsum("BD,VD->BV", jnp.ones((batch, w.shape[1])), w))
+            else:
+                w2 = w.reshape(w.shape[0], -1) if name in _IN_FIRST else w.reshape(-1, w.shape[-1])
+                out.append(jnp.ones((batch, w2.shape[0])) @ w2)
+        return out
+
+    linears = [m.weight for m in hf.modules() if isinstance(m, torch.nn.Linear)]  # lm_head included
+
+    def theirs():
+        with torch.inference_mode():
+            for w in linears:
+                torch.nn.functional.linear(torch.ones(batch, w.shape[1]), w)
+
+    return {
+        "ours": timeit(lambda: jax.block_until_ready(ours(weights)), repeats=5),
+        "transformers": timeit(theirs, repeats=5),
+    }
 
 
 def main() -> None:
@@ -69,6 +120,12 @@ def main() -> None:
         results[f"batch{batch}_measured_bandwidth_gb_s"] = {"before": bw_before / 1e9, "after": bw_after / 1e9}
         bw = max(bw_before, bw_after)
         results[f"batch{batch}_roofline_fraction"] = (total * 4 / bw) / ours_step  # weights read once per step
+        floor = matmul_floor_s(engine, hf, batch)
+        results[f"batch{batch}_matmul_floor_ms"] = {k: v * 1e3 for k, v in floor.items()}
+        results[f"batch{batch}_step_over_matmul_floor"] = {
+            "ours": ours_step / floor["ours"], "transformers": hf_step / floor["transformers"],
+        }
+        results[f"batch{batch}_speedup_ceiling_vs_transformers"] = hf_step / floor["ours"]
 
     # Steady-state step at a longer context: each step also reads the batch's KV cache (~0.9 GB here).
     prompts = rng.randint(0, 151643, (8, args.long_prompt_len))
