@@ -102,6 +102,12 @@ def main() -> None:
 
     total, _ = q.count_params(model.cfg)
     short, long = 8, 8 + args.new_tokens
+
+    def step_s(run, prompts, *, repeats, long_s=None):
+        """Steady-state seconds per step: the difference of two lengths cancels prefill and dispatch."""
+        long_s = timeit(run(prompts, long), repeats=repeats) if long_s is None else long_s
+        return (long_s - timeit(run(prompts, short), repeats=repeats)) / (long - short)
+
     for batch in (1, 8):
         prompts = rng.randint(0, 151643, (batch, args.prompt_len))
         # This VM's bandwidth reading drifts up to 2x within minutes: probe it on both sides of the
@@ -111,9 +117,8 @@ def main() -> None:
         ours_s, hf_s = timeit(ours(prompts, long), repeats=2), timeit(theirs(prompts, long), repeats=2)
         results[f"batch{batch}_generate_tokens_per_s"] = {"ours": batch * long / ours_s, "transformers": batch * long / hf_s}
         results[f"batch{batch}_generate_speedup_vs_transformers"] = hf_s / ours_s
-        # Steady-state decode: the difference of two lengths cancels prefill and dispatch.
-        ours_step = (ours_s - timeit(ours(prompts, short), repeats=2)) / (long - short)
-        hf_step = (hf_s - timeit(theirs(prompts, short), repeats=2)) / (long - short)
+        ours_step = step_s(ours, prompts, repeats=2, long_s=ours_s)
+        hf_step = step_s(theirs, prompts, repeats=2, long_s=hf_s)
         results[f"batch{batch}_decode_step_ms"] = {"ours": ours_step * 1e3, "transformers": hf_step * 1e3}
         results[f"batch{batch}_decode_speedup_vs_transformers"] = hf_step / ours_step
         bw_after = memory_bandwidth()
@@ -129,14 +134,13 @@ def main() -> None:
 
     # Steady-state step at a longer context: each step also reads the batch's KV cache (~0.9 GB here).
     prompts = rng.randint(0, 151643, (8, args.long_prompt_len))
-    ours_step = (timeit(ours(prompts, long), repeats=1) - timeit(ours(prompts, short), repeats=1)) / (long - short)
-    hf_step = (timeit(theirs(prompts, long), repeats=1) - timeit(theirs(prompts, short), repeats=1)) / (long - short)
+    ours_step, hf_step = step_s(ours, prompts, repeats=1), step_s(theirs, prompts, repeats=1)
     key = f"batch8_prompt{args.long_prompt_len}"
     results[f"{key}_decode_step_ms"] = {"ours": ours_step * 1e3, "transformers": hf_step * 1e3}
     results[f"{key}_decode_speedup_vs_transformers"] = hf_step / ours_step
 
-    tokens = jax.numpy.asarray(rng.randint(0, 151643, (4, 256)), jax.numpy.int32)
-    lengths = jax.numpy.full((4,), 256, jax.numpy.int32)
+    tokens = jnp.asarray(rng.randint(0, 151643, (4, 256)), jnp.int32)
+    lengths = jnp.full((4,), 256, jnp.int32)
 
     def prefill():
         cache = engine.model.init_cache(4, 384)
