@@ -357,14 +357,44 @@ def _make_source(cfg: DataConfig, tokenizer: Tokenizer | None) -> Sequence[Any]:
                 "format 'synthetic' needs data.synthetic_vocab_size or a tokenizer"
             )
         return SyntheticSource(cfg.synthetic_num_docs, vocab_size, cfg.seq_len, cfg.seed)
-    files = expand_paths(cfg.paths)
-    if cfg.format == "jsonl":
+    return file_source(cfg.format, cfg.paths, cfg.kind, cfg.text_field)
+
+
+def file_source(fmt: str, paths: Sequence[str], kind: str, text_field: str = "text") -> Sequence[Any]:
+    """Random access over the records of `paths` (globs) in `fmt`: text or chat records."""
+    files = expand_paths(paths)
+    if fmt == "jsonl":
         return JsonlSource(files)
-    if cfg.format == "parquet":
-        if cfg.kind == "text":
-            return ParquetSource(files, [cfg.text_field])
+    if fmt == "parquet":
+        if kind == "text":
+            return ParquetSource(files, [text_field])
         return ParquetSource(files, ["messages"], optional_columns=["tools"])
-    return grain.sources.ArrayRecordDataSource(files)
+    if fmt == "arrayrecord":
+        return grain.sources.ArrayRecordDataSource(files)
+    raise DataConfigError(f"unknown record format {fmt!r}; expected one of {FORMATS[:-1]}")
+
+
+def process_records(
+    source: Sequence[Any], *, process_index: int, process_count: int, shuffle: bool, seed: int,
+    num_epochs: int | None,
+) -> grain.MapDataset:
+    """This process's contiguous block of `source`, shuffled per epoch, repeated `num_epochs`
+    times (None: forever). Raises ValueError for an empty source or fewer records than processes."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} is not in [0, process_count={process_count})"
+        )
+    n = len(source)
+    if not n:
+        raise ValueError("the data source has no records")
+    if n < process_count:
+        raise ValueError(f"{n} records cannot be sharded over {process_count} processes")
+    ds = grain.MapDataset.source(source)[
+        n * process_index // process_count : n * (process_index + 1) // process_count
+    ]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,10 +551,6 @@ def make_iter_dataset(
     data_cfg = DataConfig.from_config(cfg)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index} is not in [0, process_count={process_count})"
-        )
     batch_size = per_process_batch_size(data_cfg.batch_size, process_count)
     to_document: Callable[[Any], dict[str, np.ndarray]]
     if data_cfg.format == "synthetic":
@@ -539,19 +565,15 @@ def make_iter_dataset(
     source = _make_source(data_cfg, tokenizer)
     if not len(source):
         raise ValueError(f"no records in data.paths {list(data_cfg.paths)}")
-    if len(source) < process_count:
-        raise ValueError(f"{len(source)} records cannot be sharded over {process_count} processes")
-    n = len(source)
-    ds = grain.MapDataset.source(source)[
-        n * process_index // process_count : n * (process_index + 1) // process_count
-    ]
-    log.info(
-        "data: %d records, process %d/%d reads %d, %d rows of %d tokens per batch",
-        n, process_index, process_count, len(ds), batch_size, data_cfg.seq_len,
+    ds = process_records(
+        source, process_index=process_index, process_count=process_count, shuffle=data_cfg.shuffle,
+        seed=data_cfg.seed, num_epochs=data_cfg.num_epochs,
     )
-    if data_cfg.shuffle:
-        ds = ds.shuffle(seed=data_cfg.seed)
-    ds = ds.repeat(data_cfg.num_epochs).map(to_document)
+    log.info(
+        "data: %d records, process %d/%d, %d rows of %d tokens per batch",
+        len(source), process_index, process_count, batch_size, data_cfg.seq_len,
+    )
+    ds = ds.map(to_document)
     threads = data_cfg.num_threads
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads)
@@ -580,6 +602,65 @@ def make_dataset(
     return iter(
         make_iter_dataset(cfg, tokenizer, process_index=process_index, process_count=process_count)
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts for rollouts (on-policy distillation): batches of chat records, not packed rows.
+
+
+def prompt_default_config() -> ml_collections.ConfigDict:
+    """The `prompts` config section: chat records whose `messages` end in a user turn."""
+    return ml_collections.ConfigDict(
+        {
+            "format": "jsonl",  # 'jsonl' | 'parquet' | 'arrayrecord' (records as in `data`)
+            "paths": None,
+            "batch_size": 8,  # prompts per step (global)
+            "seed": 0,
+            "shuffle": True,
+            "num_epochs": None,  # None repeats forever
+            "num_threads": 1,
+        }
+    )
+
+
+def prompt_record(raw: Any) -> dict[str, Any]:
+    """A chat record with `messages` parsed and cleaned and `tools` parsed; other fields kept."""
+    record = dict(_as_record(raw))
+    if "messages" not in record:
+        raise KeyError(f"prompt record has no 'messages' field (fields: {sorted(record)})")
+    record["messages"] = _clean_messages(record["messages"])
+    tools = record.get("tools")
+    record["tools"] = (json.loads(tools) if isinstance(tools, str) else tools) or None
+    return record
+
+
+def make_prompt_dataset(
+    cfg: Any, *, process_index: int | None = None, process_count: int | None = None
+) -> grain.DatasetIterator:
+    """A checkpointable iterator of lists of `prompt_record`s, batch_size // process_count each.
+
+    `cfg` is a `prompt_default_config()` section. A final partial batch is dropped, so every step
+    sees the same number of prompts. Raises DataConfigError for bad fields, FileNotFoundError for
+    missing files.
+    """
+    values = dict(prompt_default_config().items())
+    unknown = sorted(set(cfg.keys()) - set(values))
+    if unknown:
+        raise DataConfigError(f"unknown prompts config field(s) {unknown}; known: {sorted(values)}")
+    values.update(cfg.items())
+    paths = (values["paths"],) if isinstance(values["paths"], str) else values["paths"]
+    if not paths:
+        raise DataConfigError(f"prompts.paths must be a path/glob or a list of them, got {values['paths']!r}")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    batch_size = per_process_batch_size(values["batch_size"], process_count)
+    ds = process_records(
+        file_source(values["format"], paths, "chat"), process_index=process_index, process_count=process_count,
+        shuffle=values["shuffle"], seed=values["seed"], num_epochs=values["num_epochs"],
+    ).map(prompt_record)
+    threads = values["num_threads"]
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads))
+    return iter(it_ds.batch(batch_size, drop_remainder=True, batch_fn=list))
 
 
 def iterator_state(iterator: grain.DatasetIterator) -> bytes:

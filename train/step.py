@@ -1,14 +1,17 @@
-"""The compiled training step: loss, optimizer, gradient accumulation, sharded train state.
+"""The compiled update step: objective, optimizer, gradient accumulation, sharded train state.
 
 Everything here is a pure function of static configs (frozen dataclasses, hashable) and arrays:
 
 - Train state = float32 master params (an nnx pure dict) + optax state + step, each leaf sharded
   like the parameter it belongs to (`train_state_shardings`), created directly on the mesh.
-- Loss = cross-entropy over loss-mask tokens, computed in sequence chunks so the [tokens, vocab]
+- `update_step` is generic over an `Objective` (a loss summed over loss-mask tokens, the MoE aux
+  loss, and per-token sums to report), with an optional frozen pytree passed through (a
+  distillation teacher's parameters, `train.distill`). `lm_objective` is the language-modelling
+  one: cross-entropy over loss-mask tokens, computed in sequence chunks so the [tokens, vocab]
   float32 logits never exist at once, + optional z-loss, + for MoE the load-balancing loss times
-  `router_aux_loss_coef`. CE and z-loss are normalised by the loss-mask token count of the whole
+  `router_aux_loss_coef`. Token sums are normalised by the loss-mask token count of the whole
   global batch.
-- Gradient accumulation scans over microbatches inside the step. CE and z-loss gradients are then
+- Gradient accumulation scans over microbatches inside the step. Token-sum gradients are then
   exactly those of the big batch (sums divided by the global token count). The MoE aux loss is a
   ratio of router statistics, so it is computed per microbatch (over all data shards: the stats
   are sums the partitioner all-reduces) and averaged over microbatches; with one microbatch it is
@@ -68,10 +71,23 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-class LossTerms(NamedTuple):
-    ce_sum: jax.Array  # sum over loss-mask tokens of -log p(target)
-    z_sum: jax.Array  # sum over loss-mask tokens of logsumexp(logits)^2
-    aux: jax.Array  # MoE load-balancing loss of this call (0 for dense models)
+class Terms(NamedTuple):
+    """One microbatch's contribution to an objective, returned by an `Objective`.
+
+    loss_sum: the training loss summed over loss-mask tokens (divided by the global batch's
+      loss-mask token count by the step, so accumulation gives the big batch's gradient).
+    aux: the MoE load-balancing loss of this call (0 for dense models); averaged over microbatches.
+    sums: per-token quantities summed over loss-mask tokens, reported as means (metrics only).
+    """
+
+    loss_sum: jax.Array
+    aux: jax.Array
+    sums: dict[str, jax.Array]
+
+
+# objective(params, microbatch, frozen) -> Terms. `frozen` is a pytree the step passes through
+# unchanged and never differentiates (a distillation teacher's parameters), or None.
+Objective = Callable[[Params, Batch, Any], Terms]
 
 
 # ----------------------------------------------------------------------------------- optimizer
@@ -219,19 +235,27 @@ def chunked_cross_entropy(
     return ce_sum, z_sum
 
 
-def loss_terms(
-    params: Params, batch: Batch, graphdef: nnx.GraphDef, cfg: Qwen3Config, chunk_len: int
-) -> LossTerms:
-    """Forward pass with params cast to the compute dtype (gradients flow back in float32)."""
+def lm_objective(
+    params: Params, batch: Batch, frozen: None, *, graphdef: nnx.GraphDef, cfg: Qwen3Config, step_cfg: StepConfig,
+) -> Terms:
+    """Next-token cross-entropy (+ z-loss) over loss-mask tokens; params cast to the compute dtype
+    for the forward pass (gradients flow back in float32)."""
+    del frozen
     dtype = jnp.dtype(cfg.dtype)
     model: Qwen3 = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
     out = model.forward(batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"])
-    w_DxV = model.embed[...].T if model.lm_head is None else model.lm_head[...]
     ce_sum, z_sum = chunked_cross_entropy(
-        out.hidden_BxTxD, w_DxV, batch["targets"], batch["loss_mask"], chunk_len=chunk_len, rules=cfg.rules
+        out.hidden_BxTxD, unembedding(model), batch["targets"], batch["loss_mask"], chunk_len=step_cfg.ce_chunk_len,
+        rules=cfg.rules,
     )
     aux = load_balancing_loss(out.router_stats) if cfg.is_moe else jnp.zeros((), jnp.float32)
-    return LossTerms(ce_sum, z_sum, aux)
+    sums = {"loss": ce_sum, **({"z_loss": z_sum} if step_cfg.z_loss_coef else {})}
+    return Terms(ce_sum + step_cfg.z_loss_coef * z_sum, aux, sums)
+
+
+def unembedding(model: Qwen3) -> jax.Array:
+    """[D, V] output projection: the tied embedding's transpose or lm_head."""
+    return model.embed[...].T if model.lm_head is None else model.lm_head[...]
 
 
 def split_microbatches(x_BxT: jax.Array, m: int) -> jax.Array:
@@ -246,20 +270,24 @@ def split_microbatches(x_BxT: jax.Array, m: int) -> jax.Array:
 # -------------------------------------------------------------------------------------- step
 
 
-def train_step(
-    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, cfg: Qwen3Config, step_cfg: StepConfig,
+def update_step(
+    state: TrainState, batch: Batch, frozen: Any, *, objective: Objective, cfg: Qwen3Config, microbatches: int,
     tx: optax.GradientTransformation, schedule: optax.Schedule, params_sharding: Params,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    M = step_cfg.microbatches
+    """One optimizer update of `objective` over `batch` ([B, ...] arrays with a `loss_mask`).
+
+    Metrics: each of the objective's `sums` divided by the global loss-mask token count,
+    `grad_norm`, `learning_rate`, `loss_tokens`, and `aux_loss` for MoE models.
+    """
+    M = microbatches
     loss_tokens = jnp.sum(batch["loss_mask"])  # over the global batch
     num_tokens = jnp.maximum(loss_tokens, 1.0)
 
-    def objective(params, mb):
-        terms = loss_terms(params, mb, graphdef, cfg, step_cfg.ce_chunk_len)
-        loss = (terms.ce_sum + step_cfg.z_loss_coef * terms.z_sum) / num_tokens
-        return loss + cfg.router_aux_loss_coef * terms.aux / M, terms
+    def loss_fn(params, mb):
+        terms = objective(params, mb, frozen)
+        return terms.loss_sum / num_tokens + cfg.router_aux_loss_coef * terms.aux / M, terms
 
-    grad_fn = jax.grad(objective, has_aux=True)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
     if M == 1:
         grads, terms = grad_fn(state.params, batch)
     else:
@@ -269,48 +297,53 @@ def train_step(
             g = jax.lax.with_sharding_constraint(g, params_sharding)
             return jax.tree.map(jnp.add, acc, (g, t)), None
 
-        zero = jnp.zeros((), jnp.float32)
-        init = (jax.tree.map(jnp.zeros_like, state.params), LossTerms(zero, zero, zero))
+        init = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[: x.shape[0] // M], batch))
+        init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), init)
         (grads, terms), _ = jax.lax.scan(accumulate, init, jax.tree.map(lambda x: split_microbatches(x, M), batch))
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": terms.ce_sum / num_tokens,
-        "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state.step),
-        "loss_tokens": loss_tokens,
-    }
-    if step_cfg.z_loss_coef:
-        metrics["z_loss"] = terms.z_sum / num_tokens
+    metrics = {name: value / num_tokens for name, value in terms.sums.items()}
+    metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), loss_tokens=loss_tokens)
     if cfg.is_moe:
         metrics["aux_loss"] = terms.aux / M
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def compile_update(
+    objective: Objective, cfg: Qwen3Config, microbatches: int, opt: OptimizerConfig, mesh: Mesh,
+    frozen_shardings: Any = None,
+) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """`update_step` jitted with explicit shardings: the state (donated) as the trainer shards it,
+    every batch array split over the batch axes, `frozen` as `frozen_shardings` (not donated).
+    The returned function runs under `mesh`; `.jitted` is the jax.jit object (for AOT lowering
+    under `jax.set_mesh(mesh)`)."""
+    tx = make_optimizer(opt, cfg)
+    shardings = train_state_shardings(cfg, opt, mesh)
+    step = jax.jit(
+        functools.partial(
+            update_step, objective=objective, cfg=cfg, microbatches=microbatches, tx=tx,
+            schedule=learning_rate_schedule(opt), params_sharding=shardings.params,
+        ),
+        in_shardings=(shardings, batch_sharding(mesh, cfg.rules), frozen_shardings),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+
+    def run(state: TrainState, batch: Batch, frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        with jax.set_mesh(mesh):
+            return step(state, batch, frozen)
+
+    run.jitted = step
+    return run
 
 
 @functools.cache
 def make_train_step(
     cfg: Qwen3Config, step_cfg: StepConfig, opt: OptimizerConfig, mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted step with explicit shardings; it donates the old state and runs under `mesh`.
-
-    Cached, so asking again for the same configs and mesh reuses the compiled step."""
-    tx = make_optimizer(opt, cfg)
-    shardings = train_state_shardings(cfg, opt, mesh)
+    """The jitted language-modelling step (`lm_objective`); it donates the old state and runs
+    under `mesh`. Cached, so asking again for the same configs and mesh reuses the compiled step."""
     graphdef, _ = nnx.split(abstract_model(cfg))
-    step = jax.jit(
-        lambda state, batch: train_step(
-            state, batch, graphdef=graphdef, cfg=cfg, step_cfg=step_cfg, tx=tx,
-            schedule=learning_rate_schedule(opt), params_sharding=shardings.params,
-        ),
-        in_shardings=(shardings, batch_sharding(mesh, cfg.rules)),
-        out_shardings=(shardings, NamedSharding(mesh, P())),
-        donate_argnums=0,
-    )
-
-    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        with jax.set_mesh(mesh):
-            return step(state, batch)
-
-    run.jitted = step  # for AOT lowering (memory analysis) under `jax.set_mesh(mesh)`
-    return run
+    objective = functools.partial(lm_objective, graphdef=graphdef, cfg=cfg, step_cfg=step_cfg)
+    return compile_update(objective, cfg, step_cfg.microbatches, opt, mesh)

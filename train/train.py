@@ -32,8 +32,9 @@ import re
 import signal
 import sys
 import time
-from typing import Iterator
+from typing import Any, Callable
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -53,7 +54,7 @@ from qwen3_jax.tokenizer import Tokenizer
 from train import data as data_lib
 from train.checkpoint import Checkpointer, init_from_config, load_params
 from train.step import (
-    OptimizerConfig, StepConfig, abstract_train_state, batch_sharding, init_train_state, make_train_step,
+    OptimizerConfig, StepConfig, TrainState, abstract_train_state, batch_sharding, init_train_state, make_train_step,
 )
 
 
@@ -220,22 +221,32 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
             "directory that ships one (tokenizer.json or tokenizer.model)",
         )
 
+    return experiment(config, model, mesh, data=data, batch_size=data_cfg.batch_size, seq_len=data_cfg.seq_len,
+                      batch_field="data.batch_size", seq_field="data.seq_len")
+
+
+def experiment(
+    config: ml_collections.ConfigDict, model: Qwen3Config, mesh: dict[str, int], *, data: ml_collections.ConfigDict,
+    batch_size: int, seq_len: int, batch_field: str, seq_field: str,
+) -> Experiment:
+    """Checks the fields every trainer shares (batch split, chunking, steps, optimizer,
+    checkpoints) for `batch_size` rows of `seq_len` tokens; `*_field` name them in errors."""
     dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
-    batch, micro = data_cfg.batch_size, config.train.microbatches
+    micro = config.train.microbatches
     _need(micro >= 1, f"train.microbatches must be >= 1, got {micro}")
     _need(
-        batch % dp == 0,
-        f"data.batch_size={batch} is not divisible by the data-parallel degree {dp} "
+        batch_size % dp == 0,
+        f"{batch_field}={batch_size} is not divisible by the data-parallel degree {dp} "
         f"(mesh data={mesh['data']} x fsdp={mesh['fsdp']} x expert={mesh['expert']})",
     )
     _need(
-        batch % (micro * dp) == 0,
-        f"data.batch_size={batch} in train.microbatches={micro} gives microbatches of {batch / micro:g} rows, "
-        f"which must be a multiple of the data-parallel degree {dp}",
+        batch_size % (micro * dp) == 0,
+        f"{batch_field}={batch_size} in train.microbatches={micro} gives microbatches of {batch_size / micro:g} "
+        f"rows, which must be a multiple of the data-parallel degree {dp}",
     )
     chunk = config.train.ce_chunk_len
-    _need(chunk >= 1 and data_cfg.seq_len % min(chunk, data_cfg.seq_len) == 0,
-          f"train.ce_chunk_len={chunk} must divide data.seq_len={data_cfg.seq_len}")
+    _need(chunk >= 1 and seq_len % min(chunk, seq_len) == 0,
+          f"train.ce_chunk_len={chunk} must divide {seq_field}={seq_len}")
     steps = config.train.steps
     _need(steps >= 1, f"train.steps must be >= 1, got {steps}")
 
@@ -265,8 +276,7 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
             end_learning_rate_ratio=o.end_learning_rate_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
             weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, no_decay=tuple(o.no_decay),
         ),
-        step=StepConfig(microbatches=micro, ce_chunk_len=min(chunk, data_cfg.seq_len),
-                        z_loss_coef=config.train.z_loss_coef),
+        step=StepConfig(microbatches=micro, ce_chunk_len=min(chunk, seq_len), z_loss_coef=config.train.z_loss_coef),
         data=data,
         steps=steps,
         seed=config.seed,
@@ -290,7 +300,12 @@ def load_tokenizer(exp: Experiment) -> Tokenizer | None:
     """The tokenizer `exp` names or its checkpoint ships; None for synthetic data."""
     if exp.data.format == "synthetic":
         return None
-    spec = exp.tokenizer or _checkpoint_tokenizer(exp.init_from)
+    return tokenizer_from_spec(exp.tokenizer or _checkpoint_tokenizer(exp.init_from), exp.model)
+
+
+def tokenizer_from_spec(spec: str, model: Qwen3Config) -> Tokenizer:
+    """'qwen3', a directory that ships a tokenizer, a tokenizer.json or a sentencepiece .model;
+    raises TrainConfigError when it has more ids than the model's vocabulary."""
     if spec == "qwen3":
         tokenizer = Tokenizer.qwen3()
     elif os.path.isdir(spec):
@@ -298,8 +313,8 @@ def load_tokenizer(exp: Experiment) -> Tokenizer | None:
     else:
         tokenizer = Tokenizer.from_sentencepiece(spec) if spec.endswith(".model") else Tokenizer.from_file(spec)
     _need(
-        tokenizer.vocab_size <= exp.model.vocab_size,
-        f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {exp.model.vocab_size}",
+        tokenizer.vocab_size <= model.vocab_size,
+        f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.vocab_size}",
     )
     return tokenizer
 
@@ -366,12 +381,18 @@ class MetricsWriter:
             self._tb.close()
 
 
+# (metric, format) in display order; a line shows the metrics its step reported.
+_DISPLAY = (
+    ("loss", "loss {:.4f}"), ("divergence", "divergence {:.4f}"), ("z_loss", "z_loss {:.4f}"),
+    ("aux_loss", "aux_loss {:.4f}"), ("student_entropy", "H_student {:.3f}"), ("teacher_entropy", "H_teacher {:.3f}"),
+    ("completion_len", "len {:.1f}"), ("closed_thinking", "closed {:.2f}"), ("grad_norm", "grad_norm {:.3f}"),
+    ("learning_rate", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s"), ("step_time", "{:.3f} s/step"),
+    ("mfu", "MFU {:.1%}"),
+)
+
+
 def format_metrics(s: dict[str, float]) -> str:
-    parts = [f"loss {s['loss']:.4f}"]
-    parts += [f"{k} {s[k]:.4f}" for k in ("z_loss", "aux_loss") if k in s]
-    parts += [f"grad_norm {s['grad_norm']:.3f}", f"lr {s['learning_rate']:.2e}",
-              f"{s['tokens_per_s']:,.0f} tok/s", f"{s['step_time']:.3f} s/step", f"MFU {100 * s['mfu']:.1f}%"]
-    return " | ".join(parts)
+    return " | ".join(fmt.format(s[k]) for k, fmt in _DISPLAY if k in s)
 
 
 # --------------------------------------------------------------------------------------- loop
@@ -402,12 +423,9 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def device_batches(
-    iterator: Iterator[dict[str, np.ndarray]], sharding: NamedSharding
-) -> Iterator[dict[str, jax.Array]]:
-    """Each process's rows assembled into global [batch, seq] arrays."""
-    for host in iterator:
-        yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
+def global_batch(host: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows assembled into global [batch, ...] arrays."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -416,12 +434,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         initialize_distributed()  # before anything touches the devices
     exp = validate(config)
     cfg = exp.model
+    mesh = make_mesh(exp.mesh)
+    data_iterator = data_lib.make_dataset(exp.data, load_tokenizer(exp))
+    train_step = make_train_step(cfg, exp.step, exp.optimizer, mesh)
+    sharding = batch_sharding(mesh, cfg.rules)
+    tokens_per_step = exp.data.batch_size * exp.data.seq_len
+    model_flops_per_step = flops_per_token(cfg, exp.data.seq_len) * tokens_per_step
+
+    def rates(scalars: dict[str, float], step_time: float, peak: float) -> dict[str, float]:
+        return {"tokens_per_s": tokens_per_step / step_time, "mfu": model_flops_per_step / step_time / peak}
+
+    return run_loop(
+        config, workdir, exp, mesh, data_iterator, lambda state, host: train_step(state, global_batch(host, sharding)),
+        rates,
+    )
+
+
+StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]
+RatesFn = Callable[[dict[str, float], float, float], dict[str, float]]
+
+
+def run_loop(
+    config: ml_collections.ConfigDict, workdir: str, exp: Experiment, mesh: Mesh,
+    data_iterator: grain.DatasetIterator, step_fn: StepFn, rates: RatesFn,
+) -> dict[str, float]:
+    """The loop every trainer shares: init or resume, steps, metrics, checkpoints, SIGTERM.
+
+    `step_fn(state, next(data_iterator))` applies one update and returns the new state and its
+    metrics (device arrays, read one step late, or host floats); `rates(scalars, step_time,
+    peak_flops)` adds `tokens_per_s` and `mfu`. States are saved (with the data iterator's
+    position and the model config) every `checkpoint.every` steps, at the end and on SIGTERM, and
+    only once their step's loss and gradient norm are known to be finite.
+    """
+    cfg = exp.model
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    mesh = make_mesh(exp.mesh)
-    data_iterator = data_lib.make_dataset(exp.data, load_tokenizer(exp))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=exp.checkpoint_every,
                                 keep=exp.checkpoint_keep, async_save=exp.async_checkpoint)
     start = checkpointer.latest_step()
@@ -435,20 +484,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if start >= exp.steps:
             print(f"nothing to do: step {start} of train.steps={exp.steps} is done", flush=True)
 
-    train_step = make_train_step(cfg, exp.step, exp.optimizer, mesh)
-    tokens_per_step = exp.data.batch_size * exp.data.seq_len
     peak = exp.peak_flops * mesh.devices.size if exp.peak_flops else measure_peak_flops(mesh, cfg.dtype)
-    model_flops_per_step = flops_per_token(cfg, exp.data.seq_len) * tokens_per_step
     writer = MetricsWriter(workdir, exp, start)
     preemption = PreemptionWatch(checkpointer)
     history: list[dict[str, float]] = []
     last_fetch = time.perf_counter()
 
-    def report(step: int, metrics: dict[str, jax.Array]) -> None:
+    def report(step: int, metrics: dict[str, Any]) -> None:
         nonlocal last_fetch
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        step_time, last_fetch = now - last_fetch, now
+        # A step that blocks on its own work (a rollout) times itself; an asynchronous one is
+        # timed from one metrics fetch to the next.
+        step_time = scalars.pop("step_time", now - last_fetch)
+        last_fetch = now
         if not (math.isfinite(scalars["loss"]) and math.isfinite(scalars["grad_norm"])):
             checkpointer.wait()
             good = checkpointer.latest_step()
@@ -458,16 +507,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 f"non-finite loss {scalars['loss']} (grad_norm {scalars['grad_norm']}) at step {step}; "
                 f"stopping: {kept}"
             )
-        scalars.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
-                       mfu=model_flops_per_step / step_time / peak)
+        scalars.update(step_time=step_time, **rates(scalars, step_time, peak))
         history.append(scalars)
         writer.write(step, scalars)
 
     try:
-        batches = device_batches(data_iterator, batch_sharding(mesh, cfg.rules))
         pending = None
         for step in range(start + 1, exp.steps + 1):
-            state, metrics = train_step(state, next(batches))
+            try:
+                host_batch = next(data_iterator)
+            except StopIteration:
+                raise TrainConfigError(
+                    f"the data ran out before step {step} of train.steps={exp.steps}: raise its num_epochs "
+                    "(None repeats forever) or lower train.steps"
+                ) from None
+            state, metrics = step_fn(state, host_batch)
             if pending is not None:
                 report(*pending)  # the previous step: the device is already busy with this one
             pending = (step, metrics)
