@@ -12,7 +12,9 @@ A NaN / inf loss or gradient norm stops the run with an error naming the step; s
 only once their step's metrics are known to be finite, so the last checkpoint is a good one.
 
 The workdir receives `checkpoints/`, `metrics.jsonl` (one JSON object per step), TensorBoard
-event files in `tensorboard/`, and `config.json` (the resolved config).
+event files in `tensorboard/`, `config.json` (the resolved config) and, when the data needs one,
+the tokenizer, so the workdir is a checkpoint like any other (`qwen3_jax.load_any`, the infer
+CLIs, `qwen3_jax.convert`, `model.init_from`).
 
 Metrics are fetched one step late: step k's metrics are read after step k+1 is dispatched, so
 the host never makes the device wait. Step time is the interval between consecutive fetches
@@ -49,9 +51,9 @@ from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.model import abstract_model, count_params
 from qwen3_jax.sharding import MESH_AXES, initialize_distributed, make_mesh
-from qwen3_jax.tokenizer import Tokenizer
+from qwen3_jax.tokenizer import Tokenizer, tokenizer_dir
 from train import data as data_lib
-from train.checkpoint import Checkpointer, init_from_config, load_params
+from train.checkpoint import Checkpointer, init_from_config, load_params, save_tokenizer
 from train.step import (
     OptimizerConfig, StepConfig, abstract_train_state, batch_sharding, init_train_state, make_train_step,
 )
@@ -279,11 +281,9 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def _checkpoint_tokenizer(init_from: str | None) -> str | None:
-    """`init_from` when it ships a tokenizer (HF and converted checkpoints do)."""
-    files = ("tokenizer.json", "tokenizer.model")
-    if init_from and any(os.path.isfile(os.path.join(init_from, f)) for f in files):
-        return init_from
-    return None
+    """`init_from` when it ships a tokenizer (HF and converted checkpoints do, and so do this
+    trainer's workdirs, their checkpoints/ dirs and step folders: see `tokenizer_dir`)."""
+    return init_from if init_from and tokenizer_dir(init_from) is not None else None
 
 
 def load_tokenizer(exp: Experiment) -> Tokenizer | None:
@@ -421,7 +421,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     mesh = make_mesh(exp.mesh)
-    data_iterator = data_lib.make_dataset(exp.data, load_tokenizer(exp))
+    tokenizer = load_tokenizer(exp)
+    save_tokenizer(workdir, tokenizer)  # the workdir ships its tokenizer, like any checkpoint
+    data_iterator = data_lib.make_dataset(exp.data, tokenizer)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=exp.checkpoint_every,
                                 keep=exp.checkpoint_keep, async_save=exp.async_checkpoint)
     start = checkpointer.latest_step()
