@@ -366,7 +366,8 @@ def test_command_line(checkpoint, reference, prompts, tmp_path, capsys):
     assert f"{out}: {len(VALID)} prompts done" in capsys.readouterr().out
     for extra, message in [(["--temperature", "0"], "written with other settings"),
                            (["--no_thinking"], "chooses the mode with --mode"),
-                           (["--keep", "no_such_module:f"], "cannot import no_such_module")]:
+                           (["--keep", "no_such_module:f"], "cannot import no_such_module"),
+                           (["--step", "9"], "step=9 picks a step of a trainer checkpoint, but .* is a hf checkpoint")]:
         with pytest.raises(SystemExit, match=f"error: .*{message}"):
             run_main(argv + extra)
     flags.FLAGS.unparse_flags()
