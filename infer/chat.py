@@ -1,6 +1,6 @@
 """Interactive multi-turn chat with streaming output.
 
-    python -m infer.chat --checkpoint DIR [--no_thinking] [--thinking_budget N]
+    python -m infer.chat --checkpoint DIR [--step N] [--no_thinking] [--thinking_budget N]
 
 `/think` and `/no_think` in a message are passed to the model as text (Qwen3's soft switches);
 the sampling defaults follow the last flag. Type `/clear` to start over, `/exit` or EOF to quit.

@@ -1,6 +1,8 @@
-"""Flags and loading shared by the generate and chat command lines."""
+"""Flags and loading shared by the generate, chat and batch command lines."""
 
 from __future__ import annotations
+
+import sys
 
 import jax.numpy as jnp
 from absl import flags
@@ -9,7 +11,11 @@ from infer.engine import Engine
 from qwen3_jax.checkpoint import load_any
 from qwen3_jax.tokenizer import Tokenizer
 
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face or qwen3-jax Orbax checkpoint directory.", required=True)
+CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Hugging Face, qwen3-jax or trainer checkpoint (a workdir, its checkpoints/ dir or a step folder).",
+    required=True,
+)
+STEP = flags.DEFINE_integer("step", None, "Step of a trainer workdir or checkpoints/ dir to load (default: the latest).")
 NO_THINKING = flags.DEFINE_bool("no_thinking", False, "Hard switch: render the empty think block (enable_thinking=False).")
 THINKING_BUDGET = flags.DEFINE_integer("thinking_budget", None, "Tokens allowed inside <think> before the stop-thinking text is forced.")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 1024, "Tokens to generate at most.")
@@ -23,8 +29,13 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramete
 
 
 def load() -> tuple[Engine, Tokenizer]:
-    model = load_any(CHECKPOINT.value, dtype=jnp.dtype(DTYPE.value))
-    tokenizer = Tokenizer.from_checkpoint(CHECKPOINT.value)
+    """The engine and tokenizer of --checkpoint (and --step); exits naming the problem if either
+    cannot be loaded."""
+    try:
+        tokenizer = Tokenizer.from_checkpoint(CHECKPOINT.value)  # first: it fails fast, the model load does not
+        model = load_any(CHECKPOINT.value, step=STEP.value, dtype=jnp.dtype(DTYPE.value))
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
+        sys.exit(f"error: {e}")
     return Engine(model, forced_ids=tokenizer.stop_thinking_ids), tokenizer
 
 

@@ -62,6 +62,19 @@ def bucket(n: int) -> int:
     return b
 
 
+def _row_keys(seed, n: int, batch: int) -> jax.Array:
+    """[batch] PRNG keys: split from one int seed, or each row's own (padding rows get seed 0)."""
+    if np.ndim(seed) == 0:
+        return jax.random.split(jax.random.key(seed), batch)
+    seeds = list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"seed has {len(seeds)} values for {n} prompts")
+    for i, s in enumerate(seeds):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**32:
+            raise ValueError(f"seed must be an int or one int in [0, 2**32) per prompt; prompt {i} has {s!r}")
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
+
+
 def _cache_shardings(abstract_cache, mesh: jax.sharding.Mesh, rules: ShardingRules):
     def one(c: KVCache) -> KVCache:  # stacked on a leading layers axis, or one layer's
         def spec(x, axes):
@@ -177,9 +190,13 @@ class Engine:
     def stream(
         self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature=0.6, top_k=20, top_p=0.95,
         min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS, thinking_budget=None,
-        seed: int = 0, chunk: int | None = None,
+        seed: int | Sequence[int] = 0, chunk: int | None = None,
     ) -> Iterator[list[list[int]]]:
-        """Yields, after each compiled chunk of `chunk` steps, the new tokens of every row."""
+        """Yields, after each compiled chunk of `chunk` steps, the new tokens of every row.
+
+        `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
+        do not depend on which rows share its batch.
+        """
         prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, self.cfg.max_position_embeddings)
         n = len(prompts)
         sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -202,7 +219,7 @@ class Engine:
         sampling = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling)
         in_think = [prompt_think_open(p) for p in prompts] + [False] * pad
         budgets = np.concatenate([budgets, np.full(pad, UNLIMITED_BUDGET, np.int32)])
-        keys = jax.random.split(jax.random.key(seed), B)
+        keys = _row_keys(seed, n, B)
         rows = RowSettings(sampling, keys, jnp.full((B,), max_new_tokens, jnp.int32),
                            jnp.asarray(stop_ids or (-1,), jnp.int32), jnp.asarray(self.forced_ids))
 
@@ -255,13 +272,15 @@ def _qwen3_forced_ids() -> tuple[int, ...]:
 def generate(
     model: Qwen3, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float | Sequence[float] = 0.6,
     top_k=20, top_p=0.95, min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS,
-    thinking_budget: int | Sequence[int | None] | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+    thinking_budget: int | Sequence[int | None] | None = None, seed: int | Sequence[int] = 0,
+    mesh: jax.sharding.Mesh | None = None,
     forced_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Generates for a batch of token-id prompts; one list of new ids per prompt.
 
     temperature=0.0 is greedy. A stop token is included when one was generated. thinking_budget:
-    None (unlimited), an int for every prompt, or one value (int or None) per prompt.
+    None (unlimited), an int for every prompt, or one value (int or None) per prompt. seed: an int,
+    or one int in [0, 2**32) per prompt (a row's tokens then depend on its own seed only).
     `forced_ids` overrides the stop-thinking ids (e.g. for a sentencepiece vocabulary).
     """
     # A fresh split each call sees the model's current parameters; jit reuses compilations

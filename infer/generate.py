@@ -1,6 +1,6 @@
 """One prompt in, thinking and answer out.
 
-    python -m infer.generate --checkpoint DIR --prompt "..." [--no_thinking] [--thinking_budget N]
+    python -m infer.generate --checkpoint DIR [--step N] --prompt "..." [--no_thinking] [--thinking_budget N]
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Orbax checkpoints of a model's parameters, and loading whichever checkpoint format a path holds.
 
+Three formats are read: Hugging Face (config.json + *.safetensors), qwen3-jax (below), and the
+trainer's (`train/checkpoint.py` writes WORKDIR/checkpoints/<step>/{state,data,model_config}; the
+params are read back here, so inference and conversion need not import the trainer).
+
 A qwen3-jax checkpoint directory holds:
 
     params/          Orbax (OCDBT) tree of the parameters, the nested dict of `nnx.state(model, nnx.Param)`
@@ -9,13 +13,14 @@ A qwen3-jax checkpoint directory holds:
 Tensors are stored whole (Orbax records only how they were sharded), and each one is restored
 straight into the shards of its target sharding, so a checkpoint written on 8 devices loads on any
 mesh, or on one device, without a host copy of the model. Training state (optimizer, data
-iterator, step) lives in the trainer's own checkpoints.
+iterator, step) lives in the trainer's own checkpoints; `load_any` restores only their params.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -32,6 +37,13 @@ PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
 FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "dtype", "param_dtype")
+# The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,model_config} (train/checkpoint.py).
+TRAINER_CHECKPOINTS = "checkpoints"
+TRAINER_STATE, TRAINER_DATA, TRAINER_MODEL_CONFIG = "state", "data", "model_config"
+FORMAT_HELP = (
+    f"a Hugging Face checkpoint (config.json + *.safetensors), a qwen3-jax checkpoint ({MARKER} + "
+    f"{PARAMS_DIR}/) or a trainer checkpoint (a workdir, its {TRAINER_CHECKPOINTS}/ directory or one step folder)"
+)
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -92,10 +104,141 @@ def load_model(
     Without a mesh the parameters go to the first device. `dtype` sets both the parameter and the
     compute dtype (as in `from_hf`); by default both are what the model was saved with.
     """
-    if dtype is not None:
-        name = jnp.dtype(dtype).name
-        config_overrides = {"param_dtype": name, "dtype": name, **config_overrides}
-    cfg = load_config(path, **config_overrides)
+    cfg = load_config(path, **_dtype_overrides(dtype, config_overrides))
+    params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+
+    def restore(target):
+        with ocp.StandardCheckpointer() as ckptr:
+            _check_shapes(ckptr.metadata(params_dir).item_metadata, target, params_dir)
+            return ckptr.restore(params_dir, target)
+
+    return _restore_model(cfg, mesh, restore)
+
+
+def load_any(
+    path: str | os.PathLike, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None, dtype=None,
+    **config_overrides: Any,
+) -> Qwen3:
+    """Loads the checkpoint at `path`, whichever format it holds (see `locate_checkpoint`).
+
+    A trainer checkpoint yields its params only (no optimizer state): from its latest step, or
+    from `step` when given (a trainer workdir or `checkpoints/` directory only). Parameters go
+    straight into their shardings on `mesh` (the first device without one). `dtype` sets both the
+    parameter and the compute dtype; `dtype=None` keeps a qwen3-jax checkpoint's saved dtypes and
+    loads the other two formats as float32: HF weights are upcast, and a trainer's weights are
+    its float32 master copy whatever compute dtype the run used (that is a training choice, and
+    the saved model_config does not record it).
+
+    Raises FileNotFoundError for a missing directory and CheckpointError for a directory in none
+    of the formats, a `step` that is not saved (naming the saved ones) or parameters that do not
+    match the config.
+    """
+    fmt, weights_dir = locate_checkpoint(path, step=step)
+    if fmt == "orbax":
+        return load_model(weights_dir, mesh=mesh, dtype=dtype, **config_overrides)
+    if fmt == "hf":
+        return from_hf(weights_dir, mesh=mesh, dtype=jnp.float32 if dtype is None else dtype, **config_overrides)
+    cfg = load_any_config(weights_dir, **_dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
+    state_dir = os.path.join(weights_dir, TRAINER_STATE)
+
+    def restore(target):
+        # The handler's metadata: the checkpointer's would look for a step-level file in state/.
+        saved = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(state_dir)).tree["params"]
+        _check_shapes(saved, target, state_dir)
+        return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+            partial_restore=True,  # the params only, not the optimizer state
+        ))["params"]
+
+    return _restore_model(cfg, mesh, restore)
+
+
+def load_any_config(path: str | os.PathLike, *, step: int | None = None, **config_overrides: Any) -> Qwen3Config:
+    """The config of the checkpoint at `path`, whichever format it holds (see `load_any`);
+    `config_overrides` replace fields of it. A trainer checkpoint's runtime fields default to
+    float32 and the other `Qwen3Config` defaults."""
+    fmt, weights_dir = locate_checkpoint(path, step=step)
+    if fmt == "orbax":
+        return load_config(weights_dir, **config_overrides)
+    if fmt == "hf":
+        return from_hf_config(weights_dir, **config_overrides)
+    hf_config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(weights_dir, TRAINER_MODEL_CONFIG))
+    return from_hf_config(hf_config, **config_overrides)
+
+
+def locate_checkpoint(path: str | os.PathLike, *, step: int | None = None) -> tuple[str, str]:
+    """The format of the checkpoint at `path` and the directory holding its weights.
+
+    Returns ("hf", path), ("orbax", path) or ("trainer", step folder): for a trainer workdir or
+    its `checkpoints/` directory, the folder of `step`, or of the latest step when `step` is None.
+    Raises FileNotFoundError if `path` is not a directory, and CheckpointError if it holds none of
+    the formats, if a `checkpoints/` directory holds no saved step, if `step` is not saved (the
+    message lists the saved steps), or if `step` is given for a checkpoint that has no steps.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    for fmt, found in (("orbax", is_orbax_checkpoint(path)), ("hf", is_hf_checkpoint(path))):
+        if found:
+            if step is not None:
+                raise CheckpointError(f"step={step} picks a step of a trainer checkpoint, but {path} is a {fmt} checkpoint")
+            return fmt, path
+    if os.path.isdir(os.path.join(path, TRAINER_STATE)):  # one step folder
+        if step is not None and os.path.basename(os.path.abspath(path)) != str(step):
+            raise CheckpointError(
+                f"{path} is one step folder; step={step} names another (pass the workdir or its "
+                f"{TRAINER_CHECKPOINTS}/ directory to choose a step)"
+            )
+        return "trainer", path
+    root = os.path.join(path, TRAINER_CHECKPOINTS)
+    root = root if os.path.isdir(root) else path
+    steps = trainer_steps(root)
+    if not steps:
+        if root != path:
+            raise CheckpointError(f"{root} holds no saved step of the trainer (has the run saved a checkpoint yet?)")
+        raise CheckpointError(f"{path} holds no checkpoint: expected {FORMAT_HELP}")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{root} has no step {step}; the saved steps are {steps}")
+    return "trainer", os.path.join(root, str(max(steps) if step is None else step))
+
+
+def trainer_steps(root: str | os.PathLike) -> list[int]:
+    """The saved steps (ascending) in a trainer `checkpoints/` directory: committed step folders
+    holding the train state (Orbax renames a step's folder into place once it is fully written)."""
+    steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
+    return sorted(s for s in steps if os.path.isdir(os.path.join(root, str(s), TRAINER_STATE)))
+
+
+def checkpoint_dirs(path: str | os.PathLike) -> list[str]:
+    """Where files that ship with the checkpoint at `path` (its tokenizer) are looked for, innermost
+    first: `path`, then, for a trainer step folder or `checkpoints/` directory, the directories
+    above it up to the run's workdir (the trainer writes its tokenizer at the workdir's root)."""
+    path = os.path.abspath(path)
+    dirs = [path]
+    if os.path.isdir(os.path.join(path, TRAINER_STATE)):
+        path = os.path.dirname(path)
+        dirs.append(path)
+    if os.path.basename(path) == TRAINER_CHECKPOINTS:
+        dirs.append(os.path.dirname(path))
+    return dirs
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _dtype_overrides(dtype, config_overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config_overrides` with `dtype` (if not None) as both parameter and compute dtype; explicit
+    overrides win."""
+    if dtype is None:
+        return config_overrides
+    name = jnp.dtype(dtype).name
+    return {"param_dtype": name, "dtype": name, **config_overrides}
+
+
+def _restore_model(cfg: Qwen3Config, mesh: jax.sharding.Mesh | None, restore) -> Qwen3:
+    """The model of `cfg` with the params `restore(target)` returns, where `target` holds a
+    ShapeDtypeStruct per param in its sharding on `mesh` (the first device without one)."""
     graphdef, state = nnx.split(abstract_model(cfg))
     abstract = nnx.to_pure_dict(state)
     if mesh is None:
@@ -104,36 +247,8 @@ def load_model(
     else:
         shardings = nnx.to_pure_dict(state_shardings(state, mesh, cfg.rules))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-    params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    with ocp.StandardCheckpointer() as ckptr:
-        _check_shapes(ckptr.metadata(params_dir).item_metadata, target, params_dir)
-        restored = ckptr.restore(params_dir, target)
-    nnx.replace_by_pure_dict(state, restored)
+    nnx.replace_by_pure_dict(state, restore(target))
     return nnx.merge(graphdef, state)
-
-
-def load_any(
-    path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype=None, **config_overrides: Any
-) -> Qwen3:
-    """Loads a qwen3-jax checkpoint or a Hugging Face one, whichever `path` holds.
-
-    `dtype=None` keeps a qwen3-jax checkpoint's saved dtypes and loads HF weights as float32.
-    """
-    path = os.fspath(path)
-    if is_orbax_checkpoint(path):
-        return load_model(path, mesh=mesh, dtype=dtype, **config_overrides)
-    if is_hf_checkpoint(path):
-        return from_hf(path, mesh=mesh, dtype=jnp.float32 if dtype is None else dtype, **config_overrides)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    raise CheckpointError(
-        f"{path} is neither a qwen3-jax checkpoint ({MARKER} + {PARAMS_DIR}/) nor a Hugging Face "
-        "checkpoint (config.json + *.safetensors)"
-    )
-
-
-# ------------------------------------------------------------------------------- helpers
 
 
 def _write_json(path: str, obj: dict) -> None:

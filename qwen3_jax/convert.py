@@ -1,12 +1,17 @@
-"""Converts checkpoints between Hugging Face safetensors and qwen3-jax Orbax directories.
+"""Converts checkpoints to Hugging Face safetensors or qwen3-jax Orbax directories.
 
     python -m qwen3_jax.convert --src Qwen3-8B --dst qwen3-8b-jax
     python -m qwen3_jax.convert --src qwen3-8b-sft --dst Qwen3-8B-sft --to hf --dtype bfloat16
+    python -m qwen3_jax.convert --src runs/sft [--step 2000] --dst Qwen3-8B-sft --to hf
 
-The direction defaults to "the other format"; naming the source's own format re-writes it (for
-example to change the dtype or the shard size). The dtype defaults to the source's. Tokenizer
-files are copied along, so the result serves decoding and fine-tuning as is. The model passes
-through the default device once: with JAX_PLATFORMS=cpu it is converted in host memory.
+The source is any checkpoint `qwen3_jax.load_any` reads: HF, qwen3-jax, or a trainer checkpoint
+(a workdir or its checkpoints/ directory, whose latest step or `--step` is converted, or one step
+folder). The direction defaults to "the other format" (HF for a trainer checkpoint); naming the
+source's own format re-writes it (for example to change the dtype or the shard size). The dtype
+defaults to the source's (float32 for a trainer checkpoint: its master weights). Tokenizer files
+are copied along (from a trainer's workdir), so the result serves decoding and fine-tuning as is.
+The model passes through the default device once: with JAX_PLATFORMS=cpu it is converted in host
+memory.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-from qwen3_jax.checkpoint import is_hf_checkpoint, is_orbax_checkpoint, load_model, save_model
+from qwen3_jax.checkpoint import load_any, locate_checkpoint, save_model
 from qwen3_jax.config import DTYPES, from_hf_config
-from qwen3_jax.hf import from_hf, to_hf
+from qwen3_jax.hf import CheckpointError, from_hf, to_hf
 from qwen3_jax.model import abstract_model
+from qwen3_jax.tokenizer import tokenizer_dir
 
 FORMATS = ("orbax", "hf")
 TOKENIZER_FILES = (
@@ -36,9 +42,10 @@ TOKENIZER_FILES = (
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qwen3_jax.convert", description=__doc__.splitlines()[0])
-    p.add_argument("--src", required=True, help="Hugging Face or qwen3-jax checkpoint directory")
+    p.add_argument("--src", required=True, help="Hugging Face, qwen3-jax or trainer checkpoint (workdir, checkpoints/ or step folder)")
+    p.add_argument("--step", type=int, help="step of a trainer workdir or checkpoints/ directory (default: the latest)")
     p.add_argument("--dst", required=True, help="output directory (must be absent or empty)")
-    p.add_argument("--to", choices=FORMATS, help="output format (default: the one the source is not in)")
+    p.add_argument("--to", choices=FORMATS, help="output format (default: orbax for an HF source, else hf)")
     p.add_argument("--dtype", choices=DTYPES, help="parameter dtype of the output (default: the source's)")
     p.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors file size limit for --to hf")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
@@ -59,16 +66,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     src, dst = os.path.abspath(args.src), os.path.abspath(args.dst)
     if not os.path.isdir(src):
         parser.error(f"--src {args.src} does not exist")
-    if is_orbax_checkpoint(src):
-        src_format = "orbax"
-    elif is_hf_checkpoint(src):
-        src_format = "hf"
-    else:
-        parser.error(
-            f"--src {args.src} is neither a Hugging Face checkpoint (config.json + *.safetensors) nor a "
-            "qwen3-jax one (qwen3_jax.json + params/)"
-        )
-    dst_format = args.to or ("hf" if src_format == "orbax" else "orbax")
+    try:
+        src_format, weights_dir = locate_checkpoint(src, step=args.step)
+    except CheckpointError as e:
+        parser.error(f"--src: {e}")
+    dst_format = args.to or ("orbax" if src_format == "hf" else "hf")
     if os.path.commonpath([src, dst]) in (src, dst):
         parser.error("--src and --dst must be separate directories, neither inside the other")
     if args.max_shard_gb <= 0:
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with tqdm(total=len(jax.tree.leaves(nnx.state(abstract_model(cfg)))), desc="load", unit="param") as bar:
             model = from_hf(src, dtype=jnp.dtype(dtype), progress=lambda _: bar.update())
     else:
-        model = load_model(src, dtype=args.dtype)
+        model = load_any(weights_dir, dtype=args.dtype)
         dtype = model.cfg.param_dtype
 
     if dst_format == "orbax":
@@ -95,10 +97,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         with tqdm(desc="write", unit="file") as bar:
             to_hf(model, dst, dtype=jnp.dtype(dtype), max_shard_bytes=int(args.max_shard_gb * 2**30),
                   progress=lambda _: bar.update())
-    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    files_dir = tokenizer_dir(src) or src  # a trainer checkpoint's tokenizer is in its workdir
+    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(files_dir, n))]
     for name in copied:
-        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
-    print(f"wrote {dst_format} checkpoint {dst} ({dtype}; copied {', '.join(copied) or 'no tokenizer files'})")
+        shutil.copy2(os.path.join(files_dir, name), os.path.join(dst, name))
+    origin = f" from step folder {weights_dir}" if src_format == "trainer" else ""
+    print(f"wrote {dst_format} checkpoint {dst} ({dtype}{origin}; copied {', '.join(copied) or 'no tokenizer files'})")
 
 
 if __name__ == "__main__":

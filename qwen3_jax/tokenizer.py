@@ -21,6 +21,8 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from qwen3_jax.checkpoint import checkpoint_dirs
+
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
 IM_END_ID = 151645
@@ -121,20 +123,21 @@ class Tokenizer:
             raise ValueError(f"cannot parse {path} as a tokenizer.json: {e}") from e
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike[str]) -> Tokenizer:
-        """Load the tokenizer shipped in a checkpoint directory.
+    def from_checkpoint(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load the tokenizer shipped with a checkpoint (see `tokenizer_dir` for where it is found).
 
         Reads `tokenizer.json`, or `tokenizer.model` (SentencePiece, as written by `save`) when
-        there is no `tokenizer.json`.
+        there is no `tokenizer.json`. Raises FileNotFoundError naming the directories searched.
         """
-        directory = Path(directory)
+        directory = tokenizer_dir(path)
+        if directory is None:
+            searched = ", ".join(checkpoint_dirs(path))
+            raise FileNotFoundError(
+                f"no tokenizer shipped with checkpoint {path}: no {TOKENIZER_JSON} or {SENTENCEPIECE_MODEL} in {searched}"
+            )
         if (directory / TOKENIZER_JSON).is_file():
             return cls.from_file(directory / TOKENIZER_JSON)
-        if (directory / SENTENCEPIECE_MODEL).is_file():
-            return cls.from_sentencepiece(directory / SENTENCEPIECE_MODEL)
-        raise FileNotFoundError(
-            f"no tokenizer in checkpoint directory {directory}: expected {directory / TOKENIZER_JSON}"
-        )
+        return cls.from_sentencepiece(directory / SENTENCEPIECE_MODEL)
 
     @classmethod
     def from_sentencepiece(
@@ -258,6 +261,16 @@ class Tokenizer:
         with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
+
+
+def tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
+    """The directory holding the tokenizer a checkpoint ships (`tokenizer.json` or `tokenizer.model`),
+    or None: `path` itself, or for a trainer checkpoint given as its `checkpoints/` directory or a
+    step folder, the run's workdir (`qwen3_jax.checkpoint.checkpoint_dirs`)."""
+    for directory in map(Path, checkpoint_dirs(path)):
+        if (directory / TOKENIZER_JSON).is_file() or (directory / SENTENCEPIECE_MODEL).is_file():
+            return directory
+    return None
 
 
 # ---- offline Qwen3 build ------------------------------------------------------------------------

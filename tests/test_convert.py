@@ -184,7 +184,7 @@ def test_load_errors_are_named(checkpoints, saved_on_8, tmp_path):
         load_any(tmp_path / "missing")
     with pytest.raises(q.CheckpointError, match="not a qwen3-jax checkpoint.*Hugging Face checkpoint"):
         load_model(checkpoints["moe"][1])
-    with pytest.raises(q.CheckpointError, match="neither a qwen3-jax checkpoint"):
+    with pytest.raises(q.CheckpointError, match="holds no checkpoint: expected a Hugging Face checkpoint"):
         load_any(tmp_path)
     with pytest.raises(q.CheckpointError, match=r"parameter runs/0/mlp/down_proj has shape \[3, 6, 40, 80\].*needs \[3, 6, 48, 80\]"):
         load_model(orbax_dir, moe_intermediate_size=48)
@@ -206,7 +206,7 @@ def test_unknown_format_version_is_named(saved_on_8, tmp_path):
     "argv, message",
     [
         (["--src", "{tmp}/missing", "--dst", "{tmp}/out"], "--src {tmp}/missing does not exist"),
-        (["--src", "{tmp}", "--dst", "{tmp}/../other"], "is neither a Hugging Face checkpoint"),
+        (["--src", "{tmp}", "--dst", "{tmp}/../other"], "--src: {tmp} holds no checkpoint: expected a Hugging Face"),
         (["--src", "{hf}", "--dst", "{tmp}/out", "--to", "safetensors"], "argument --to: invalid choice: 'safetensors'"),
         (["--src", "{hf}", "--dst", "{tmp}"], "--dst {tmp} exists and is not empty (pass --overwrite"),
         (["--src", "{hf}", "--dst", "{hf}/sub"], "must be separate directories"),

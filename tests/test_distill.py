@@ -358,7 +358,7 @@ def test_resumed_run_repeats_the_uninterrupted_divergence_curve(assets, tmp_path
     ({"distill.beta": 1.5}, r"beta must be in \[0, 1\]"),
     ({"rollout.think_fraction": 2.0}, r"think_fraction must be in \[0, 1\]"),
     ({"rollout.thinking_budget": -2}, r"thinking_budget must be None or >= 0"),
-    ({"rollout.max_new_tokens": 600}, r"exceeds the student's context of 512"),
+    ({"rollout.max_new_tokens": 40960}, r"exceeds the student's context of 40960 positions"),
     ({"rollout.mode_switch": "magic"}, r"mode_switch must be one of"),
     ({"rollout.top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"prompts.batch_size": 3, "mesh.data": 2}, r"prompts.batch_size=3 is not divisible by the data-parallel"),

@@ -59,6 +59,16 @@ def test_seeds_top_k_one_and_parameter_changes_do_not_recompile(hf_and_model):
     assert engine_lib._decode._cache_size() == before
 
 
+def test_per_row_seeds_make_a_row_independent_of_its_batch(hf_and_model):
+    _, model = hf_and_model
+    kw = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(), forced_ids=[0])
+    rows = generate(model, PROMPTS, seed=[11, 12, 13, 14], **kw)
+    order = [2, 0, 3, 1]  # each row beside other rows, at another position
+    assert generate(model, [PROMPTS[i] for i in order], seed=[11 + i for i in order], **kw) == [rows[i] for i in order]
+    changed = generate(model, PROMPTS, seed=[11, 12, 13, 99], **kw)
+    assert changed[:3] == rows[:3] and changed[3] != rows[3]
+
+
 def test_mixed_prompt_lengths_compile_a_bounded_number_of_times(hf_and_model):
     _, model = hf_and_model
     rng = np.random.RandomState(0)
@@ -130,6 +140,8 @@ def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
         ({"thinking_budget": -3}, "thinking_budget must be None or an int >= 0"),
         ({"thinking_budget": [1]}, "thinking_budget has 1 values for 4 prompts"),
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
+        ({"seed": [1]}, "seed has 1 values for 4 prompts"),
+        ({"seed": [0, 1, 2**32, 3]}, r"one int in \[0, 2\*\*32\) per prompt; prompt 2 has 4294967296"),
         ({"max_new_tokens": 600}, "exceeds the model's context of 512 positions"),
     ],
 )

@@ -1,6 +1,6 @@
-"""Orbax checkpoints of a training run, and initial weights from a Hugging Face or Orbax directory.
+"""Orbax checkpoints of a training run, and initial weights from any checkpoint `load_any` reads.
 
-A run's checkpoint directory holds one folder per saved step with three items:
+A run's checkpoint directory (WORKDIR/checkpoints) holds one folder per saved step with three items:
   state         the TrainState (params, optimizer state, step), written by the devices holding it;
   data          the grain iterator position, one JSON file per process;
   model_config  the architecture as a Hugging Face config.json, so the weights can seed another
@@ -23,12 +23,10 @@ from flax import nnx
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 from jax.sharding import Mesh
 
-from qwen3_jax.checkpoint import is_hf_checkpoint, is_orbax_checkpoint, load_any, load_config
-from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
-from qwen3_jax.hf import CheckpointError
-from train.step import Params, TrainState, abstract_params, params_shardings
-
-STATE, DATA, MODEL_CONFIG = "state", "data", "model_config"
+from qwen3_jax.checkpoint import TRAINER_DATA, TRAINER_MODEL_CONFIG, TRAINER_STATE, load_any, load_any_config
+from qwen3_jax.config import Qwen3Config, to_hf_config
+from qwen3_jax.tokenizer import Tokenizer
+from train.step import Params, TrainState
 
 
 class Checkpointer:
@@ -59,9 +57,9 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardSave(state),
-                DATA: CheckpointSave(data_iterator),
-                MODEL_CONFIG: ocp.args.JsonSave(to_hf_config(cfg)),
+                TRAINER_STATE: ocp.args.StandardSave(state),
+                TRAINER_DATA: CheckpointSave(data_iterator),
+                TRAINER_MODEL_CONFIG: ocp.args.JsonSave(to_hf_config(cfg)),
             }),
             force=True,
         )
@@ -71,11 +69,11 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardRestore(abstract_state),
-                DATA: CheckpointRestore(data_iterator),
+                TRAINER_STATE: ocp.args.StandardRestore(abstract_state),
+                TRAINER_DATA: CheckpointRestore(data_iterator),
             }),
         )
-        return restored[STATE]
+        return restored[TRAINER_STATE]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -85,54 +83,25 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------------------- init_from
-# `model.init_from` accepts a Hugging Face checkpoint, a qwen3-jax model checkpoint
-# (qwen3_jax.checkpoint, e.g. written by `python -m qwen3_jax.convert`), or a checkpoint of this
-# trainer: a step folder, a checkpoint directory (its latest step) or a run's workdir.
-
-
-def trainer_step_dir(path: str) -> str | None:
-    """The trainer step folder `path` designates, or None if it designates none."""
-    if os.path.isdir(os.path.join(path, STATE)):
-        return path
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
-    return os.path.join(root, str(max(steps))) if steps else None
-
-
-def _trainer_step_dir_or_raise(path: str) -> str:
-    step_dir = trainer_step_dir(path)
-    if step_dir is None:
-        raise CheckpointError(
-            f"{path} is neither a Hugging Face checkpoint (config.json + *.safetensors), a qwen3-jax "
-            "checkpoint (qwen3_jax.json + params/) nor a checkpoint of this trainer"
-        )
-    return step_dir
+# `model.init_from` accepts whatever `qwen3_jax.checkpoint.load_any` reads: a Hugging Face
+# checkpoint, a qwen3-jax model checkpoint (e.g. written by `python -m qwen3_jax.convert`), or a
+# checkpoint of this trainer (a run's workdir or its checkpoints/ directory: the latest step; or a
+# step folder). The reading of this trainer's layout lives there, below the inference code.
 
 
 def init_from_config(path: str, **overrides) -> Qwen3Config:
     """The architecture stored with the weights at `path`, plus (runtime) `overrides`."""
-    if is_orbax_checkpoint(path):
-        return load_config(path, **overrides)
-    if is_hf_checkpoint(path):
-        return from_hf_config(path, **overrides)
-    model_config_dir = os.path.join(_trainer_step_dir_or_raise(path), MODEL_CONFIG)
-    return from_hf_config(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(model_config_dir), **overrides)
+    return load_any_config(path, **overrides)
 
 
 def load_params(path: str, cfg: Qwen3Config, mesh: Mesh) -> Params:
-    """Float32 parameters for `cfg` from `path`, each restored directly into its sharding."""
-    if is_orbax_checkpoint(path) or is_hf_checkpoint(path):
-        return nnx.to_pure_dict(nnx.state(load_any(path, mesh=mesh, dtype=jnp.float32), nnx.Param))
-    target = {"params": jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s),
-        abstract_params(cfg), params_shardings(cfg, mesh),
-    )}
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(_trainer_step_dir_or_raise(path), STATE),
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-            partial_restore=True,  # the params only, not the optimizer state
-        ),
-    )
-    return restored["params"]
+    """Float32 parameters from `path`, each restored directly into its sharding under `cfg`'s rules."""
+    return nnx.to_pure_dict(nnx.state(load_any(path, mesh=mesh, dtype=jnp.float32, rules=cfg.rules), nnx.Param))
+
+
+def save_tokenizer(workdir: str, tokenizer: Tokenizer | None) -> None:
+    """Writes the run's tokenizer (if it has one) at the root of `workdir`, so the workdir ships it
+    like any checkpoint: `Tokenizer.from_checkpoint`, the inference CLIs, `qwen3_jax.convert` and
+    a later run's `model.init_from` find it from the workdir, its checkpoints/ dir or a step folder."""
+    if tokenizer is not None and jax.process_index() == 0:
+        tokenizer.save(workdir)

@@ -68,7 +68,7 @@ from train import train as train_lib
 from train.checkpoint import init_from_config
 from train.divergence import DistillLoss, DistillSums, chunked_sums, divergence  # noqa: F401 (stable API)
 from train.step import Batch, Params, Terms, TrainState, batch_sharding, compile_update, params_shardings, unembedding
-from train.train import TrainConfigError, _need
+from train.train import TrainConfigError, need
 
 THINK, NO_THINK = "think", "no_think"
 MODE_SWITCHES = ("soft", "hard")
@@ -162,38 +162,38 @@ class DistillExperiment:
 
 def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     """Checks every field before any device work; raises TrainConfigError naming the field."""
-    student = train_lib._model_config(config.model)
-    mesh = train_lib._mesh_shape(config.mesh)
-    train_lib._check_shardable(student, mesh)
+    student = train_lib.model_config(config.model)
+    mesh = train_lib.mesh_shape(config.mesh)
+    train_lib.check_shardable(student, mesh)
     t = config.teacher
-    _need(t.init_from is not None, "teacher.init_from must name the teacher's checkpoint")
-    _need(t.dtype in DTYPES, f"teacher.dtype must be one of {DTYPES}, got {t.dtype!r}")
+    need(t.init_from is not None, "teacher.init_from must name the teacher's checkpoint")
+    need(t.dtype in DTYPES, f"teacher.dtype must be one of {DTYPES}, got {t.dtype!r}")
     try:
         teacher = init_from_config(t.init_from, dtype=t.dtype, param_dtype=t.dtype, moe_impl=t.moe_impl,
                                    scan_layers=True, remat="none")
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         raise TrainConfigError(f"teacher: {e}") from e
-    _need(
+    need(
         teacher.vocab_size == student.vocab_size,
         f"the teacher's vocab_size ({teacher.vocab_size}) differs from the student's ({student.vocab_size}): "
         "logit distillation needs one vocabulary",
     )
-    train_lib._check_shardable(teacher, mesh)
+    train_lib.check_shardable(teacher, mesh)
 
     p = config.prompts
-    _need(p.paths is not None, "prompts.paths must name the prompt files (JSONL/Parquet/ArrayRecord chat records)")
+    need(p.paths is not None, "prompts.paths must name the prompt files (JSONL/Parquet/ArrayRecord chat records)")
     try:
         data_lib.expand_paths([p.paths] if isinstance(p.paths, str) else list(p.paths))
     except FileNotFoundError as e:
         raise TrainConfigError(f"missing prompt files: {e}") from e
-    _need(p.batch_size >= 1, f"prompts.batch_size must be >= 1, got {p.batch_size}")
+    need(p.batch_size >= 1, f"prompts.batch_size must be >= 1, got {p.batch_size}")
 
     r = config.rollout
     for name in ("max_prompt_len", "max_new_tokens"):
-        _need(r[name] >= 1, f"rollout.{name} must be >= 1, got {r[name]}")
-    _need(0.0 <= r.think_fraction <= 1.0, f"rollout.think_fraction must be in [0, 1], got {r.think_fraction}")
-    _need(r.mode_switch in MODE_SWITCHES, f"rollout.mode_switch must be one of {MODE_SWITCHES}, got {r.mode_switch!r}")
-    _need(r.thinking_budget is None or r.thinking_budget >= 0,
+        need(r[name] >= 1, f"rollout.{name} must be >= 1, got {r[name]}")
+    need(0.0 <= r.think_fraction <= 1.0, f"rollout.think_fraction must be in [0, 1], got {r.think_fraction}")
+    need(r.mode_switch in MODE_SWITCHES, f"rollout.mode_switch must be one of {MODE_SWITCHES}, got {r.mode_switch!r}")
+    need(r.thinking_budget is None or r.thinking_budget >= 0,
           f"rollout.thinking_budget must be None or >= 0, got {r.thinking_budget}")
     overrides = tuple((k, r[k]) for k in ("temperature", "top_k", "top_p", "min_p") if r[k] is not None)
     rollout = RolloutConfig(r.max_prompt_len, r.max_new_tokens, float(r.think_fraction), r.mode_switch,
@@ -204,20 +204,20 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     except ValueError as e:
         raise TrainConfigError(f"rollout: {e}") from e
     for who, cfg in (("student", student), ("teacher", teacher)):
-        _need(rollout.seq_len <= cfg.max_position_embeddings,
+        need(rollout.seq_len <= cfg.max_position_embeddings,
               f"rollout.max_prompt_len + rollout.max_new_tokens = {rollout.seq_len} exceeds the {who}'s context "
               f"of {cfg.max_position_embeddings} positions")
-    _need(config.train.z_loss_coef == 0, "train.z_loss_coef has no meaning in distillation; leave it 0")
+    need(config.train.z_loss_coef == 0, "train.z_loss_coef has no meaning in distillation; leave it 0")
     try:
         loss = DistillLoss(**config.distill.to_dict())
     except (TypeError, ValueError) as e:
         raise TrainConfigError(f"distill: {e}") from e
     if loss.signal == "top_k":
-        _need(loss.top_k <= student.vocab_size, f"distill.top_k={loss.top_k} exceeds the vocabulary")
+        need(loss.top_k <= student.vocab_size, f"distill.top_k={loss.top_k} exceeds the vocabulary")
 
-    spec = (config.tokenizer or train_lib._checkpoint_tokenizer(config.model.init_from)
-            or train_lib._checkpoint_tokenizer(t.init_from))
-    _need(spec is not None, "distillation renders chat prompts: set `tokenizer` or use a student or teacher "
+    spec = (config.tokenizer or train_lib.checkpoint_tokenizer(config.model.init_from)
+            or train_lib.checkpoint_tokenizer(t.init_from))
+    need(spec is not None, "distillation renders chat prompts: set `tokenizer` or use a student or teacher "
                             "checkpoint that ships one (tokenizer.json or tokenizer.model)")
     exp = train_lib.experiment(
         config, student, mesh, data=ml_collections.ConfigDict(p.to_dict()), batch_size=p.batch_size,
@@ -343,44 +343,51 @@ class DistillStep:
         dtype = jnp.dtype(self.exp.train.model.dtype)
         return nnx.merge(self.graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
 
-    def rollout(self, params: Params, records: Sequence[dict[str, Any]], step: int):
-        """(prompts, modes, completions) of the student at `params` for `records` at `step`."""
-        exp, r = self.exp, self.exp.rollout
-        modes = choose_modes(exp.train.seed, step, len(records), r.think_fraction)
-        prompts = [render_prompt(rec, m, self.tokenizer, r) for rec, m in zip(records, modes)]
+    def prompts(self, records: Sequence[dict[str, Any]], step: int) -> tuple[list[list[int]], list[str]]:
+        """Prompt ids and modes of `records` at `step` (the seeded mode mix)."""
+        r = self.exp.rollout
+        modes = choose_modes(self.exp.train.seed, step, len(records), r.think_fraction)
+        return [render_prompt(rec, m, self.tokenizer, r) for rec, m in zip(records, modes)], modes
+
+    def rollout(self, params: Params, prompts: Sequence[Sequence[int]], modes: Sequence[str], step: int):
+        """Completions of `prompts` by the student at `params`: sampled with the per-mode settings,
+        the thinking budget on thinking rows, the step's seed."""
+        r = self.exp.rollout
         rows = [r.row_sampling(m) for m in modes]
         sampling = {k: [row[k] for row in rows] for k in rows[0]}
         budgets = [r.thinking_budget if m == THINK else None for m in modes]
         engine = Engine(self.student(params), mesh=self.mesh, forced_ids=self.tokenizer.stop_thinking_ids)
-        completions = engine.generate(
+        return engine.generate(
             prompts, max_new_tokens=r.max_new_tokens, stop_token_ids=self.tokenizer.eos_ids,
-            thinking_budget=budgets, seed=step_seed(exp.train.seed, step), **sampling,
+            thinking_budget=budgets, seed=step_seed(self.exp.train.seed, step), **sampling,
         )
-        return prompts, modes, completions
 
     def __call__(self, state: TrainState, records: Sequence[dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         step = int(jax.device_get(state.step))
-        prompts, modes, completions = self.rollout(state.params, records, step)
-        rolled = time.perf_counter()
+        prompts, modes = self.prompts(records, step)
+        t1 = time.perf_counter()
+        completions = self.rollout(state.params, prompts, modes, step)
+        t2 = time.perf_counter()
         batch = rollout_batch(prompts, completions, self.exp.rollout.seq_len)
         batch = {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in batch.items()}
+        t3 = time.perf_counter()
         state, metrics = self.update(state, batch, self.teacher_params)
         jax.block_until_ready(metrics)
-        done = time.perf_counter()
+        t4 = time.perf_counter()
         generated = sum(len(c) for c in completions)
-        end_think = self.tokenizer.end_think_id
         think_rows = [c for c, m in zip(completions, modes) if m == THINK]
         metrics.update(
             completion_len=generated / len(completions),
-            rollout_time=rolled - start,
-            update_time=done - rolled,
-            step_time=done - start,
-            rollout_tokens_per_s=generated / (rolled - start),
             think_rows=len(think_rows) / len(completions),
+            rollout_time=t2 - t1,
+            update_time=t4 - t3,
+            host_time=(t1 - t0) + (t3 - t2),  # prompt rendering and batch assembly
+            step_time=t4 - t0,
+            rollout_tokens_per_s=generated / (t2 - t1),
         )
-        if think_rows and end_think is not None:
-            metrics["closed_thinking"] = sum(end_think in c for c in think_rows) / len(think_rows)
+        if think_rows and self.tokenizer.end_think_id is not None:
+            metrics["closed_thinking"] = sum(self.tokenizer.end_think_id in c for c in think_rows) / len(think_rows)
         return state, metrics
 
 
@@ -416,7 +423,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return {"tokens_per_s": batch_size * seq_len / step_time,
                 "mfu": flops_per_step / scalars["update_time"] / peak}
 
-    return train_lib.run_loop(config, workdir, exp.train, mesh, prompts, step_fn, rates)
+    return train_lib.run_loop(config, workdir, exp.train, mesh, tokenizer, prompts, step_fn, rates)
 
 
 # --------------------------------------------------------------------------------------- main

@@ -12,7 +12,9 @@ A NaN / inf loss or gradient norm stops the run with an error naming the step; s
 only once their step's metrics are known to be finite, so the last checkpoint is a good one.
 
 The workdir receives `checkpoints/`, `metrics.jsonl` (one JSON object per step), TensorBoard
-event files in `tensorboard/`, and `config.json` (the resolved config).
+event files in `tensorboard/`, `config.json` (the resolved config) and, when the data needs one,
+the tokenizer, so the workdir is a checkpoint like any other (`qwen3_jax.load_any`, the infer
+CLIs, `qwen3_jax.convert`, `model.init_from`).
 
 Metrics are fetched one step late: step k's metrics are read after step k+1 is dispatched, so
 the host never makes the device wait. Step time is the interval between consecutive fetches
@@ -50,9 +52,9 @@ from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.model import abstract_model, count_params
 from qwen3_jax.sharding import MESH_AXES, initialize_distributed, make_mesh
-from qwen3_jax.tokenizer import Tokenizer
+from qwen3_jax.tokenizer import Tokenizer, tokenizer_dir
 from train import data as data_lib
-from train.checkpoint import Checkpointer, init_from_config, load_params
+from train.checkpoint import Checkpointer, init_from_config, load_params, save_tokenizer
 from train.step import (
     OptimizerConfig, StepConfig, TrainState, abstract_train_state, batch_sharding, init_train_state, make_train_step,
 )
@@ -137,20 +139,20 @@ class Experiment:
     async_checkpoint: bool
 
 
-def _need(cond: bool, msg: str) -> None:
+def need(cond: bool, msg: str) -> None:
     if not cond:
         raise TrainConfigError(msg)
 
 
-def _model_config(model: ml_collections.ConfigDict) -> Qwen3Config:
-    _need(
+def model_config(model: ml_collections.ConfigDict) -> Qwen3Config:
+    need(
         (model.preset is None) != (model.init_from is None),
         "set exactly one of model.preset (random init) and model.init_from (checkpoint weights), "
         f"got preset={model.preset!r}, init_from={model.init_from!r}",
     )
-    _need(model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {model.dtype!r}")
+    need(model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {model.dtype!r}")
     overrides = dict(model.overrides)
-    _need("param_dtype" not in overrides, "master params are float32; set model.dtype for the compute dtype")
+    need("param_dtype" not in overrides, "master params are float32; set model.dtype for the compute dtype")
     overrides.update(
         dtype=model.dtype, param_dtype="float32", remat=model.remat, scan_layers=model.scan_layers,
         moe_impl=model.moe_impl,
@@ -158,32 +160,32 @@ def _model_config(model: ml_collections.ConfigDict) -> Qwen3Config:
     try:
         if model.preset is not None:
             return preset(model.preset, **overrides)
-        _need(os.path.isdir(model.init_from), f"model.init_from={model.init_from!r} is not a directory")
+        need(os.path.isdir(model.init_from), f"model.init_from={model.init_from!r} is not a directory")
         return init_from_config(model.init_from, **overrides)
     except (ConfigError, CheckpointError, TypeError) as e:
         raise TrainConfigError(f"model: {e}") from e
 
 
-def _mesh_shape(mesh: ml_collections.ConfigDict) -> dict[str, int]:
+def mesh_shape(mesh: ml_collections.ConfigDict) -> dict[str, int]:
     shape = dict(mesh)
     unknown = sorted(set(shape) - set(MESH_AXES))
-    _need(not unknown, f"unknown mesh axes {unknown}; allowed: {MESH_AXES}")
-    _need(all(v == -1 or v >= 1 for v in shape.values()), f"mesh sizes must be >= 1 or -1, got {shape}")
-    _need(list(shape.values()).count(-1) <= 1, f"at most one mesh axis may be -1, got {shape}")
+    need(not unknown, f"unknown mesh axes {unknown}; allowed: {MESH_AXES}")
+    need(all(v == -1 or v >= 1 for v in shape.values()), f"mesh sizes must be >= 1 or -1, got {shape}")
+    need(list(shape.values()).count(-1) <= 1, f"at most one mesh axis may be -1, got {shape}")
     devices = jax.device_count()
     known = math.prod(v for v in shape.values() if v != -1)
     if -1 in shape.values():
-        _need(devices % known == 0, f"mesh {shape}: {devices} devices are not divisible by {known}")
+        need(devices % known == 0, f"mesh {shape}: {devices} devices are not divisible by {known}")
         shape = {a: devices // known if v == -1 else v for a, v in shape.items()}
     total = math.prod(shape.values())
-    _need(
+    need(
         total <= devices,
         f"mesh {shape} needs {total} devices but only {devices} are available ({jax.default_backend()})",
     )
     return {a: shape.get(a, 1) for a in MESH_AXES}
 
 
-def _check_shardable(cfg: Qwen3Config, mesh: dict[str, int]) -> None:
+def check_shardable(cfg: Qwen3Config, mesh: dict[str, int]) -> None:
     """Every sharded parameter dimension must split evenly over its mesh axes."""
     _, state = nnx.split(abstract_model(cfg))
     for path, var in nnx.to_flat_state(state):
@@ -191,15 +193,15 @@ def _check_shardable(cfg: Qwen3Config, mesh: dict[str, int]) -> None:
         for dim, axes in zip(var.shape, spec):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
             ways = math.prod(mesh[a] for a in axes)
-            _need(dim % ways == 0, f"parameter {'/'.join(map(str, path))} has a dimension of {dim}, which the "
+            need(dim % ways == 0, f"parameter {'/'.join(map(str, path))} has a dimension of {dim}, which the "
                                    f"mesh splits {ways} ways ({' x '.join(axes)}): it must divide evenly")
 
 
 def validate(config: ml_collections.ConfigDict) -> Experiment:
     """Checks every field and their combinations; raises TrainConfigError naming the fields."""
-    model = _model_config(config.model)
-    mesh = _mesh_shape(config.mesh)
-    _check_shardable(model, mesh)
+    model = model_config(config.model)
+    mesh = mesh_shape(config.mesh)
+    check_shardable(model, mesh)
     try:
         data_cfg = data_lib.DataConfig.from_config(config.data)
     except data_lib.DataConfigError as e:
@@ -207,7 +209,7 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
     data = ml_collections.ConfigDict(config.data.to_dict())
     if data_cfg.format == "synthetic":
         vocab = data_cfg.synthetic_vocab_size or model.vocab_size
-        _need(vocab <= model.vocab_size,
+        need(vocab <= model.vocab_size,
               f"data.synthetic_vocab_size={vocab} exceeds the model's vocab_size={model.vocab_size}")
         data.synthetic_vocab_size = vocab
     else:
@@ -215,8 +217,8 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
             data_lib.expand_paths(data_cfg.paths)
         except FileNotFoundError as e:
             raise TrainConfigError(f"missing data files: {e}") from e
-        _need(
-            config.tokenizer is not None or _checkpoint_tokenizer(config.model.init_from) is not None,
+        need(
+            config.tokenizer is not None or checkpoint_tokenizer(config.model.init_from) is not None,
             f"data.format={data_cfg.format!r} needs a tokenizer: set `tokenizer` or init from a checkpoint "
             "directory that ships one (tokenizer.json or tokenizer.model)",
         )
@@ -233,22 +235,22 @@ def experiment(
     checkpoints) for `batch_size` rows of `seq_len` tokens; `*_field` name them in errors."""
     dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
     micro = config.train.microbatches
-    _need(micro >= 1, f"train.microbatches must be >= 1, got {micro}")
-    _need(
+    need(micro >= 1, f"train.microbatches must be >= 1, got {micro}")
+    need(
         batch_size % dp == 0,
         f"{batch_field}={batch_size} is not divisible by the data-parallel degree {dp} "
         f"(mesh data={mesh['data']} x fsdp={mesh['fsdp']} x expert={mesh['expert']})",
     )
-    _need(
+    need(
         batch_size % (micro * dp) == 0,
         f"{batch_field}={batch_size} in train.microbatches={micro} gives microbatches of {batch_size / micro:g} "
         f"rows, which must be a multiple of the data-parallel degree {dp}",
     )
     chunk = config.train.ce_chunk_len
-    _need(chunk >= 1 and seq_len % min(chunk, seq_len) == 0,
+    need(chunk >= 1 and seq_len % min(chunk, seq_len) == 0,
           f"train.ce_chunk_len={chunk} must divide {seq_field}={seq_len}")
     steps = config.train.steps
-    _need(steps >= 1, f"train.steps must be >= 1, got {steps}")
+    need(steps >= 1, f"train.steps must be >= 1, got {steps}")
 
     o = config.optimizer
     for pattern in o.no_decay:
@@ -257,15 +259,15 @@ def experiment(
         except re.error as e:
             raise TrainConfigError(f"optimizer.no_decay: bad regex {pattern!r}: {e}") from e
     decay_steps = steps if o.decay_steps is None else o.decay_steps
-    _need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
-    _need(0 <= o.warmup_steps < decay_steps,
+    need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
+    need(0 <= o.warmup_steps < decay_steps,
           f"optimizer.warmup_steps={o.warmup_steps} must be in [0, decay_steps={decay_steps})")
-    _need(0 <= o.end_learning_rate_ratio <= 1,
+    need(0 <= o.end_learning_rate_ratio <= 1,
           f"optimizer.end_learning_rate_ratio must be in [0, 1], got {o.end_learning_rate_ratio}")
-    _need(config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,
+    need(config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,
           f"checkpoint.every and checkpoint.keep must be >= 1, got {config.checkpoint.every}, {config.checkpoint.keep}")
     peak = config.train.peak_flops
-    _need(peak is None or peak > 0, f"train.peak_flops must be positive or unset, got {peak}")
+    need(peak is None or peak > 0, f"train.peak_flops must be positive or unset, got {peak}")
     return Experiment(
         model=model,
         init_from=config.model.init_from,
@@ -288,19 +290,17 @@ def experiment(
     )
 
 
-def _checkpoint_tokenizer(init_from: str | None) -> str | None:
-    """`init_from` when it ships a tokenizer (HF and converted checkpoints do)."""
-    files = ("tokenizer.json", "tokenizer.model")
-    if init_from and any(os.path.isfile(os.path.join(init_from, f)) for f in files):
-        return init_from
-    return None
+def checkpoint_tokenizer(init_from: str | None) -> str | None:
+    """`init_from` when it ships a tokenizer (HF and converted checkpoints do, and so do this
+    trainer's workdirs, their checkpoints/ dirs and step folders: see `tokenizer_dir`)."""
+    return init_from if init_from and tokenizer_dir(init_from) is not None else None
 
 
 def load_tokenizer(exp: Experiment) -> Tokenizer | None:
     """The tokenizer `exp` names or its checkpoint ships; None for synthetic data."""
     if exp.data.format == "synthetic":
         return None
-    return tokenizer_from_spec(exp.tokenizer or _checkpoint_tokenizer(exp.init_from), exp.model)
+    return tokenizer_from_spec(exp.tokenizer or checkpoint_tokenizer(exp.init_from), exp.model)
 
 
 def tokenizer_from_spec(spec: str, model: Qwen3Config) -> Tokenizer:
@@ -312,7 +312,7 @@ def tokenizer_from_spec(spec: str, model: Qwen3Config) -> Tokenizer:
         tokenizer = Tokenizer.from_checkpoint(spec)
     else:
         tokenizer = Tokenizer.from_sentencepiece(spec) if spec.endswith(".model") else Tokenizer.from_file(spec)
-    _need(
+    need(
         tokenizer.vocab_size <= model.vocab_size,
         f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.vocab_size}",
     )
@@ -435,7 +435,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     exp = validate(config)
     cfg = exp.model
     mesh = make_mesh(exp.mesh)
-    data_iterator = data_lib.make_dataset(exp.data, load_tokenizer(exp))
+    tokenizer = load_tokenizer(exp)
+    data_iterator = data_lib.make_dataset(exp.data, tokenizer)
     train_step = make_train_step(cfg, exp.step, exp.optimizer, mesh)
     sharding = batch_sharding(mesh, cfg.rules)
     tokens_per_step = exp.data.batch_size * exp.data.seq_len
@@ -445,8 +446,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return {"tokens_per_s": tokens_per_step / step_time, "mfu": model_flops_per_step / step_time / peak}
 
     return run_loop(
-        config, workdir, exp, mesh, data_iterator, lambda state, host: train_step(state, global_batch(host, sharding)),
-        rates,
+        config, workdir, exp, mesh, tokenizer, data_iterator,
+        lambda state, host: train_step(state, global_batch(host, sharding)), rates,
     )
 
 
@@ -455,10 +456,12 @@ RatesFn = Callable[[dict[str, float], float, float], dict[str, float]]
 
 
 def run_loop(
-    config: ml_collections.ConfigDict, workdir: str, exp: Experiment, mesh: Mesh,
+    config: ml_collections.ConfigDict, workdir: str, exp: Experiment, mesh: Mesh, tokenizer: Tokenizer | None,
     data_iterator: grain.DatasetIterator, step_fn: StepFn, rates: RatesFn,
 ) -> dict[str, float]:
     """The loop every trainer shares: init or resume, steps, metrics, checkpoints, SIGTERM.
+
+    The workdir ships `tokenizer` (when there is one) at its root, so it serves as a checkpoint.
 
     `step_fn(state, next(data_iterator))` applies one update and returns the new state and its
     metrics (device arrays, read one step late, or host floats); `rates(scalars, step_time,
@@ -471,6 +474,7 @@ def run_loop(
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+    save_tokenizer(workdir, tokenizer)  # the workdir ships its tokenizer, like any checkpoint
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=exp.checkpoint_every,
                                 keep=exp.checkpoint_keep, async_save=exp.async_checkpoint)
     start = checkpointer.latest_step()
