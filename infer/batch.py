@@ -66,7 +66,6 @@ from qwen3_jax import chat
 from qwen3_jax.tokenizer import Tokenizer
 
 MODES = ("think", "no_think")
-SOFT_SWITCHES = {"think": "/think", "no_think": "/no_think"}
 # Written by this tool into every record; an input field of the same name would be lost.
 RECORD_FIELDS = ("mode", "sample", "prompt_line", "num_tokens", "finished")
 PROGRESS_SUFFIX = ".progress"
@@ -286,18 +285,6 @@ def load_keep(spec: str) -> Callable[[dict], bool]:
     return fn
 
 
-def flag_messages(messages: Sequence[Mapping[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """A copy of `messages` whose last user message ends with the mode's soft switch."""
-    flagged = [dict(m) if isinstance(m, Mapping) else m for m in messages]
-    flag = SOFT_SWITCHES[mode]
-    for m in reversed(flagged):
-        if isinstance(m, dict) and m.get("role") == "user":
-            if isinstance(m.get("content"), str) and not m["content"].rstrip().endswith(flag):
-                m["content"] += " " + flag
-            break
-    return flagged
-
-
 def sample_seed(seed: int, line: int, mode: str, sample: int) -> int:
     """The engine seed of one sample, in [0, 2**32): a function of these four values only, so a
     regenerated sample has the same tokens whatever batch it lands in."""
@@ -338,7 +325,7 @@ def _rows(raw: bytes, line: int, tokenizer: Tokenizer, settings: Settings, max_p
         raise _Malformed("no user message to carry the /think or /no_think flag")
     rows = []
     for mode in settings.modes:
-        flagged = flag_messages(messages, mode)
+        flagged = chat.with_soft_switch(messages, mode == "think")
         try:
             ids = prompt_ids(tokenizer, flagged, enable_thinking=mode == "think", tools=tools)
         except ValueError as e:  # the chat template's checks name the message and the problem

@@ -94,22 +94,22 @@ def render_for_training(
 THINK_FLAG, NO_THINK_FLAG = "/think", "/no_think"
 
 
-def with_soft_switch(messages: Sequence[Message], thinking: bool) -> list[dict[str, Any]]:
+def with_soft_switch(messages: Sequence[Message], thinking: bool) -> list[Any]:
     """A copy of `messages` whose last user message ends with `` /think`` or `` /no_think``.
 
     These are Qwen3's soft switches (report §4.3, Table 9): plain text in the user turn that a
     model trained with thinking-mode fusion obeys, the last flag of a conversation winning. A
-    message that already ends with the flag is left as it is. Raises ValueError when there is no
-    user message.
+    message that already ends with the flag is left as it is; entries that are not messages are
+    copied untouched (`render` names them). Raises ValueError when there is no user message.
     """
-    out = [dict(m) for m in messages]
-    users = [i for i, m in enumerate(out) if m.get("role") == "user"]
+    out = [dict(m) if isinstance(m, Mapping) else m for m in messages]
+    users = [m for m in out if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise ValueError("a soft switch goes in a user message, and the conversation has none")
     flag = THINK_FLAG if thinking else NO_THINK_FLAG
-    last = out[users[-1]]
-    if not str(last.get("content", "")).rstrip().endswith(flag):
-        last["content"] = f"{last.get('content', '')} {flag}"
+    last = users[-1]
+    if isinstance(last.get("content"), str) and not last["content"].rstrip().endswith(flag):
+        last["content"] += " " + flag
     return out
 
 
