@@ -313,10 +313,11 @@ def test_preset_parameter_counts():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"num_attention_heads": 5}, "multiple of num_kv_heads"),
+        ({"num_attention_heads": 5}, "multiple of num_key_value_heads"),
         ({"model_type": "llama"}, "unsupported model_type 'llama'"),
-        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_scaling type 'dynamic'"),
-        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is not supported"),
+        ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
+         r"sliding_window=8 applies to layers \[1, 2\]"),
         ({"num_experts_per_tok": 9, "num_experts": 4, "model_type": "qwen3_moe", "moe_intermediate_size": 8}, "num_experts_per_tok"),
     ],
 )
