@@ -114,7 +114,9 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
     return state
 
 
-def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int) -> list[list[int]]:
+def _validate_prompts(
+    prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int, context_name: str,
+) -> list[list[int]]:
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not prompts:
@@ -129,8 +131,7 @@ def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
         if len(ids) + max_new_tokens > context:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                f"model's context of {context} positions"
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds {context_name}"
             )
         out.append(ids)
     return out
@@ -154,10 +155,18 @@ def _budgets(thinking_budget, batch: int) -> np.ndarray:
 
 
 class Engine:
-    """Holds a model split into (graphdef, params) and runs batched generation on it."""
+    """Holds a model split into (graphdef, params) and runs batched generation on it.
+
+    A prompt plus its max_new_tokens must fit in `max_len` positions when given (the user's choice
+    wins, above or below the model's), else in the model's `cfg.context_length` (with YaRN, factor x
+    original_max_position_embeddings); longer requests raise ValueError before anything runs.
+    """
 
     def __init__(self, model: Qwen3, *, mesh: jax.sharding.Mesh | None = None,
-                 forced_ids: Sequence[int] | None = None, max_candidates: int = 64):
+                 forced_ids: Sequence[int] | None = None, max_candidates: int = 64, max_len: int | None = None):
+        if max_len is not None and (not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool)
+                                    or max_len < 1):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         if jax.default_backend() == "cpu":
             model = unstack_layers(model)  # see unstack_layers: halves the bytes a CPU decode step moves
         self.graphdef, self.params = nnx.split(model)
@@ -165,6 +174,7 @@ class Engine:
         self.cfg = model.cfg
         self.mesh = mesh
         self.max_candidates = max_candidates
+        self.max_len = max_len
         self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else forced_ids, np.int32)
 
     def _batch_multiple(self) -> int:
@@ -180,7 +190,11 @@ class Engine:
         seed: int = 0, chunk: int | None = None,
     ) -> Iterator[list[list[int]]]:
         """Yields, after each compiled chunk of `chunk` steps, the new tokens of every row."""
-        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, self.cfg.max_position_embeddings)
+        if self.max_len is None:
+            limit, name = self.cfg.context_length, f"the model's context of {self.cfg.context_length} positions"
+        else:
+            limit, name = self.max_len, f"max_len={self.max_len}"
+        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, limit, name)
         n = len(prompts)
         sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        presence_penalty=presence_penalty)
@@ -256,17 +270,18 @@ def generate(
     model: Qwen3, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float | Sequence[float] = 0.6,
     top_k=20, top_p=0.95, min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS,
     thinking_budget: int | Sequence[int | None] | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-    forced_ids: Sequence[int] | None = None,
+    forced_ids: Sequence[int] | None = None, max_len: int | None = None,
 ) -> list[list[int]]:
     """Generates for a batch of token-id prompts; one list of new ids per prompt.
 
     temperature=0.0 is greedy. A stop token is included when one was generated. thinking_budget:
     None (unlimited), an int for every prompt, or one value (int or None) per prompt.
-    `forced_ids` overrides the stop-thinking ids (e.g. for a sentencepiece vocabulary).
+    `forced_ids` overrides the stop-thinking ids (e.g. for a sentencepiece vocabulary). `max_len`
+    replaces the model's context as the limit on prompt + max_new_tokens (see `Engine`).
     """
     # A fresh split each call sees the model's current parameters; jit reuses compilations
     # because equal graphdefs hash equal.
-    return Engine(model, mesh=mesh, forced_ids=forced_ids).generate(
+    return Engine(model, mesh=mesh, forced_ids=forced_ids, max_len=max_len).generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         presence_penalty=presence_penalty, stop_token_ids=stop_token_ids, thinking_budget=thinking_budget, seed=seed,
     )

@@ -84,6 +84,16 @@ class Qwen3Config:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def context_length(self) -> int:
+        """Positions the model serves: factor x original_max_position_embeddings with YaRN (what vLLM
+        and SGLang derive; 131,072 for Qwen3 with Qwen's 4x YaRN), never below max_position_embeddings,
+        which Qwen's long-context recipe leaves at 40,960; max_position_embeddings without YaRN."""
+        rs = self.rope_scaling
+        if rs is None:
+            return self.max_position_embeddings
+        return max(self.max_position_embeddings, int(rs.factor * rs.original_max_position_embeddings))
+
     def is_moe_layer(self, i: int) -> bool:
         """transformers' rule: MoE iff not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
         return (

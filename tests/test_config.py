@@ -280,3 +280,18 @@ def test_round_trip_through_to_hf_config_and_transformers():
     assert q.from_hf_config(hf) == cfg
     reloaded = transformers.Qwen3MoeConfig.from_dict({k: v for k, v in hf.items() if k != "model_type"})
     assert reloaded.eos_token_id == [5, 6] and reloaded.head_dim == cfg.head_dim
+
+
+def test_context_length_is_what_serving_engines_derive():
+    """YaRN: factor x original (vLLM's max_model_len; vllm-project/vllm-ascend#760), never below
+    max_position_embeddings; a YaRN factor left null derives back to max_position_embeddings."""
+    def context(rope_scaling, max_positions):
+        return q.from_hf_config({"model_type": "qwen3", "rope_scaling": rope_scaling,
+                                 "max_position_embeddings": max_positions}).context_length
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert context(yarn, 40960) == 131072  # Qwen's own instructions
+    assert context(yarn, 131072) == 131072  # the config edited to match (ggml-org/llama.cpp#10698)
+    assert context(dict(yarn, factor=2.0), 131072) == 131072
+    assert context(dict(yarn, factor=None), 40960) == 40960
+    assert context(None, 40960) == 40960

@@ -140,6 +140,30 @@ def test_bad_requests_are_named(hf_and_model, kwargs, message):
         generate(model, PROMPTS, **args)
 
 
+def test_yarn_extends_the_context_to_factor_times_original(tmp_path):
+    """Issue 13, case 2: Qwen's 128K recipe (factor 4 over 32K, config left at 40K), scaled down."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    hf = make_hf_model("dense", seed=23, rope_scaling=yarn, max_position_embeddings=40)
+    model = q.from_hf(save_hf_model(hf, tmp_path))
+    assert model.cfg.context_length == 128
+    prompt = list(np.random.RandomState(1).randint(0, 300, size=60))
+    ours = generate(model, [prompt], max_new_tokens=8, temperature=0.0, stop_token_ids=(), forced_ids=[0])
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert ours[0] == ref[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="121 tokens; with max_new_tokens=8 that exceeds the model's context of 128"):
+        generate(model, [[1] * 121], max_new_tokens=8, forced_ids=[0])
+    # A max_len the user chooses wins, below the derived context and above it.
+    with pytest.raises(ValueError, match="60 tokens; with max_new_tokens=8 that exceeds max_len=64"):
+        Engine(model, forced_ids=[0], max_len=64).generate([prompt], max_new_tokens=8, temperature=0.0)
+    longer = Engine(model, forced_ids=[0], max_len=200).generate([[1] * 121], max_new_tokens=8, temperature=0.0,
+                                                                 stop_token_ids=())
+    assert len(longer[0]) == 8
+    for bad in (0, -5, 2.5, "64"):
+        with pytest.raises(ValueError, match="max_len must be a positive int"):
+            Engine(model, forced_ids=[0], max_len=bad)
+
+
 def test_bad_prompts_are_named(hf_and_model):
     _, model = hf_and_model
     with pytest.raises(ValueError, match=r"prompt 1 has token ids outside \[0, 300\)"):
