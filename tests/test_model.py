@@ -356,12 +356,99 @@ def test_bad_checkpoints_are_named(checkpoints, tmp_path):
         q.from_hf(str(tmp_path / "nowhere"))
 
 
+@pytest.fixture(scope="module")
+def fused_moe(checkpoints, tmp_path_factory):
+    """The MoE fixture as transformers v5 saves it with save_original_format=False: per layer,
+    experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and experts.down_proj [E, H, I]."""
+    hf, _ = checkpoints["moe"]
+    path = str(tmp_path_factory.mktemp("moe_fused"))
+    hf.save_pretrained(path, save_original_format=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in SafetensorsReader(path).keys()
+    return path
+
+
+def test_fused_expert_checkpoint_loads_like_per_expert(checkpoints, fused_moe, tmp_path):
+    """Issue 13, case 3; siblings: vllm-project/vllm#36997 (fused v5 checkpoints), 1CatAI/1Cat-vLLM#21
+    (fused tensors silently skipped), sgl-project/sglang#38878 (fused and per-expert tensors mixed)."""
+    hf, per_expert = checkpoints["moe"]
+    tokens = _tokens(seed=13)
+    ref = _hf_logits(hf, tokens).logits.numpy()
+    fused = q.from_hf(fused_moe)
+    np.testing.assert_allclose(np.asarray(jit_logits(fused, jnp.asarray(tokens))), ref, atol=1e-4)
+    # transformers reads the fused file back to the same model.
+    reloaded = transformers.Qwen3MoeForCausalLM.from_pretrained(fused_moe).eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens).logits.numpy(), ref, atol=1e-6)
+    # Each device reads its own expert and width slice of the fused tensors.
+    sharded = q.from_hf(fused_moe, mesh=q.make_mesh(MESHES["moe"]))
+    np.testing.assert_array_equal(np.asarray(sharded.runs[0].mlp.down_proj[...]), np.asarray(fused.runs[0].mlp.down_proj[...]))
+    np.testing.assert_array_equal(np.asarray(sharded.runs[0].mlp.gate_proj[...]), np.asarray(fused.runs[0].mlp.gate_proj[...]))
+    # to_hf keeps the per-expert layout of the released checkpoints.
+    q.to_hf(fused, str(tmp_path / "out"))
+    out_keys = SafetensorsReader(str(tmp_path / "out")).keys()
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in out_keys
+    assert not any("gate_up_proj" in k for k in out_keys)
+
+    # A checkpoint whose layers mix the two layouts loads too.
+    fused_reader = SafetensorsReader(fused_moe)
+
+    def fuse_layer_1(t):
+        for e in range(6):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                t.pop(f"model.layers.1.mlp.experts.{e}.{proj}.weight")
+        for name in ("gate_up_proj", "down_proj"):
+            t[f"model.layers.1.mlp.experts.{name}"] = np.array(fused_reader.get(f"model.layers.1.mlp.experts.{name}"))
+
+    mixed = q.from_hf(str(_edit_checkpoint(per_expert, tmp_path / "mixed", fuse_layer_1)))
+    np.testing.assert_allclose(np.asarray(jit_logits(mixed, jnp.asarray(tokens))), ref, atol=1e-4)
+
+
+def test_bad_fused_expert_checkpoints_are_named(checkpoints, fused_moe, tmp_path):
+    _, per_expert = checkpoints["moe"]
+    gate_up = "model.layers.2.mlp.experts.gate_up_proj"
+    fused_reader = SafetensorsReader(fused_moe)
+    both = _edit_checkpoint(per_expert, tmp_path / "both", lambda t: t.update({gate_up: np.array(fused_reader.get(gate_up))}))
+    with pytest.raises(q.CheckpointError, match=r"layer 2 holds its experts both fused .* and per expert"):
+        q.from_hf(str(both))
+    wrong = _edit_checkpoint(fused_moe, tmp_path / "wrong", lambda t: t.update({gate_up: np.ones((6, 40, 80), np.float32)}))
+    with pytest.raises(q.CheckpointError, match=rf"{gate_up} has shape \[6, 40, 80\].*needs \[6, 80, 80\]"):
+        q.from_hf(str(wrong))
+    half = _edit_checkpoint(fused_moe, tmp_path / "half", lambda t: t.pop("model.layers.0.mlp.experts.down_proj"))
+    with pytest.raises(q.CheckpointError, match="missing tensor model.layers.0.mlp.experts.down_proj"):
+        q.from_hf(str(half))
+
+
 def test_tied_checkpoint_without_lm_head_loads(checkpoints, tmp_path):
     hf, src = checkpoints["dense_tied"]
     stripped = _edit_checkpoint(src, tmp_path / "nohead", lambda t: t.pop("lm_head.weight", None))
     model = q.from_hf(str(stripped))
     tokens = _tokens(seed=10)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _hf_logits(hf, tokens).logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("edit", ["different lm_head", "lm_head only"])
+def test_tied_config_loads_the_matrices_transformers_loads(checkpoints, tmp_path, edit):
+    """transformers v5 unties a tied config whose checkpoint holds a different lm_head.weight, and
+    ties to lm_head.weight when the embedding is the one missing."""
+    _, src = checkpoints["dense_tied"]
+    embed = "model.embed_tokens.weight"
+
+    def change(t):
+        if edit == "lm_head only":
+            t["lm_head.weight"] = t.pop(embed)
+        else:
+            t["lm_head.weight"] = np.random.RandomState(5).normal(0, 0.08, t[embed].shape).astype(np.float32)
+
+    path = str(_edit_checkpoint(src, tmp_path / "ckpt", change))
+    ref = transformers.Qwen3ForCausalLM.from_pretrained(path).eval()
+    if edit == "different lm_head":
+        with pytest.warns(UserWarning, match="loading them untied"):
+            model = q.from_hf(path)
+        assert not model.cfg.tie_word_embeddings
+    else:
+        model = q.from_hf(path)
+    tokens = _tokens(seed=14)
+    np.testing.assert_allclose(np.asarray(jit_logits(model, jnp.asarray(tokens))), _hf_logits(ref, tokens).logits.numpy(),
+                               atol=1e-4)
 
 
 def test_out_of_range_tokens_are_rejected():
