@@ -6,12 +6,13 @@ import jax.numpy as jnp
 from absl import flags
 
 from infer.engine import Engine
+from infer.sampling import ThinkTags
 from qwen3_jax.checkpoint import load_any
 from qwen3_jax.tokenizer import Tokenizer
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face or qwen3-jax Orbax checkpoint directory.", required=True)
 NO_THINKING = flags.DEFINE_bool("no_thinking", False, "Hard switch: render the empty think block (enable_thinking=False).")
-THINKING_BUDGET = flags.DEFINE_integer("thinking_budget", None, "Tokens allowed inside <think> before the stop-thinking text is forced.")
+THINKING_BUDGET = flags.DEFINE_integer("thinking_budget", None, "Thinking tokens allowed per reply, over all its <think> blocks; then the stop-thinking text is forced.")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 1024, "Tokens to generate at most.")
 TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy. Default: Qwen's value for the mode.")
 TOP_K = flags.DEFINE_integer("top_k", None, "0 = off. Default: Qwen's value for the mode.")
@@ -25,7 +26,10 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramete
 def load() -> tuple[Engine, Tokenizer]:
     model = load_any(CHECKPOINT.value, dtype=jnp.dtype(DTYPE.value))
     tokenizer = Tokenizer.from_checkpoint(CHECKPOINT.value)
-    return Engine(model, forced_ids=tokenizer.stop_thinking_ids), tokenizer
+    # The budget reads the think tags in the checkpoint's own vocabulary (-1: a tag it lacks).
+    tags = ThinkTags(*(-1 if i is None else i for i in (
+        tokenizer.think_id, tokenizer.end_think_id, tokenizer.token_to_id("<|im_start|>"))))
+    return Engine(model, forced_ids=tokenizer.stop_thinking_ids, think_tags=tags), tokenizer
 
 
 def sampling_overrides() -> dict:

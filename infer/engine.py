@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from infer.sampling import (
-    UNLIMITED_BUDGET, BudgetState, SamplingParams, budget_apply, budget_init, prompt_think_open, sample, update_seen,
+    UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_init, prompt_think_open, sample,
+    update_seen,
 )
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
@@ -160,10 +161,15 @@ class Engine:
     A prompt plus its max_new_tokens must fit in `max_len` positions when given (the user's choice
     wins, above or below the model's), else in the model's `cfg.context_length` (with YaRN, factor x
     original_max_position_embeddings); longer requests raise ValueError before anything runs.
+
+    Thinking budgets (see `infer.sampling`) force `forced_ids` (default: Qwen3's stop-thinking text)
+    and read the tags `think_tags` names (default: Qwen3's ids; pass the tokenizer's for another
+    vocabulary).
     """
 
     def __init__(self, model: Qwen3, *, mesh: jax.sharding.Mesh | None = None,
-                 forced_ids: Sequence[int] | None = None, max_candidates: int = 64, max_len: int | None = None):
+                 forced_ids: Sequence[int] | None = None, max_candidates: int = 64, max_len: int | None = None,
+                 think_tags: ThinkTags | None = None):
         if max_len is not None and (not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool)
                                     or max_len < 1):
             raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
@@ -175,6 +181,7 @@ class Engine:
         self.mesh = mesh
         self.max_candidates = max_candidates
         self.max_len = max_len
+        self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
         self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else forced_ids, np.int32)
 
     def _batch_multiple(self) -> int:
@@ -214,7 +221,11 @@ class Engine:
             lengths[i] = len(p)
         pad = B - n
         sampling = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling)
-        in_think = [prompt_think_open(p) for p in prompts] + [False] * pad
+        tags = self.think_tags
+        in_think = [
+            prompt_think_open(p, think_id=tags.think, end_think_id=tags.end_think, turn_start_id=tags.turn_start)
+            for p in prompts
+        ] + [False] * pad
         budgets = np.concatenate([budgets, np.full(pad, UNLIMITED_BUDGET, np.int32)])
         keys = jax.random.split(jax.random.key(seed), B)
         rows = RowSettings(sampling, keys, jnp.full((B,), max_new_tokens, jnp.int32),
@@ -226,7 +237,8 @@ class Engine:
             state = DecodeState(
                 cache, logits, jnp.asarray(lengths), jnp.zeros((B,), jnp.int32),
                 jnp.zeros((B, max_new_tokens), jnp.int32), jnp.arange(B) >= n,
-                jnp.zeros((B, self.cfg.vocab_size), jnp.bool_), budget_init(in_think, budgets),
+                jnp.zeros((B, self.cfg.vocab_size), jnp.bool_),
+                budget_init(in_think, budgets, think_id=tags.think, end_think_id=tags.end_think),
             )
             emitted = np.zeros(n, np.int64)
             steps = jnp.asarray(chunk or max_new_tokens, jnp.int32)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
 from infer.engine import Engine, generate
+from qwen3_jax import chat
 from qwen3_jax.tokenizer import END_THINK_ID, THINK_ID, Tokenizer
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(7, 30)), [5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
@@ -105,6 +107,49 @@ def test_budget_zero_forces_immediately_with_greedy(qwen3_vocab_model, forced_id
     out = generate(qwen3_vocab_model, [[151644, 77091, 198, THINK_ID, 198]], max_new_tokens=26, temperature=0.0,
                    stop_token_ids=(), thinking_budget=0)
     assert out[0][:24] == list(forced_ids)
+
+
+def scripted_model(next_token: dict[int, int], default_next: int) -> q.Qwen3:
+    """A real-vocabulary model whose greedy next token is `next_token[last token]` (else
+    `default_next`): the layers add nothing (zero output projections), each scripted token embeds
+    as its own one-hot direction and the unembedding maps that direction to its successor."""
+    cfg = q.preset("tiny-dense", vocab_size=151936, hidden_size=32, intermediate_size=8, num_layers=1,
+                   tie_word_embeddings=False)
+    model = q.init_model(cfg)
+    run = model.runs[0]
+    run.attn.o_proj.value = jnp.zeros_like(run.attn.o_proj[...])
+    run.mlp.down_proj.value = jnp.zeros_like(run.mlp.down_proj[...])
+    embed = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
+    embed[:, 0] = 1.0
+    head = np.zeros((cfg.hidden_size, cfg.vocab_size), np.float32)
+    head[0, default_next] = 1.0
+    for k, (tok, nxt) in enumerate(next_token.items(), start=1):
+        embed[tok] = np.eye(cfg.hidden_size, dtype=np.float32)[k]
+        head[k, nxt] = 1.0
+    model.embed.value, model.lm_head.value = jnp.asarray(embed), jnp.asarray(head)
+    return model
+
+
+def test_budget_counts_the_whole_reply_and_only_the_turn_being_generated(forced_ids):
+    """Issue 13, cases 4 and 5, through the engine on a model scripted to reopen <think>."""
+    A1, A2, B2, C2, X2, Z = 1001, 1002, 1003, 1004, 1006, 1000
+    nl, nlnl = 198, 271  # "\n", and "\n\n", the last forced id
+    model = scripted_model({nl: A1, A1: A1, nlnl: THINK_ID, THINK_ID: A1, X2: A2, A2: B2, B2: END_THINK_ID,
+                            END_THINK_ID: C2, C2: THINK_ID}, Z)
+    tokenizer = Tokenizer.qwen3()
+    open_think = [151644, 77091, nl, THINK_ID, nl]  # "<|im_start|>assistant\n<think>\n"
+    asks_about_think = tokenizer.encode(chat.render([{"role": "user", "content": "What does the <think> tag do?"}],
+                                                    add_generation_prompt=True))
+    assert THINK_ID in asks_about_think and asks_about_think[-1] == nl
+    out = generate(model, [open_think, open_think + [X2], asks_about_think], max_new_tokens=60, temperature=0.0,
+                   stop_token_ids=(), thinking_budget=[3, 4, 2])
+    F = list(forced_ids)
+    # Budget spent after 3 tokens: forced; every block the model reopens afterwards is closed at once.
+    assert out[0] == [A1] * 3 + F + [THINK_ID] + F + [THINK_ID] + F[:7]
+    # 3 tokens in the first block, a natural close, then the reopened block counts on: forced after 1 more.
+    assert out[1] == [A2, B2, END_THINK_ID, C2, THINK_ID, A1] + F + [THINK_ID] + F + [THINK_ID] + F[:4]
+    # The user's <think> is not the reply's: no block is open, nothing is forced.
+    assert out[2] == [A1] * 60
 
 
 @pytest.mark.parametrize("kind, shape", [("dense", {"data": 2, "fsdp": 2, "tensor": 2}),
