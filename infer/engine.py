@@ -27,7 +27,7 @@ from infer.sampling import (
 )
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
-from qwen3_jax.sharding import ShardingRules
+from qwen3_jax.sharding import ShardingRules, auto_mesh
 from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT
 
 DEFAULT_STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
@@ -178,7 +178,7 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         self.model = model
         self.cfg = model.cfg
-        self.mesh = mesh
+        self.mesh = auto_mesh(mesh)  # jax.make_mesh's Explicit axes -> the Auto axes the model is written for
         self.max_candidates = max_candidates
         self.max_len = max_len
         self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)

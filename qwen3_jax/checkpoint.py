@@ -26,7 +26,7 @@ from flax import nnx
 from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
 from qwen3_jax.hf import CheckpointError, from_hf
 from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.sharding import state_shardings
+from qwen3_jax.sharding import auto_mesh, state_shardings
 
 PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
@@ -90,8 +90,10 @@ def load_model(
     """Restores a checkpoint written by `save_model`, each parameter directly in its sharding on `mesh`.
 
     Without a mesh the parameters go to the first device. `dtype` sets both the parameter and the
-    compute dtype (as in `from_hf`); by default both are what the model was saved with.
+    compute dtype (as in `from_hf`); by default both are what the model was saved with. A mesh with
+    Explicit axes (jax.make_mesh) is used as its `auto_mesh` twin.
     """
+    mesh = auto_mesh(mesh)
     if dtype is not None:
         name = jnp.dtype(dtype).name
         config_overrides = {"param_dtype": name, "dtype": name, **config_overrides}

@@ -30,7 +30,7 @@ from flax import nnx
 
 from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
 from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.sharding import state_shardings
+from qwen3_jax.sharding import auto_mesh, state_shardings
 
 
 class CheckpointError(ValueError):
@@ -276,6 +276,7 @@ def from_hf(
     overrides = {
         "dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(param_dtype or dtype).name, **config_overrides,
     }
+    mesh = auto_mesh(mesh)
     cfg = from_hf_config(path, **overrides)
     reader = SafetensorsReader(path)
     cfg = _tie_like_transformers(cfg, reader, path)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,12 +172,18 @@ def test_budget_counts_the_whole_reply_and_only_the_turn_being_generated(scripte
 
 
 @pytest.mark.parametrize("kind, shape", [("dense", {"data": 2, "fsdp": 2, "tensor": 2}),
-                                         ("moe", {"data": 2, "expert": 2, "tensor": 2})])
+                                         ("moe", {"data": 2, "expert": 2, "tensor": 2}),
+                                         ("dense", "jax.make_mesh")])
 def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
+    """The last case is issue 13, case 7: a mesh from jax.make_mesh (Explicit axes)."""
     hf = make_hf_model(kind, seed=22)
     path = save_hf_model(hf, tmp_path)
     prompts = PROMPTS[:3]  # 3 rows on a batch-sharding degree of 4: padded with finished rows
-    single, mesh = q.from_hf(path), q.make_mesh(shape)
+    if shape == "jax.make_mesh":
+        mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    else:
+        mesh = q.make_mesh(shape)
+    single = q.from_hf(path)
     sharded = q.from_hf(path, mesh=mesh)
     for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=10, seed=9)):
         kw.update(max_new_tokens=8, stop_token_ids=(), forced_ids=[0])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
@@ -150,6 +150,35 @@ def test_sharded_equals_unsharded(checkpoints, kind):
     np.testing.assert_allclose(np.asarray(logits), ref, atol=2e-5)
     if kind == "moe":
         np.testing.assert_allclose(float(moe_lib.load_balancing_loss(stats)), float(moe_lib.load_balancing_loss(ref_aux)), rtol=1e-6)
+
+
+def test_jax_make_mesh_works_at_every_model_entry_point(checkpoints, tmp_path):
+    """Issue 13, case 7: this JAX's jax.make_mesh makes Explicit axes; the library converts such a
+    mesh to its Auto twin where it takes one. Siblings: sgl-project/sglang-jax#1370 (a library
+    written for Auto axes crashing on an Explicit-axes mesh), jax-ml/jax#28542 (the gather error)."""
+    _, path = checkpoints["dense"]
+    tokens = jnp.asarray(_tokens(8, 12, seed=6))
+    ref = np.asarray(jit_logits(q.from_hf(path), tokens))
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    assert set(mesh.axis_types) == {AxisType.Explicit}
+    model = q.from_hf(path, mesh=mesh)
+    assert model.runs[0].mlp.up_proj[...].sharding.spec == P(None, "fsdp", "tensor")
+    np.testing.assert_allclose(np.asarray(jit_logits(model, tokens)), ref, atol=2e-5)
+    with jax.set_mesh(q.auto_mesh(mesh)):
+        np.testing.assert_allclose(np.asarray(jit_logits(model, tokens)), ref, atol=2e-5)
+    q.save_model(model, str(tmp_path / "ckpt"))
+    for loaded in (q.load_model(str(tmp_path / "ckpt"), mesh=mesh), q.load_any(path, mesh=mesh)):
+        np.testing.assert_allclose(np.asarray(jit_logits(loaded, tokens)), ref, atol=2e-5)
+    init = q.init_model(q.preset("tiny-dense"), mesh=mesh)
+    assert init.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert q.make_mesh(mesh) == q.auto_mesh(mesh) and q.auto_mesh(mesh).devices.tolist() == mesh.devices.tolist()
+    # What the library cannot use is named at once, with how to make what it can.
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"Explicit axes.*qwen3_jax.auto_mesh"):
+        model(tokens)
+    with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not .*allowed: .*qwen3_jax.make_mesh"):
+        q.from_hf(path, mesh=jax.make_mesh((8,), ("model",)))
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        q.init_model(q.preset("tiny-dense"), mesh={"data": 8})
 
 
 def test_parameters_are_sharded_as_the_rules_say(checkpoints):
