@@ -123,8 +123,8 @@ def scripted_model(next_token: dict[int, int], default_next: int) -> q.Qwen3:
                    tie_word_embeddings=False)
     model = q.init_model(cfg)
     run = model.runs[0]
-    run.attn.o_proj.value = jnp.zeros_like(run.attn.o_proj[...])
-    run.mlp.down_proj.value = jnp.zeros_like(run.mlp.down_proj[...])
+    run.attn.o_proj[...] = jnp.zeros_like(run.attn.o_proj[...])
+    run.mlp.down_proj[...] = jnp.zeros_like(run.mlp.down_proj[...])
     embed = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
     embed[:, 0] = 1.0
     head = np.zeros((cfg.hidden_size, cfg.vocab_size), np.float32)
@@ -132,7 +132,7 @@ def scripted_model(next_token: dict[int, int], default_next: int) -> q.Qwen3:
     for k, (tok, nxt) in enumerate(next_token.items(), start=1):
         embed[tok] = np.eye(cfg.hidden_size, dtype=np.float32)[k]
         head[k, nxt] = 1.0
-    model.embed.value, model.lm_head.value = jnp.asarray(embed), jnp.asarray(head)
+    model.embed[...], model.lm_head[...] = jnp.asarray(embed), jnp.asarray(head)
     return model
 
 
