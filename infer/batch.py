@@ -144,8 +144,8 @@ def generate_file(
     """Generates `settings.samples` samples per prompt of `prompts_path` and mode, appending the
     records to `out_path` (see the module docstring: formats, resuming, filtering).
 
-    `engine` should force `tokenizer.stop_thinking_ids` when a budget runs out (`Engine(model,
-    forced_ids=tokenizer.stop_thinking_ids)`, as `cli_common.load` builds it).
+    `engine` should speak `tokenizer`'s vocabulary for the thinking budget (`Engine.for_tokenizer`,
+    as `cli_common.load` builds it).
     `batch_size`: rows (prompt x mode x sample) per engine call; the output does not depend on it.
     `progress`: show a progress bar over prompts (stderr). Malformed lines are reported on stderr.
     Raises BatchError (see `check`) before generating anything.

@@ -13,8 +13,7 @@ import sys
 from absl import app
 
 from infer import cli_common
-from infer.messages import stream_text
-from qwen3_jax import chat
+from infer.messages import chat_turn
 
 
 def main(argv: list[str]) -> None:
@@ -36,23 +35,19 @@ def main(argv: list[str]) -> None:
             continue
         messages.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
-        text = ""
         try:
-            for delta in stream_text(
+            reply = chat_turn(
                 engine, tokenizer, messages, max_new_tokens=cli_common.MAX_NEW_TOKENS.value,
+                write=lambda piece: print(piece, end="", flush=True),
                 enable_thinking=not cli_common.NO_THINKING.value, thinking_budget=cli_common.THINKING_BUDGET.value,
                 seed=cli_common.SEED.value, **cli_common.sampling_overrides(),
-            ):
-                text += delta
-                print(delta, end="", flush=True)
+            )
         except ValueError as e:
             print(f"\nerror: {e}", file=sys.stderr)
             messages.pop()
             continue
         print()
-        thinking, answer = chat.parse_completion(text)
-        # History keeps the reasoning; the template drops it from earlier turns when rendering.
-        messages.append({"role": "assistant", "content": answer, "reasoning_content": thinking})
+        messages.append(reply)
 
 
 if __name__ == "__main__":

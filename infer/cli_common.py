@@ -17,7 +17,7 @@ CHECKPOINT = flags.DEFINE_string(
 )
 STEP = flags.DEFINE_integer("step", None, "Step of a trainer workdir or checkpoints/ dir to load (default: the latest).")
 NO_THINKING = flags.DEFINE_bool("no_thinking", False, "Hard switch: render the empty think block (enable_thinking=False).")
-THINKING_BUDGET = flags.DEFINE_integer("thinking_budget", None, "Tokens allowed inside <think> before the stop-thinking text is forced.")
+THINKING_BUDGET = flags.DEFINE_integer("thinking_budget", None, "Thinking tokens allowed per reply, over all its <think> blocks; then the stop-thinking text is forced.")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 1024, "Tokens to generate at most.")
 TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy. Default: Qwen's value for the mode.")
 TOP_K = flags.DEFINE_integer("top_k", None, "0 = off. Default: Qwen's value for the mode.")
@@ -36,7 +36,7 @@ def load() -> tuple[Engine, Tokenizer]:
         model = load_any(CHECKPOINT.value, step=STEP.value, dtype=jnp.dtype(DTYPE.value))
     except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"error: {e}")
-    return Engine(model, forced_ids=tokenizer.stop_thinking_ids), tokenizer
+    return Engine.for_tokenizer(model, tokenizer), tokenizer
 
 
 def sampling_overrides() -> dict:

@@ -22,12 +22,13 @@ import numpy as np
 from flax import nnx
 
 from infer.sampling import (
-    UNLIMITED_BUDGET, BudgetState, SamplingParams, budget_apply, budget_init, prompt_think_open, sample, update_seen,
+    UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_init, prompt_think_open, sample,
+    update_seen,
 )
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
-from qwen3_jax.sharding import ShardingRules
-from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT
+from qwen3_jax.sharding import ShardingRules, auto_mesh
+from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT, Tokenizer
 
 DEFAULT_STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
 MIN_BUCKET = 16
@@ -127,7 +128,9 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
     return state
 
 
-def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int) -> list[list[int]]:
+def _validate_prompts(
+    prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int, context_name: str,
+) -> list[list[int]]:
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not prompts:
@@ -142,8 +145,7 @@ def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
         if len(ids) + max_new_tokens > context:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                f"model's context of {context} positions"
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds {context_name}"
             )
         out.append(ids)
     return out
@@ -167,18 +169,42 @@ def _budgets(thinking_budget, batch: int) -> np.ndarray:
 
 
 class Engine:
-    """Holds a model split into (graphdef, params) and runs batched generation on it."""
+    """Holds a model split into (graphdef, params) and runs batched generation on it.
+
+    A prompt plus its max_new_tokens must fit in `max_len` positions when given (the user's choice
+    wins, above or below the model's), else in the model's `cfg.context_length` (with YaRN, factor x
+    original_max_position_embeddings); longer requests raise ValueError before anything runs.
+
+    Thinking budgets (see `infer.sampling`) force `forced_ids` (default: Qwen3's stop-thinking text)
+    and read the tags `think_tags` names (default: Qwen3's ids; pass the tokenizer's for another
+    vocabulary).
+    """
 
     def __init__(self, model: Qwen3, *, mesh: jax.sharding.Mesh | None = None,
-                 forced_ids: Sequence[int] | None = None, max_candidates: int = 64):
+                 forced_ids: Sequence[int] | None = None, max_candidates: int = 64, max_len: int | None = None,
+                 think_tags: ThinkTags | None = None):
+        if max_len is not None and (not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool)
+                                    or max_len < 1):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         if jax.default_backend() == "cpu":
             model = unstack_layers(model)  # see unstack_layers: halves the bytes a CPU decode step moves
         self.graphdef, self.params = nnx.split(model)
         self.model = model
         self.cfg = model.cfg
-        self.mesh = mesh
+        self.mesh = auto_mesh(mesh)  # jax.make_mesh's Explicit axes -> the Auto axes the model is written for
         self.max_candidates = max_candidates
+        self.max_len = max_len
+        self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
         self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else forced_ids, np.int32)
+
+    @classmethod
+    def for_tokenizer(cls, model: Qwen3, tokenizer: Tokenizer, **kwargs) -> "Engine":
+        """An engine whose thinking budget speaks `tokenizer`'s vocabulary: it forces the
+        tokenizer's stop-thinking ids and reads its <think>, </think> and <|im_start|> ids (-1 for
+        a tag the vocabulary lacks). `kwargs` are `Engine`'s other arguments."""
+        ids = (tokenizer.think_id, tokenizer.end_think_id, tokenizer.token_to_id("<|im_start|>"))
+        return cls(model, forced_ids=tokenizer.stop_thinking_ids,
+                   think_tags=ThinkTags(*(-1 if i is None else i for i in ids)), **kwargs)
 
     def _batch_multiple(self) -> int:
         if self.mesh is None:
@@ -197,7 +223,11 @@ class Engine:
         `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
         do not depend on which rows share its batch.
         """
-        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, self.cfg.max_position_embeddings)
+        if self.max_len is None:
+            limit, name = self.cfg.context_length, f"the model's context of {self.cfg.context_length} positions"
+        else:
+            limit, name = self.max_len, f"max_len={self.max_len}"
+        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, limit, name)
         n = len(prompts)
         sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        presence_penalty=presence_penalty)
@@ -217,7 +247,11 @@ class Engine:
             lengths[i] = len(p)
         pad = B - n
         sampling = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling)
-        in_think = [prompt_think_open(p) for p in prompts] + [False] * pad
+        tags = self.think_tags
+        in_think = [
+            prompt_think_open(p, think_id=tags.think, end_think_id=tags.end_think, turn_start_id=tags.turn_start)
+            for p in prompts
+        ] + [False] * pad
         budgets = np.concatenate([budgets, np.full(pad, UNLIMITED_BUDGET, np.int32)])
         keys = _row_keys(seed, n, B)
         rows = RowSettings(sampling, keys, jnp.full((B,), max_new_tokens, jnp.int32),
@@ -229,7 +263,8 @@ class Engine:
             state = DecodeState(
                 cache, logits, jnp.asarray(lengths), jnp.zeros((B,), jnp.int32),
                 jnp.zeros((B, max_new_tokens), jnp.int32), jnp.arange(B) >= n,
-                jnp.zeros((B, self.cfg.vocab_size), jnp.bool_), budget_init(in_think, budgets),
+                jnp.zeros((B, self.cfg.vocab_size), jnp.bool_),
+                budget_init(in_think, budgets, think_id=tags.think, end_think_id=tags.end_think),
             )
             emitted = np.zeros(n, np.int64)
             steps = jnp.asarray(chunk or max_new_tokens, jnp.int32)
@@ -264,8 +299,6 @@ class Engine:
 @functools.cache
 def _qwen3_forced_ids() -> tuple[int, ...]:
     """The stop-thinking text in the real Qwen3 vocabulary (built offline, cached on disk)."""
-    from qwen3_jax.tokenizer import Tokenizer
-
     return tuple(Tokenizer.qwen3().encode(STOP_THINKING_TEXT))
 
 
@@ -273,19 +306,19 @@ def generate(
     model: Qwen3, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float | Sequence[float] = 0.6,
     top_k=20, top_p=0.95, min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS,
     thinking_budget: int | Sequence[int | None] | None = None, seed: int | Sequence[int] = 0,
-    mesh: jax.sharding.Mesh | None = None,
-    forced_ids: Sequence[int] | None = None,
+    mesh: jax.sharding.Mesh | None = None, forced_ids: Sequence[int] | None = None, max_len: int | None = None,
 ) -> list[list[int]]:
     """Generates for a batch of token-id prompts; one list of new ids per prompt.
 
     temperature=0.0 is greedy. A stop token is included when one was generated. thinking_budget:
     None (unlimited), an int for every prompt, or one value (int or None) per prompt. seed: an int,
     or one int in [0, 2**32) per prompt (a row's tokens then depend on its own seed only).
-    `forced_ids` overrides the stop-thinking ids (e.g. for a sentencepiece vocabulary).
+    `forced_ids` overrides the stop-thinking ids (e.g. for a sentencepiece vocabulary). `max_len`
+    replaces the model's context as the limit on prompt + max_new_tokens (see `Engine`).
     """
     # A fresh split each call sees the model's current parameters; jit reuses compilations
     # because equal graphdefs hash equal.
-    return Engine(model, mesh=mesh, forced_ids=forced_ids).generate(
+    return Engine(model, mesh=mesh, forced_ids=forced_ids, max_len=max_len).generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         presence_penalty=presence_penalty, stop_token_ids=stop_token_ids, thinking_budget=thinking_budget, seed=seed,
     )

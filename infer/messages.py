@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from infer.engine import Engine
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING
@@ -53,19 +53,60 @@ def complete(
     return [Completion(*chat.parse_completion_ids(ids, tokenizer), ids) for ids in outputs]
 
 
+def incremental_text(decode: Callable[[list[int]], str], chunks: Iterable[Sequence[int]]) -> Iterator[str]:
+    """Yields the text of a growing id sequence, chunk by chunk; what it yields concatenates to
+    `decode(all ids)` exactly.
+
+    `decode` must decode like byte-level BPE (the bytes of the ids, invalid UTF-8 replaced by
+    U+FFFD), as `Tokenizer.decode` does. A multi-byte character split across tokens decodes to one
+    trailing U+FFFD until its last byte arrives, so one trailing U+FFFD is held back while more
+    chunks may come; at the end everything is flushed, an unfinished character as U+FFFD. Decoding
+    restarts after the last point where the text ended on a whole character, so a long reply costs
+    about its length, not its length squared.
+    """
+    ids: list[int] = []
+    start = 0  # ids[:start] are all shown and end on a character boundary
+    shown = 0  # characters of decode(ids[start:]) already yielded
+    for chunk in chunks:
+        ids.extend(chunk)
+        text = decode(ids[start:])
+        ready = len(text) - text.endswith("\ufffd")
+        if ready > shown:
+            yield text[shown:ready]
+            shown = ready
+        if ready == len(text):
+            start, shown = len(ids), 0
+    rest = decode(ids[start:])[shown:]
+    if rest:
+        yield rest
+
+
 def stream_text(
     engine: Engine, tokenizer: Tokenizer, messages: Sequence[Message], *, max_new_tokens: int,
     enable_thinking: bool = True, chunk: int = 8, **kwargs,
 ) -> Iterator[str]:
-    """Yields the completion's text as it is produced (decoded in compiled chunks of `chunk` tokens)."""
+    """Yields the completion's text as it is produced (decoded in compiled chunks of `chunk` tokens).
+
+    The pieces concatenate to `tokenizer.decode(ids, skip_special_tokens=True)` of the whole reply
+    (see `incremental_text`).
+    """
     prompt = prompt_ids(tokenizer, messages, enable_thinking=enable_thinking)
     settings = {**sampling_defaults(messages, enable_thinking), "stop_token_ids": tokenizer.eos_ids, **kwargs}
-    ids: list[int] = []
-    shown = ""
-    for new in engine.stream([prompt], max_new_tokens=max_new_tokens, chunk=chunk, **settings):
-        ids.extend(new[0])
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its next token
-            continue
-        yield text[len(shown):]
-        shown = text
+    chunks = (new[0] for new in engine.stream([prompt], max_new_tokens=max_new_tokens, chunk=chunk, **settings))
+    yield from incremental_text(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), chunks)
+
+
+def chat_turn(
+    engine: Engine, tokenizer: Tokenizer, messages: Sequence[Message], *, max_new_tokens: int,
+    write: Callable[[str], Any] | None = None, **kwargs,
+) -> Message:
+    """Streams the assistant's reply to `messages` through `write` and returns it as the message
+    to append to the history: the answer as content, the thinking as reasoning_content (the chat
+    template drops it from earlier turns when rendering). `kwargs` go to `stream_text`."""
+    text = ""
+    for piece in stream_text(engine, tokenizer, messages, max_new_tokens=max_new_tokens, **kwargs):
+        text += piece
+        if write is not None:
+            write(piece)
+    thinking, answer = chat.parse_completion(text)
+    return {"role": "assistant", "content": answer, "reasoning_content": thinking}

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qwen3_jax.tokenizer import END_THINK_ID, THINK_ID
+from qwen3_jax.tokenizer import END_THINK_ID, IM_START_ID, THINK_ID
 
 UNLIMITED_BUDGET = -1  # any negative thinking budget means "no limit"
 
@@ -250,17 +250,37 @@ def _draw_full(logits_BxV: jax.Array, cutoff_B: jax.Array, keys_B: jax.Array) ->
 
 
 # --------------------------------------------------------------------- thinking budget
+#
+# The budget belongs to the reply. Thinking tokens are the tokens a row samples while a <think>
+# block is open (the </think> that closes a block included, forced tokens excluded), counted over
+# every block of the reply. Once the count reaches the budget inside an open block, the row emits
+# the forced stop-thinking ids, one per step, and forcing ends the block. A block the row opens
+# after the budget is spent is closed the same way at once; a block opened after a natural close
+# with budget left counts on from where the reply stood. Whether the reply starts inside a block
+# is read from the turn being generated only (`prompt_think_open`).
+
+
+class ThinkTags(NamedTuple):
+    """Ids of the tags the thinking budget reads, in one vocabulary (default: Qwen3's).
+
+    A tag the vocabulary lacks can be given as -1, which no token matches.
+    """
+
+    think: int = THINK_ID
+    end_think: int = END_THINK_ID
+    turn_start: int = IM_START_ID
 
 
 @struct.dataclass
 class BudgetState:
     """Per-row thinking-budget state, each an array of shape [B].
 
-    budget: i32 tokens allowed inside an open <think> block; negative = unlimited.
+    budget: i32 thinking tokens allowed in the reply; negative = unlimited.
     in_think: bool, a <think> block is open.
-    count: i32 tokens the row generated while the block was open (forced ones excluded).
+    count: i32 thinking tokens the reply has generated, over all its blocks (forced ones excluded).
     forcing_pos: i32 index into the forced ids of this step's forced token; -1 = not forcing.
-    done: bool, forcing has started or the row closed the block itself: never forced again.
+    done: bool, the budget is spent: a block that is or becomes open is closed by forcing.
+    think_id, end_think_id: i32 ids of <think> and </think> in the row's vocabulary.
     """
 
     budget: jax.Array
@@ -268,30 +288,50 @@ class BudgetState:
     count: jax.Array
     forcing_pos: jax.Array
     done: jax.Array
+    think_id: jax.Array
+    end_think_id: jax.Array
 
 
-def prompt_think_open(prompt_ids: Sequence[int] | np.ndarray) -> bool:
-    """Whether the prompt leaves a <think> block open (its last <think> follows its
-    last </think>). A prompt ending in the empty block (thinking off) gives False, as
-    does a plain generation prompt, where the model may still open the block itself."""
+def prompt_think_open(
+    prompt_ids: Sequence[int] | np.ndarray, *, think_id: int = THINK_ID, end_think_id: int = END_THINK_ID,
+    turn_start_id: int = IM_START_ID,
+) -> bool:
+    """Whether the reply starts inside a <think> block: the turn being generated (the ids after
+    the prompt's last `turn_start_id`, <|im_start|>; the whole prompt without one) has a <think>
+    after its last </think>. A <think> in an earlier turn, such as a user message asking about
+    the tag, does not count. A generation prompt ending in the empty block (thinking off) gives
+    False, as does a plain `<|im_start|>assistant\n`, after which the model may open the block itself.
+    """
     ids = np.asarray(prompt_ids).reshape(-1)
-    starts = np.flatnonzero(ids == THINK_ID)
-    ends = np.flatnonzero(ids == END_THINK_ID)
+    turns = np.flatnonzero(ids == turn_start_id)
+    turn = ids[turns[-1] + 1:] if turns.size else ids
+    starts = np.flatnonzero(turn == think_id)
+    ends = np.flatnonzero(turn == end_think_id)
     return bool(starts.size) and (not ends.size or starts[-1] > ends[-1])
 
 
-def budget_init(prompt_in_think_B: jax.Array | Sequence[bool], budget_B: jax.Array | Sequence[int]) -> BudgetState:
-    """State before the first generated token: `prompt_in_think_B` from
-    `prompt_think_open`, `budget_B` per row (`UNLIMITED_BUDGET` for none)."""
+def budget_init(
+    prompt_in_think_B: jax.Array | Sequence[bool], budget_B: jax.Array | Sequence[int], *,
+    think_id: int = THINK_ID, end_think_id: int = END_THINK_ID,
+) -> BudgetState:
+    """State before the first generated token: `prompt_in_think_B` from `prompt_think_open`,
+    `budget_B` per row (`UNLIMITED_BUDGET` for none), the vocabulary's think-tag ids."""
     in_think_B = jnp.asarray(prompt_in_think_B, jnp.bool_)
     budget_B = jnp.broadcast_to(jnp.asarray(budget_B, jnp.int32), in_think_B.shape)
+    count_B = jnp.zeros_like(budget_B)
     return BudgetState(
         budget=budget_B,
         in_think=in_think_B,
-        count=jnp.zeros_like(budget_B),
+        count=count_B,
         forcing_pos=jnp.full_like(budget_B, -1),
-        done=jnp.zeros_like(in_think_B),
+        done=_spent(budget_B, count_B),
+        think_id=jnp.full_like(budget_B, think_id),
+        end_think_id=jnp.full_like(budget_B, end_think_id),
     )
+
+
+def _spent(budget_B: jax.Array, count_B: jax.Array) -> jax.Array:
+    return (budget_B >= 0) & (count_B >= budget_B)
 
 
 def budget_apply(
@@ -299,25 +339,24 @@ def budget_apply(
 ) -> tuple[jax.Array, BudgetState]:
     """Returns the tokens to emit this step and the state after emitting them.
 
-    A row that has generated `budget` tokens inside an open block without closing it
-    emits `forced_ids_F` (static length >= 1), one per step, instead of its samples;
-    then sampling resumes and the row is never forced again. Budget 0 forces from the
-    first token generated with the block open.
+    A row whose budget is spent while a block is open emits `forced_ids_F` (static length >= 1),
+    one per step, instead of its samples; the block is closed when the forced ids end (by their
+    </think>, or by their end if they hold none) and sampling resumes. Budget 0 forces from the
+    first token generated with a block open. See the section comment for the counting rules.
     """
     num_forced = forced_ids_F.shape[0]
-    start_B = (
-        ~state.done & state.in_think & (state.forcing_pos < 0) & (state.budget >= 0) & (state.count >= state.budget)
-    )
+    start_B = state.done & state.in_think & (state.forcing_pos < 0)
     pos_B = jnp.where(start_B, 0, state.forcing_pos)
     forcing_B = pos_B >= 0
+    last_forced_B = forcing_B & (pos_B + 1 >= num_forced)
     tokens_B = jnp.where(forcing_B, forced_ids_F[jnp.maximum(pos_B, 0)], sampled_B).astype(jnp.int32)
-    new_state = BudgetState(
-        budget=state.budget,
-        in_think=jnp.where(
-            tokens_B == END_THINK_ID, False, jnp.where(tokens_B == THINK_ID, True, state.in_think)
-        ),
-        count=state.count + (state.in_think & ~forcing_B).astype(jnp.int32),
-        forcing_pos=jnp.where(forcing_B & (pos_B + 1 < num_forced), pos_B + 1, -1),
-        done=state.done | start_B | (tokens_B == END_THINK_ID),
+    opened_B = jnp.where(tokens_B == state.think_id, True, state.in_think)
+    in_think_B = jnp.where((tokens_B == state.end_think_id) | last_forced_B, False, opened_B)
+    count_B = state.count + (state.in_think & ~forcing_B).astype(jnp.int32)
+    new_state = state.replace(
+        in_think=in_think_B,
+        count=count_B,
+        forcing_pos=jnp.where(forcing_B & ~last_forced_B, pos_B + 1, -1),
+        done=_spent(state.budget, count_B),
     )
     return tokens_B, new_state

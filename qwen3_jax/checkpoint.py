@@ -31,7 +31,7 @@ from flax import nnx
 from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
 from qwen3_jax.hf import CheckpointError, from_hf
 from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.sharding import state_shardings
+from qwen3_jax.sharding import auto_mesh, state_shardings
 
 PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
@@ -102,7 +102,8 @@ def load_model(
     """Restores a checkpoint written by `save_model`, each parameter directly in its sharding on `mesh`.
 
     Without a mesh the parameters go to the first device. `dtype` sets both the parameter and the
-    compute dtype (as in `from_hf`); by default both are what the model was saved with.
+    compute dtype (as in `from_hf`); by default both are what the model was saved with. A mesh with
+    Explicit axes (jax.make_mesh) is used as its `auto_mesh` twin.
     """
     cfg = load_config(path, **_dtype_overrides(dtype, config_overrides))
     params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
@@ -238,7 +239,9 @@ def _dtype_overrides(dtype, config_overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _restore_model(cfg: Qwen3Config, mesh: jax.sharding.Mesh | None, restore) -> Qwen3:
     """The model of `cfg` with the params `restore(target)` returns, where `target` holds a
-    ShapeDtypeStruct per param in its sharding on `mesh` (the first device without one)."""
+    ShapeDtypeStruct per param in its sharding on `mesh` (the first device without one). A mesh
+    with Explicit axes (jax.make_mesh) is used as its `auto_mesh` twin."""
+    mesh = auto_mesh(mesh)
     graphdef, state = nnx.split(abstract_model(cfg))
     abstract = nnx.to_pure_dict(state)
     if mesh is None:

@@ -1,10 +1,16 @@
 """Hugging Face Qwen3 / Qwen3-MoE safetensors checkpoints <-> qwen3-jax models.
 
-One table (`_hf_name`) maps each parameter of the abstract model to its Hugging Face tensor name;
+One table (`_hf_tensor`) maps each parameter of the abstract model to its Hugging Face tensor name;
 the abstract model supplies shapes, logical axes and shardings, so loading, exporting and shape
 checks all follow from the same description. Loading memory-maps the safetensors files and builds
 each device shard with `jax.make_array_from_callback`, reading only the tensors (and rows) that
 shard needs: host memory stays around one checkpoint tensor, never the model.
+
+MoE experts load from either layout transformers writes: one tensor per expert and projection
+(`mlp.experts.{e}.gate_proj.weight`, the released checkpoints' layout, which `to_hf` writes) or,
+per layer, the fused v5 tensors `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows)
+and `mlp.experts.down_proj` [E, H, I] (`save_pretrained(..., save_original_format=False)`).
+Layers may differ in layout.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Iterator
+import warnings
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +30,7 @@ from flax import nnx
 
 from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
 from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.sharding import state_shardings
+from qwen3_jax.sharding import auto_mesh, state_shardings
 
 
 class CheckpointError(ValueError):
@@ -172,6 +179,78 @@ def _hf_tensor(path: tuple, cfg: Qwen3Config) -> _Tensor:
     return _Tensor(prefix + "mlp." + proj + ".weight", 1, 1, layer0)
 
 
+class _Source(NamedTuple):
+    """Where one HF-layout matrix is stored: tensor `name` of shape `shape` (as the config implies),
+    or, for fused experts, expert `expert` of it, rows [rows[0], rows[1]) when given."""
+
+    name: str
+    shape: tuple[int, ...]
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+
+    def view(self, stored: np.ndarray) -> np.ndarray:
+        if self.expert is None:
+            return stored
+        matrix = stored[self.expert]
+        return matrix if self.rows is None else matrix[self.rows[0]: self.rows[1]]
+
+
+def _fused_sources(spec: _Tensor, path: tuple, ix: tuple[int, ...], cfg: Qwen3Config) -> _Source:
+    """The per-expert matrix `spec.name(ix)` inside a layer's fused v5 expert tensors."""
+    layer, expert = spec.layer0 + ix[0], ix[1]
+    E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    prefix = f"model.layers.{layer}.mlp.experts."
+    proj = path[-1]
+    if proj == "down_proj":
+        return _Source(prefix + "down_proj", (E, H, I), expert)
+    return _Source(prefix + "gate_up_proj", (E, 2 * I, H), expert, (0, I) if proj == "gate_proj" else (I, 2 * I))
+
+
+def _fused_layers(keys: set[str], cfg: Qwen3Config) -> set[int]:
+    """MoE layers whose experts the checkpoint stores fused; errors for a layer that has both."""
+    fused = set()
+    for layer in range(cfg.num_layers):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        has_fused = [k for k in (prefix + "gate_up_proj", prefix + "down_proj") if k in keys]
+        if not has_fused:
+            continue
+        per_expert = sorted(k for k in keys if k.startswith(prefix) and k not in has_fused)
+        if per_expert:
+            raise CheckpointError(
+                f"layer {layer} holds its experts both fused ({has_fused[0]}) and per expert ({per_expert[0]}, ...); "
+                "keep one layout per layer"
+            )
+        fused.add(layer)
+    return fused
+
+
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _tensors_equal(reader: SafetensorsReader, a: str, b: str, rows: int = 4096) -> bool:
+    """Exact equality of two checkpoint tensors, compared a block of rows at a time."""
+    if reader.shape(a) != reader.shape(b):
+        return False
+    x, y = reader.get(a), reader.get(b)
+    return all(
+        np.array_equal(x[i: i + rows].astype(np.float32), y[i: i + rows].astype(np.float32))
+        for i in range(0, x.shape[0], rows)
+    )
+
+
+def _tie_like_transformers(cfg: Qwen3Config, reader: SafetensorsReader, path: str) -> Qwen3Config:
+    """transformers ties lm_head to the embedding only if the checkpoint does not hold two different
+    matrices: with both present and different it loads them untied (and warns), so we do too."""
+    if not cfg.tie_word_embeddings or not {_EMBED, _HEAD} <= reader.keys() or _tensors_equal(reader, _EMBED, _HEAD):
+        return cfg
+    warnings.warn(
+        f"{path}: config.json ties the word embeddings but the checkpoint's {_HEAD} differs from {_EMBED}; "
+        "loading them untied, as transformers does (set tie_word_embeddings=false to silence this)",
+        stacklevel=3,
+    )
+    return cfg.replace(tie_word_embeddings=False)
+
+
 def _params(model_or_abstract: Qwen3) -> Iterator[tuple[tuple, nnx.Variable]]:
     for path, var in nnx.to_flat_state(nnx.state(model_or_abstract, nnx.Param)):
         yield tuple(path), var
@@ -188,13 +267,20 @@ def from_hf(
 
     `dtype` is the compute dtype and, unless `param_dtype` is given, the stored parameter dtype;
     other runtime fields (scan_layers, remat, ...) go in `config_overrides`. `progress` is called
-    with each parameter path as it loads.
+    with each parameter path as it loads. Experts may be stored per expert or fused (see the module
+    docstring). Word embeddings are tied as transformers ties them: a tied config whose checkpoint
+    holds an `lm_head.weight` different from the embedding loads untied, with a warning, and one
+    holding only `lm_head.weight` uses it as the embedding. Raises CheckpointError naming a missing,
+    misshapen or unexpected tensor, ConfigError for a config.json it cannot serve.
     """
     overrides = {
         "dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(param_dtype or dtype).name, **config_overrides,
     }
+    mesh = auto_mesh(mesh)
     cfg = from_hf_config(path, **overrides)
     reader = SafetensorsReader(path)
+    cfg = _tie_like_transformers(cfg, reader, path)
+    fused_layers = _fused_layers(reader.keys(), cfg) if cfg.is_moe else set()
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = (
         state_shardings(state, mesh, cfg.rules) if mesh is not None else None
@@ -209,25 +295,34 @@ def from_hf(
         spec = _hf_tensor(path_, cfg)
         shape = tuple(var.shape)
         stacked, inner = shape[: spec.stacked], shape[spec.stacked:]
-        names = {ix: spec.name(ix) for ix in np.ndindex(*stacked)}
-        for n in names.values():
-            if n not in reader.keys():
-                raise CheckpointError(f"missing tensor {n} in {path} (needed for parameter {'/'.join(map(str, path_))})")
-            if reader.shape(n) != spec.hf_shape(inner):
+        sources = {
+            ix: _fused_sources(spec, path_, ix, cfg) if spec.stacked == 2 and spec.layer0 + ix[0] in fused_layers
+            else _Source(spec.name(ix), spec.hf_shape(inner))
+            for ix in np.ndindex(*stacked)
+        }
+        if path_ == ("embed",) and cfg.tie_word_embeddings and _EMBED not in reader.keys() and _HEAD in reader.keys():
+            sources = {(): _Source(_HEAD, spec.hf_shape(inner))}  # transformers ties to the matrix that exists
+        for src in set(sources.values()):
+            if src.name not in reader.keys():
                 raise CheckpointError(
-                    f"tensor {n} has shape {list(reader.shape(n))} in the checkpoint but the config needs "
-                    f"{list(spec.hf_shape(inner))}"
+                    f"missing tensor {src.name} in {path} (needed for parameter {'/'.join(map(str, path_))})"
                 )
-        used.update(names.values())
+            if reader.shape(src.name) != src.shape:
+                raise CheckpointError(
+                    f"tensor {src.name} has shape {list(reader.shape(src.name))} in the checkpoint but the config "
+                    f"needs {list(src.shape)}"
+                )
+        used.update(src.name for src in sources.values())
         target = np.dtype(var.dtype)
 
-        def read(index, spec=spec, names=names, stacked=stacked, inner=inner, target=target):
+        def read(index, spec=spec, sources=sources, stacked=stacked, inner=inner, target=target):
             outer = [range(n)[s] for s, n in zip(index[: len(stacked)], stacked)]
             rest = index[len(stacked):]
             out = np.empty([len(r) for r in outer] + [len(range(n)[s]) for s, n in zip(rest, inner)], target)
             for pos in np.ndindex(*[len(r) for r in outer]):
-                ix = tuple(r[p] for r, p in zip(outer, pos))
-                out[pos] = spec.to_ours(reader.get(names[ix]), inner)[rest].astype(target)
+                src = sources[tuple(r[p] for r, p in zip(outer, pos))]
+                # Views of the memory map down to `rest`: only this shard's rows are read.
+                out[pos] = spec.to_ours(src.view(reader.get(src.name)), inner)[rest].astype(target)
             return out
 
         sharding = flat_shardings.get(path_, single)
@@ -240,7 +335,7 @@ def from_hf(
 
     unexpected = reader.keys() - used
     if cfg.tie_word_embeddings:
-        unexpected.discard("lm_head.weight")  # tied checkpoints may carry a copy of the embedding
+        unexpected.discard(_HEAD)  # tied checkpoints may carry a copy of the embedding (checked equal above)
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
     if unexpected:
         raise CheckpointError(f"unexpected tensors in {path}: {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}")

@@ -17,7 +17,7 @@ from flax import nnx
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.layers import CACHE_AXES, MLP, Attention, AttentionInputs, KVCache, RMSNorm, param, rope_cos_sin
 from qwen3_jax.moe import MoE, RouterStats
-from qwen3_jax.sharding import constrain, state_shardings
+from qwen3_jax.sharding import auto_mesh, constrain, state_shardings
 
 _REMAT = {
     "full": None,
@@ -227,8 +227,10 @@ def init_model(cfg: Qwen3Config, *, seed: int = 0, mesh: jax.sharding.Mesh | Non
     """Randomly initialised model whose parameters are created already sharded on `mesh`.
 
     The init runs under jit with the rules' output shardings, so no device ever holds the whole
-    model unless the rules say so.
+    model unless the rules say so. A mesh with Explicit axes (jax.make_mesh) is used as its
+    `auto_mesh` twin.
     """
+    mesh = auto_mesh(mesh)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
 
     def make():

@@ -8,6 +8,11 @@ the MoE block is the one place that needs manual control and it uses `jax.shard_
 
 The model never takes a mesh argument: it reads the mesh installed by `jax.set_mesh`, and with
 no mesh installed every constraint is a no-op, so one code path serves 1 CPU and a TPU pod.
+
+`jax.make_mesh` makes Explicit axes by default in this JAX. Every public function that takes a
+mesh converts it once with `auto_mesh` (same devices, names and shape, Auto axes), so such a mesh
+gives the same numbers as `make_mesh`'s; a mesh installed with `jax.set_mesh` around a model call
+must have Auto axes (install `auto_mesh(mesh)`), which the model checks.
 """
 
 from __future__ import annotations
@@ -83,10 +88,45 @@ class ShardingRules:
         return P(*parts)
 
 
+_MESH_HOWTO = (
+    "build one with qwen3_jax.make_mesh({'data': 2, 'tensor': 4}) or "
+    "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))"
+)
+
+
+def auto_mesh(mesh: Mesh | None) -> Mesh | None:
+    """`mesh` with every axis Auto: the same devices, axis names and shape (None stays None).
+
+    `jax.make_mesh` makes Explicit axes, under which this library's gathers and constraints are
+    type errors; every public function that takes a mesh calls this first. Raises TypeError for
+    something that is not a `jax.sharding.Mesh` and ValueError for axis names outside MESH_AXES.
+    """
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh ({_MESH_HOWTO}), got {type(mesh).__name__}")
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} are not qwen3-jax mesh axes (allowed: {MESH_AXES}); {_MESH_HOWTO}")
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def current_mesh_axes() -> tuple[str, ...]:
-    """Axis names of the mesh installed by `jax.set_mesh`, or () when running unsharded."""
+    """Axis names of the mesh installed by `jax.set_mesh`, or () when running unsharded.
+
+    Raises ValueError for an installed mesh with Explicit axes, which the model is not written for.
+    """
     mesh = jax.sharding.get_abstract_mesh()
-    return () if mesh.empty else tuple(mesh.axis_names)
+    if mesh.empty:
+        return ()
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        raise ValueError(
+            "the mesh installed with jax.set_mesh has Explicit axes (jax.make_mesh's default); qwen3-jax "
+            "needs Auto axes: install qwen3_jax.auto_mesh(mesh) instead"
+        )
+    return tuple(mesh.axis_names)
 
 
 def constrain(x: jax.Array, logical: Logical, rules: ShardingRules) -> jax.Array:
@@ -97,12 +137,16 @@ def constrain(x: jax.Array, logical: Logical, rules: ShardingRules) -> jax.Array
     return jax.lax.with_sharding_constraint(x, rules.spec(logical, names))
 
 
-def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a mesh with named axes from `{axis: size}`; -1 once means 'all remaining devices'.
+def make_mesh(shape: dict[str, int] | Mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds an Auto-axes mesh from `{axis: size}`; -1 once means 'all remaining devices'.
 
     Axes of size 1 are kept so rules still resolve; unknown names and sizes that do not divide the
-    device count are errors.
+    device count are errors. Given a `Mesh` (e.g. from `jax.make_mesh`), returns `auto_mesh(mesh)`.
     """
+    if isinstance(shape, Mesh):
+        if devices is not None:
+            raise ValueError("devices cannot be given with a Mesh: the mesh already has its devices")
+        return auto_mesh(shape)
     devices = list(devices if devices is not None else jax.devices())
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
@@ -135,7 +179,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules):
-    """NamedShardings for every parameter of an nnx State (abstract or concrete) on `mesh`."""
+    """NamedShardings for every parameter of an nnx State (abstract or concrete) on `auto_mesh(mesh)`."""
+    mesh = auto_mesh(mesh)
+
     def one(v):
         return NamedSharding(mesh, rules.spec(tuple(v.get_metadata()["axes"]), mesh.axis_names))
 

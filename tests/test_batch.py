@@ -83,7 +83,7 @@ def model(checkpoint):
 
 @pytest.fixture(scope="module")
 def engine(model, tokenizer):
-    return Engine(model, forced_ids=tokenizer.stop_thinking_ids)
+    return Engine.for_tokenizer(model, tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -307,7 +307,7 @@ def greedy_agreement(student: q.Qwen3, teacher: q.Qwen3, tokenizer, records) -> 
     """Fraction of the teacher's greedy completion tokens that are the student's argmax too."""
     rollout = distill.RolloutConfig(40, 24, 1.0, "soft", None, ())
     prompts = [distill.render_prompt(r, distill.NO_THINK, tokenizer, rollout) for r in records]
-    completions = Engine(teacher, forced_ids=tokenizer.stop_thinking_ids).generate(
+    completions = Engine.for_tokenizer(teacher, tokenizer).generate(
         prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=())
     batch = distill.rollout_batch(prompts, completions, seq_len=64)
     argmax = np.asarray(jnp.argmax(student(jnp.asarray(batch["tokens"])), axis=-1))

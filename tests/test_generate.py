@@ -6,15 +6,23 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
 from infer.engine import Engine, generate
-from qwen3_jax.tokenizer import END_THINK_ID, THINK_ID, Tokenizer
+from infer.messages import chat_turn, incremental_text, stream_text
+from qwen3_jax import chat
+from qwen3_jax.tokenizer import (
+    END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, THINK_ID, Tokenizer, _byte_alphabet,
+)
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(7, 30)), [5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
 
@@ -117,13 +125,75 @@ def test_budget_zero_forces_immediately_with_greedy(qwen3_vocab_model, forced_id
     assert out[0][:24] == list(forced_ids)
 
 
+def scripted_model(next_token: dict[int, int], default_next: int) -> q.Qwen3:
+    """A real-vocabulary model whose greedy next token is `next_token[last token]` (else
+    `default_next`): the layers add nothing (zero output projections), each scripted token embeds
+    as its own one-hot direction and the unembedding maps that direction to its successor."""
+    cfg = q.preset("tiny-dense", vocab_size=151936, hidden_size=32, intermediate_size=8, num_layers=1,
+                   tie_word_embeddings=False)
+    model = q.init_model(cfg)
+    run = model.runs[0]
+    run.attn.o_proj[...] = jnp.zeros_like(run.attn.o_proj[...])
+    run.mlp.down_proj[...] = jnp.zeros_like(run.mlp.down_proj[...])
+    embed = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
+    embed[:, 0] = 1.0
+    head = np.zeros((cfg.hidden_size, cfg.vocab_size), np.float32)
+    head[0, default_next] = 1.0
+    for k, (tok, nxt) in enumerate(next_token.items(), start=1):
+        embed[tok] = np.eye(cfg.hidden_size, dtype=np.float32)[k]
+        head[k, nxt] = 1.0
+    model.embed[...], model.lm_head[...] = jnp.asarray(embed), jnp.asarray(head)
+    return model
+
+
+# Scripted tokens (ordinary ids of the real vocabulary) for the tests below.
+A1, A2, B2, C2, X1, X2, Z = 1001, 1002, 1003, 1004, 1005, 1006, 1000
+NL, NLNL, F0 = 198, 271, 172  # "\n"; "\n\n", the last forced id; the byte 0xF0 (starts a 4-byte character)
+HELLO_WORLD = [9707, 1879, 220]  # "Hello world "
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """Greedy continuations: the reply to a chat generation prompt (ending in "\n") is "Hello world "
+    then the first byte of an emoji, then <|im_end|>; after X1 the model thinks forever and reopens
+    <think> after every forced stop text; after X2 it thinks, closes, answers, reopens."""
+    script = {NL: HELLO_WORLD[0], HELLO_WORLD[0]: HELLO_WORLD[1], HELLO_WORLD[1]: HELLO_WORLD[2],
+              HELLO_WORLD[2]: F0, F0: IM_END_ID,
+              X1: A1, A1: A1, NLNL: THINK_ID, THINK_ID: A1,
+              X2: A2, A2: B2, B2: END_THINK_ID, END_THINK_ID: C2, C2: THINK_ID}
+    return scripted_model(script, Z)
+
+
+def test_budget_counts_the_whole_reply_and_only_the_turn_being_generated(scripted, forced_ids):
+    """Issue 13, cases 4 and 5, through the engine on a model scripted to reopen <think>."""
+    open_think = [151644, 77091, NL, THINK_ID, NL]  # "<|im_start|>assistant\n<think>\n"
+    asks_about_think = Tokenizer.qwen3().encode(chat.render(
+        [{"role": "user", "content": "What does the <think> tag do?"}], add_generation_prompt=True))
+    assert THINK_ID in asks_about_think and asks_about_think[-1] == NL
+    out = generate(scripted, [open_think + [X1], open_think + [X2], asks_about_think], max_new_tokens=60,
+                   temperature=0.0, stop_token_ids=(), thinking_budget=[3, 4, 2])
+    F = list(forced_ids)
+    # Budget spent after 3 tokens: forced; every block the model reopens afterwards is closed at once.
+    assert out[0] == [A1] * 3 + F + [THINK_ID] + F + [THINK_ID] + F[:7]
+    # 3 tokens in the first block, a natural close, then the reopened block counts on: forced after 1 more.
+    assert out[1] == [A2, B2, END_THINK_ID, C2, THINK_ID, A1] + F + [THINK_ID] + F + [THINK_ID] + F[:4]
+    # The user's <think> is not the reply's: no block is open, nothing is forced.
+    assert out[2] == HELLO_WORLD + [F0, IM_END_ID] + [Z] * 55
+
+
 @pytest.mark.parametrize("kind, shape", [("dense", {"data": 2, "fsdp": 2, "tensor": 2}),
-                                         ("moe", {"data": 2, "expert": 2, "tensor": 2})])
+                                         ("moe", {"data": 2, "expert": 2, "tensor": 2}),
+                                         ("dense", "jax.make_mesh")])
 def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
+    """The last case is issue 13, case 7: a mesh from jax.make_mesh (Explicit axes)."""
     hf = make_hf_model(kind, seed=22)
     path = save_hf_model(hf, tmp_path)
     prompts = PROMPTS[:3]  # 3 rows on a batch-sharding degree of 4: padded with finished rows
-    single, mesh = q.from_hf(path), q.make_mesh(shape)
+    if shape == "jax.make_mesh":
+        mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    else:
+        mesh = q.make_mesh(shape)
+    single = q.from_hf(path)
     sharded = q.from_hf(path, mesh=mesh)
     for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=10, seed=9)):
         kw.update(max_new_tokens=8, stop_token_ids=(), forced_ids=[0])
@@ -152,6 +222,30 @@ def test_bad_requests_are_named(hf_and_model, kwargs, message):
         generate(model, PROMPTS, **args)
 
 
+def test_yarn_extends_the_context_to_factor_times_original(tmp_path):
+    """Issue 13, case 2: Qwen's 128K recipe (factor 4 over 32K, config left at 40K), scaled down."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    hf = make_hf_model("dense", seed=23, rope_scaling=yarn, max_position_embeddings=40)
+    model = q.from_hf(save_hf_model(hf, tmp_path))
+    assert model.cfg.context_length == 128
+    prompt = list(np.random.RandomState(1).randint(0, 300, size=60))
+    ours = generate(model, [prompt], max_new_tokens=8, temperature=0.0, stop_token_ids=(), forced_ids=[0])
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert ours[0] == ref[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="121 tokens; with max_new_tokens=8 that exceeds the model's context of 128"):
+        generate(model, [[1] * 121], max_new_tokens=8, forced_ids=[0])
+    # A max_len the user chooses wins, below the derived context and above it.
+    with pytest.raises(ValueError, match="60 tokens; with max_new_tokens=8 that exceeds max_len=64"):
+        Engine(model, forced_ids=[0], max_len=64).generate([prompt], max_new_tokens=8, temperature=0.0)
+    longer = Engine(model, forced_ids=[0], max_len=200).generate([[1] * 121], max_new_tokens=8, temperature=0.0,
+                                                                 stop_token_ids=())
+    assert len(longer[0]) == 8
+    for bad in (0, -5, 2.5, "64"):
+        with pytest.raises(ValueError, match="max_len must be a positive int"):
+            Engine(model, forced_ids=[0], max_len=bad)
+
+
 def test_bad_prompts_are_named(hf_and_model):
     _, model = hf_and_model
     with pytest.raises(ValueError, match=r"prompt 1 has token ids outside \[0, 300\)"):
@@ -168,6 +262,89 @@ def test_streaming_chunks_concatenate_to_the_full_generation(hf_and_model):
     assert len(chunks) == 5
     joined = [sum((c[i] for c in chunks), []) for i in range(len(PROMPTS))]
     assert joined == engine.generate(PROMPTS, **kw)
+
+
+# ----------------------------------------------------------------------------- streamed text
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer():
+    return Tokenizer.qwen3()
+
+
+def _stream_pieces(tokenizer, ids, sizes):
+    chunks, at = [], 0
+    for n in sizes:
+        chunks.append(ids[at: at + n])
+        at += n
+    chunks.append(ids[at:])
+    decode = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+    return decode, chunks, list(incremental_text(decode, chunks))
+
+
+_BYTE_TOKENS = None
+
+
+def _token_ids(tokenizer):
+    """Random ids of the real vocabulary, weighted towards the pieces that split characters."""
+    global _BYTE_TOKENS
+    if _BYTE_TOKENS is None:
+        _BYTE_TOKENS = sorted(tokenizer.token_to_id(c) for c in _byte_alphabet().values())
+    texts = ["😀👍🏽🇫🇷", "你好，世界", "e\u0301 café", "👨\u200d👩\u200d👧", "☺\ufe0f", "Hello world "]
+    pieces = sorted({i for s in texts for i in tokenizer.encode(s)})
+    specials = [ENDOFTEXT_ID, IM_START_ID, IM_END_ID, THINK_ID, END_THINK_ID]
+    return st.one_of(
+        st.integers(0, tokenizer.vocab_size - 1), st.sampled_from(_BYTE_TOKENS), st.sampled_from(pieces),
+        st.sampled_from(specials),
+    )
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_streamed_pieces_concatenate_to_the_decoded_reply(qwen3_tokenizer, data):
+    """Issue 13, case 6. Siblings: ai-dynamo/dynamo#12630 (U+FFFD emitted and completed characters
+    dropped at chunk boundaries), sgl-project/sglang#31598 (a character streamed twice when the
+    sent offset retreats), ml-explore/mlx-swift-lm#612 (a combining scalar repeats the character
+    before it), Blaizzy/mlx-vlm#1778 (an unfinished tail flushed as U+FFFD mid-stream)."""
+    ids = data.draw(st.lists(_token_ids(qwen3_tokenizer), max_size=40), label="ids")
+    sizes = data.draw(st.lists(st.integers(1, 9), max_size=40), label="chunk sizes")
+    decode, chunks, pieces = _stream_pieces(qwen3_tokenizer, ids, sizes)
+    assert "".join(pieces) == decode(ids)
+    # While more may come, exactly the text up to one trailing U+FFFD has been shown.
+    shown, seen = "", []
+    it = incremental_text(decode, _Recorder(chunks, seen))
+    for piece in it:
+        shown += piece
+        if len(seen) < len(chunks):  # not the final flush
+            so_far = decode(sum(seen, []))
+            assert shown == (so_far[:-1] if so_far.endswith("\ufffd") else so_far)
+
+
+class _Recorder:
+    """Iterates over `chunks`, appending each to `seen` as it is handed out."""
+
+    def __init__(self, chunks, seen):
+        self.chunks, self.seen = chunks, seen
+
+    def __iter__(self):
+        for c in self.chunks:
+            self.seen.append(list(c))
+            yield c
+
+
+def test_issue_case_and_chat_history_keep_the_whole_reply(qwen3_tokenizer, scripted):
+    """Issue 13, case 6 through the engine: "Hello world " then the first byte of an emoji."""
+    tok = qwen3_tokenizer
+    assert tok.encode("Hello world ") == HELLO_WORLD and tok.token_to_id(_byte_alphabet()[0xF0]) == F0
+    engine = Engine(scripted, forced_ids=tok.stop_thinking_ids)
+    messages = [{"role": "user", "content": "hi"}]
+    for chunk in (1, 2, 8):
+        pieces = list(stream_text(engine, tok, messages, max_new_tokens=10, chunk=chunk, temperature=0.0))
+        assert "".join(pieces) == "Hello world \ufffd"
+    written = []
+    message = chat_turn(engine, tok, messages, max_new_tokens=10, temperature=0.0, write=written.append)
+    assert "".join(written) == "Hello world \ufffd"
+    assert message == {"role": "assistant", "content": "Hello world \ufffd", "reasoning_content": ""}
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
@@ -150,6 +150,35 @@ def test_sharded_equals_unsharded(checkpoints, kind):
     np.testing.assert_allclose(np.asarray(logits), ref, atol=2e-5)
     if kind == "moe":
         np.testing.assert_allclose(float(moe_lib.load_balancing_loss(stats)), float(moe_lib.load_balancing_loss(ref_aux)), rtol=1e-6)
+
+
+def test_jax_make_mesh_works_at_every_model_entry_point(checkpoints, tmp_path):
+    """Issue 13, case 7: this JAX's jax.make_mesh makes Explicit axes; the library converts such a
+    mesh to its Auto twin where it takes one. Siblings: sgl-project/sglang-jax#1370 (a library
+    written for Auto axes crashing on an Explicit-axes mesh), jax-ml/jax#28542 (the gather error)."""
+    _, path = checkpoints["dense"]
+    tokens = jnp.asarray(_tokens(8, 12, seed=6))
+    ref = np.asarray(jit_logits(q.from_hf(path), tokens))
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    assert set(mesh.axis_types) == {AxisType.Explicit}
+    model = q.from_hf(path, mesh=mesh)
+    assert model.runs[0].mlp.up_proj[...].sharding.spec == P(None, "fsdp", "tensor")
+    np.testing.assert_allclose(np.asarray(jit_logits(model, tokens)), ref, atol=2e-5)
+    with jax.set_mesh(q.auto_mesh(mesh)):
+        np.testing.assert_allclose(np.asarray(jit_logits(model, tokens)), ref, atol=2e-5)
+    q.save_model(model, str(tmp_path / "ckpt"))
+    for loaded in (q.load_model(str(tmp_path / "ckpt"), mesh=mesh), q.load_any(path, mesh=mesh)):
+        np.testing.assert_allclose(np.asarray(jit_logits(loaded, tokens)), ref, atol=2e-5)
+    init = q.init_model(q.preset("tiny-dense"), mesh=mesh)
+    assert init.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert q.make_mesh(mesh) == q.auto_mesh(mesh) and q.auto_mesh(mesh).devices.tolist() == mesh.devices.tolist()
+    # What the library cannot use is named at once, with how to make what it can.
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"Explicit axes.*qwen3_jax.auto_mesh"):
+        model(tokens)
+    with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not .*allowed: .*qwen3_jax.make_mesh"):
+        q.from_hf(path, mesh=jax.make_mesh((8,), ("model",)))
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        q.init_model(q.preset("tiny-dense"), mesh={"data": 8})
 
 
 def test_parameters_are_sharded_as_the_rules_say(checkpoints):
@@ -313,10 +342,11 @@ def test_preset_parameter_counts():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"num_attention_heads": 5}, "multiple of num_kv_heads"),
+        ({"num_attention_heads": 5}, "multiple of num_key_value_heads"),
         ({"model_type": "llama"}, "unsupported model_type 'llama'"),
-        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_scaling type 'dynamic'"),
-        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is not supported"),
+        ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
+         r"sliding_window=8 applies to layers \[1, 2\]"),
         ({"num_experts_per_tok": 9, "num_experts": 4, "model_type": "qwen3_moe", "moe_intermediate_size": 8}, "num_experts_per_tok"),
     ],
 )
@@ -355,12 +385,99 @@ def test_bad_checkpoints_are_named(checkpoints, tmp_path):
         q.from_hf(str(tmp_path / "nowhere"))
 
 
+@pytest.fixture(scope="module")
+def fused_moe(checkpoints, tmp_path_factory):
+    """The MoE fixture as transformers v5 saves it with save_original_format=False: per layer,
+    experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and experts.down_proj [E, H, I]."""
+    hf, _ = checkpoints["moe"]
+    path = str(tmp_path_factory.mktemp("moe_fused"))
+    hf.save_pretrained(path, save_original_format=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in SafetensorsReader(path).keys()
+    return path
+
+
+def test_fused_expert_checkpoint_loads_like_per_expert(checkpoints, fused_moe, tmp_path):
+    """Issue 13, case 3; siblings: vllm-project/vllm#36997 (fused v5 checkpoints), 1CatAI/1Cat-vLLM#21
+    (fused tensors silently skipped), sgl-project/sglang#38878 (fused and per-expert tensors mixed)."""
+    hf, per_expert = checkpoints["moe"]
+    tokens = _tokens(seed=13)
+    ref = _hf_logits(hf, tokens).logits.numpy()
+    fused = q.from_hf(fused_moe)
+    np.testing.assert_allclose(np.asarray(jit_logits(fused, jnp.asarray(tokens))), ref, atol=1e-4)
+    # transformers reads the fused file back to the same model.
+    reloaded = transformers.Qwen3MoeForCausalLM.from_pretrained(fused_moe).eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, tokens).logits.numpy(), ref, atol=1e-6)
+    # Each device reads its own expert and width slice of the fused tensors.
+    sharded = q.from_hf(fused_moe, mesh=q.make_mesh(MESHES["moe"]))
+    np.testing.assert_array_equal(np.asarray(sharded.runs[0].mlp.down_proj[...]), np.asarray(fused.runs[0].mlp.down_proj[...]))
+    np.testing.assert_array_equal(np.asarray(sharded.runs[0].mlp.gate_proj[...]), np.asarray(fused.runs[0].mlp.gate_proj[...]))
+    # to_hf keeps the per-expert layout of the released checkpoints.
+    q.to_hf(fused, str(tmp_path / "out"))
+    out_keys = SafetensorsReader(str(tmp_path / "out")).keys()
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in out_keys
+    assert not any("gate_up_proj" in k for k in out_keys)
+
+    # A checkpoint whose layers mix the two layouts loads too.
+    fused_reader = SafetensorsReader(fused_moe)
+
+    def fuse_layer_1(t):
+        for e in range(6):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                t.pop(f"model.layers.1.mlp.experts.{e}.{proj}.weight")
+        for name in ("gate_up_proj", "down_proj"):
+            t[f"model.layers.1.mlp.experts.{name}"] = np.array(fused_reader.get(f"model.layers.1.mlp.experts.{name}"))
+
+    mixed = q.from_hf(str(_edit_checkpoint(per_expert, tmp_path / "mixed", fuse_layer_1)))
+    np.testing.assert_allclose(np.asarray(jit_logits(mixed, jnp.asarray(tokens))), ref, atol=1e-4)
+
+
+def test_bad_fused_expert_checkpoints_are_named(checkpoints, fused_moe, tmp_path):
+    _, per_expert = checkpoints["moe"]
+    gate_up = "model.layers.2.mlp.experts.gate_up_proj"
+    fused_reader = SafetensorsReader(fused_moe)
+    both = _edit_checkpoint(per_expert, tmp_path / "both", lambda t: t.update({gate_up: np.array(fused_reader.get(gate_up))}))
+    with pytest.raises(q.CheckpointError, match=r"layer 2 holds its experts both fused .* and per expert"):
+        q.from_hf(str(both))
+    wrong = _edit_checkpoint(fused_moe, tmp_path / "wrong", lambda t: t.update({gate_up: np.ones((6, 40, 80), np.float32)}))
+    with pytest.raises(q.CheckpointError, match=rf"{gate_up} has shape \[6, 40, 80\].*needs \[6, 80, 80\]"):
+        q.from_hf(str(wrong))
+    half = _edit_checkpoint(fused_moe, tmp_path / "half", lambda t: t.pop("model.layers.0.mlp.experts.down_proj"))
+    with pytest.raises(q.CheckpointError, match="missing tensor model.layers.0.mlp.experts.down_proj"):
+        q.from_hf(str(half))
+
+
 def test_tied_checkpoint_without_lm_head_loads(checkpoints, tmp_path):
     hf, src = checkpoints["dense_tied"]
     stripped = _edit_checkpoint(src, tmp_path / "nohead", lambda t: t.pop("lm_head.weight", None))
     model = q.from_hf(str(stripped))
     tokens = _tokens(seed=10)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _hf_logits(hf, tokens).logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("edit", ["different lm_head", "lm_head only"])
+def test_tied_config_loads_the_matrices_transformers_loads(checkpoints, tmp_path, edit):
+    """transformers v5 unties a tied config whose checkpoint holds a different lm_head.weight, and
+    ties to lm_head.weight when the embedding is the one missing."""
+    _, src = checkpoints["dense_tied"]
+    embed = "model.embed_tokens.weight"
+
+    def change(t):
+        if edit == "lm_head only":
+            t["lm_head.weight"] = t.pop(embed)
+        else:
+            t["lm_head.weight"] = np.random.RandomState(5).normal(0, 0.08, t[embed].shape).astype(np.float32)
+
+    path = str(_edit_checkpoint(src, tmp_path / "ckpt", change))
+    ref = transformers.Qwen3ForCausalLM.from_pretrained(path).eval()
+    if edit == "different lm_head":
+        with pytest.warns(UserWarning, match="loading them untied"):
+            model = q.from_hf(path)
+        assert not model.cfg.tie_word_embeddings
+    else:
+        model = q.from_hf(path)
+    tokens = _tokens(seed=14)
+    np.testing.assert_allclose(np.asarray(jit_logits(model, jnp.asarray(tokens))), _hf_logits(ref, tokens).logits.numpy(),
+                               atol=1e-4)
 
 
 def test_out_of_range_tokens_are_rejected():

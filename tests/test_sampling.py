@@ -23,6 +23,7 @@ from infer.sampling import (
     update_seen,
 )
 from qwen3_jax.tokenizer import END_THINK_ID as THINK_END_ID
+from qwen3_jax.tokenizer import IM_END_ID, IM_START_ID
 from qwen3_jax.tokenizer import THINK_ID as THINK_START_ID
 
 # STOP_THINKING_TEXT encoded with the Qwen3 tokenizer (qwen.tiktoken ranks plus
@@ -312,40 +313,76 @@ def test_prompt_think_open():
     assert not prompt_think_open([1, THINK_START_ID, 271, THINK_END_ID, 271])  # thinking off
     assert not prompt_think_open([1, 2, 3])
     assert not prompt_think_open([])
+    # Issue 13, case 4: only the turn being generated (after the last <|im_start|>) decides.
+    user_mentions_think = [IM_START_ID, 872, 198, 3838, THINK_START_ID, 4310, IM_END_ID, 198, IM_START_ID, 77091, 198]
+    assert not prompt_think_open(user_mentions_think)
+    assert prompt_think_open(user_mentions_think + [THINK_START_ID, 198])
+    assert not prompt_think_open(user_mentions_think + [THINK_START_ID, 271, THINK_END_ID, 271])
+    earlier_turn_open = [IM_START_ID, 77091, 198, THINK_START_ID, 5, IM_END_ID, IM_START_ID, 872, 198, 9]
+    assert not prompt_think_open(earlier_turn_open)
+    # Another vocabulary's ids (a sentencepiece model trained with the control tokens).
+    assert prompt_think_open([3, 7, 1, 5], think_id=1, end_think_id=2, turn_start_id=3)
+    assert not prompt_think_open([1, 3, 7], think_id=1, end_think_id=2, turn_start_id=3)
 
 
-def test_budget_forces_stop_text_per_row_under_jit_scan():
-    steps, forced = 40, QWEN3_STOP_THINKING_IDS
-    # (prompt leaves <think> open, budget, first forced step or None)
-    rows = [
-        (True, 0, 0),  # budget 0: forced from the first token
-        (True, 3, 3),
-        (True, 5, 5),
-        (True, UNLIMITED_BUDGET, None),
-        (True, 6, None),  # closes the block itself at step 2 (and reopens it at 4)
-        (False, 0, None),  # thinking off
-        (False, 2, 5),  # opens <think> at step 2, then counts steps 3 and 4
-        (True, 1, 1),  # reopens <think> after being forced: never forced again
-    ]
-    sampled = 1000 + 100 * np.arange(len(rows))[None, :] + np.arange(steps)[:, None]
-    sampled[2, 4], sampled[4, 4] = THINK_END_ID, THINK_START_ID
-    sampled[2, 6] = THINK_START_ID
-    sampled[26, 7] = THINK_START_ID
-    want = sampled.copy()
-    for b, (_, _, start) in enumerate(rows):
-        if start is not None:
-            want[start : start + forced.size, b] = forced
-
+def _run_budget(rows, sampled_TxB, forced_F, **ids):
     @jax.jit
     def run(state, sampled_TxB):
-        return jax.lax.scan(lambda st, s: budget_apply(st, s, jnp.asarray(forced))[::-1], state, sampled_TxB)
+        return jax.lax.scan(lambda st, s: budget_apply(st, s, jnp.asarray(forced_F))[::-1], state, sampled_TxB)
 
-    state = budget_init([r[0] for r in rows], [r[1] for r in rows])
-    final, emitted = run(state, jnp.asarray(sampled, jnp.int32))
-    np.testing.assert_array_equal(np.asarray(emitted), want)
-    # Forced rows end with the block closed by the forced </think>; forced tokens and
-    # tokens after the block closed are not counted.
-    np.testing.assert_array_equal(final.in_think, [False, False, False, True, True, False, False, True])
-    np.testing.assert_array_equal(np.asarray(final.count)[[1, 2, 6]], [3, 5, 2])
-    np.testing.assert_array_equal(final.forcing_pos, -1)
-    np.testing.assert_array_equal(final.done, [True, True, True, False, True, False, True, True])
+    state = budget_init([r[0] for r in rows], [r[1] for r in rows], **ids)
+    final, emitted = run(state, jnp.asarray(sampled_TxB, jnp.int32))
+    return final, np.asarray(emitted)
+
+
+def test_budget_is_the_replys_over_every_think_block_under_jit_scan():
+    """Issue 13, case 5: thinking tokens count over all blocks of the reply; a block opened once the
+    budget is spent is closed at once; after a natural close a new block counts on. Sibling:
+    vllm-project/vllm#53572 (answer tokens after a natural close counted and the stop text forced
+    into the answer)."""
+    steps, forced = 40, QWEN3_STOP_THINKING_IDS
+    F = forced.size
+    # (prompt leaves <think> open, budget, {step: sampled think tag}, steps where forcing starts)
+    rows = [
+        (True, 0, {}, [0]),  # budget 0: forced from the first token
+        (True, 3, {}, [3]),
+        (True, UNLIMITED_BUDGET, {5: THINK_END_ID, 9: THINK_START_ID}, []),
+        (False, 0, {}, []),  # thinking off: no block, nothing forced
+        (False, 2, {2: THINK_START_ID}, [5]),  # opens <think> at 2, then counts steps 3 and 4
+        (True, 6, {2: THINK_END_ID, 4: THINK_START_ID}, [8]),  # 3 counted (0-2), then 5, 6, 7
+        (True, 1, {26: THINK_START_ID}, [1, 27]),  # reopened after the budget ran out: closed at once
+        (True, 10, {2: THINK_END_ID}, []),  # answer tokens after a natural close do not count
+        (True, 2, {1: THINK_END_ID, 3: THINK_START_ID}, [4]),  # closed exactly at the budget, reopened
+    ]
+    sampled = 1000 + 100 * np.arange(len(rows))[None, :] + np.arange(steps)[:, None]
+    want = sampled.copy()
+    for b, (_, _, tags, starts) in enumerate(rows):
+        for step, tag in tags.items():
+            sampled[step, b] = want[step, b] = tag
+        for s in starts:
+            want[s: s + F, b] = forced[: steps - s]
+    final, emitted = _run_budget(rows, sampled, forced)
+    np.testing.assert_array_equal(emitted, want)
+    np.testing.assert_array_equal(final.in_think, [False, False, True, False, False, False, True, False, False])
+    np.testing.assert_array_equal(np.asarray(final.count)[[1, 4, 5, 7, 8]], [3, 2, 6, 3, 2])
+    np.testing.assert_array_equal(final.forcing_pos, [-1, -1, -1, -1, -1, -1, 13, -1, -1])
+    # done: the budget is spent, so any block the row opens is closed at once.
+    np.testing.assert_array_equal(final.done, [True, True, False, True, True, True, True, False, True])
+
+
+def test_forced_ids_without_end_think_still_close_the_block():
+    """Forcing ends the block even when the forced ids hold no </think> (a custom stop text): the
+    row is not forced over and over."""
+    forced = np.array([7, 8, 9])
+    sampled = 1000 + np.arange(12)[:, None]
+    final, emitted = _run_budget([(True, 1)], sampled, forced)
+    assert emitted[:, 0].tolist() == [1000, 7, 8, 9] + list(range(1004, 1012))
+    assert not bool(final.in_think[0]) and bool(final.done[0])
+
+
+def test_budget_with_another_vocabularys_think_ids():
+    sampled = np.array([[5], [2], [6], [1], [6], [6]])  # think id 1, end-think id 2 in this vocabulary
+    final, emitted = _run_budget([(True, 2)], sampled, np.array([40, 2]), think_id=1, end_think_id=2)
+    # 5 and the sampled 2 (which closes the block) spend the budget; the reopened block is closed at once.
+    assert emitted[:, 0].tolist() == [5, 2, 6, 1, 40, 2]
+    assert not bool(final.in_think[0])

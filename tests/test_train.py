@@ -135,12 +135,21 @@ def test_weight_decay_mask_skips_norms_and_embeddings():
 @pytest.mark.parametrize("name, mesh_shape", [
     ("tiny-dense", {"data": 2, "fsdp": 2, "tensor": 2}),
     ("tiny-moe", {"data": 2, "expert": 2, "tensor": 2}),
+    ("tiny-dense", "jax.make_mesh"),  # issue 13, case 7: Explicit axes
 ])
 def test_sharded_step_matches_single_device(name, mesh_shape):
     cfg = preset(name)
     batch = next(synthetic_batches(cfg))
     ref_metrics, ref_params = one_step(cfg, single_device(), initial_state(name), batch)
-    metrics, params = one_step(cfg, make_mesh(mesh_shape), initial_state(name), batch)
+    if mesh_shape == "jax.make_mesh":
+        mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+        fresh = step_lib.init_train_state(cfg, OPT, mesh, seed=3)
+        assert_trees_close(jax.device_get(fresh.params), jax.device_get(
+            step_lib.init_train_state(cfg, OPT, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), seed=3).params),
+            rtol=0, atol=0)
+    else:
+        mesh = make_mesh(mesh_shape)
+    metrics, params = one_step(cfg, mesh, initial_state(name), batch)
     assert set(metrics) == set(ref_metrics) and ("aux_loss" in metrics) == cfg.is_moe
     for key in ref_metrics:
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)

@@ -356,7 +356,7 @@ class DistillStep:
         rows = [r.row_sampling(m) for m in modes]
         sampling = {k: [row[k] for row in rows] for k in rows[0]}
         budgets = [r.thinking_budget if m == THINK else None for m in modes]
-        engine = Engine(self.student(params), mesh=self.mesh, forced_ids=self.tokenizer.stop_thinking_ids)
+        engine = Engine.for_tokenizer(self.student(params), self.tokenizer, mesh=self.mesh)
         return engine.generate(
             prompts, max_new_tokens=r.max_new_tokens, stop_token_ids=self.tokenizer.eos_ids,
             thinking_budget=budgets, seed=step_seed(self.exp.train.seed, step), **sampling,

@@ -17,6 +17,9 @@ Everything here is a pure function of static configs (frozen dataclasses, hashab
   are sums the partitioner all-reduces) and averaged over microbatches; with one microbatch it is
   the global-batch load-balancing loss of the Qwen3 report.
 
+Every function here that takes a mesh uses its `auto_mesh` twin, so a mesh from `jax.make_mesh`
+(Explicit axes) gives the same step as one from `qwen3_jax.make_mesh`.
+
 Shapes in names: B batch, T sequence, D hidden, V vocab, C chunk length, M microbatches.
 """
 
@@ -36,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.model import Qwen3, abstract_model
 from qwen3_jax.moe import load_balancing_loss
-from qwen3_jax.sharding import ShardingRules, constrain, state_shardings
+from qwen3_jax.sharding import ShardingRules, auto_mesh, constrain, state_shardings
 
 Params = dict[str, Any]  # nnx pure dict: nested dicts of float32 arrays
 Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positions: [B, T]
@@ -141,6 +144,7 @@ def params_shardings(cfg: Qwen3Config, mesh: Mesh) -> Params:
 
 def train_state_shardings(cfg: Qwen3Config, opt: OptimizerConfig, mesh: Mesh) -> TrainState:
     """NamedShardings for every leaf: optimizer moments follow their parameter, scalars replicate."""
+    mesh = auto_mesh(mesh)
     tx = make_optimizer(opt, cfg)
     params = params_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, P())
@@ -186,11 +190,12 @@ def init_train_state(
 ) -> TrainState:
     """Step 0 state built on the mesh: from `params` (consumed) or a fresh init from `seed`
     (the same values as `init_model(cfg, seed=seed)`)."""
-    fresh, from_params = _state_builders(cfg, opt, mesh)
+    fresh, from_params = _state_builders(cfg, opt, auto_mesh(mesh))
     return fresh(jnp.int32(seed)) if params is None else from_params(params)
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
+    mesh = auto_mesh(mesh)
     return NamedSharding(mesh, rules.spec(("batch", "seq"), mesh.axis_names))
 
 
@@ -316,8 +321,9 @@ def compile_update(
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """`update_step` jitted with explicit shardings: the state (donated) as the trainer shards it,
     every batch array split over the batch axes, `frozen` as `frozen_shardings` (not donated).
-    The returned function runs under `mesh`; `.jitted` is the jax.jit object (for AOT lowering
-    under `jax.set_mesh(mesh)`)."""
+    The returned function runs under `mesh` (an Explicit-axes mesh is used as its `auto_mesh`
+    twin); `.jitted` is the jax.jit object (for AOT lowering under `jax.set_mesh(mesh)`)."""
+    mesh = auto_mesh(mesh)
     tx = make_optimizer(opt, cfg)
     shardings = train_state_shardings(cfg, opt, mesh)
     step = jax.jit(
@@ -338,12 +344,16 @@ def compile_update(
     return run
 
 
-@functools.cache
 def make_train_step(
     cfg: Qwen3Config, step_cfg: StepConfig, opt: OptimizerConfig, mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted language-modelling step (`lm_objective`); it donates the old state and runs
     under `mesh`. Cached, so asking again for the same configs and mesh reuses the compiled step."""
+    return _make_train_step(cfg, step_cfg, opt, auto_mesh(mesh))
+
+
+@functools.cache
+def _make_train_step(cfg: Qwen3Config, step_cfg: StepConfig, opt: OptimizerConfig, mesh: Mesh):
     graphdef, _ = nnx.split(abstract_model(cfg))
     objective = functools.partial(lm_objective, graphdef=graphdef, cfg=cfg, step_cfg=step_cfg)
     return compile_update(objective, cfg, step_cfg.microbatches, opt, mesh)
