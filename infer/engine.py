@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from infer.sampling import (
-    UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_init, prompt_think_open, sample,
+    UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_forces, budget_init,
+    prompt_think_open, sample,
     update_seen,
 )
 from qwen3_jax.layers import CACHE_AXES, KVCache
@@ -41,6 +42,7 @@ class DecodeState(NamedTuple):
     slot_B: jax.Array  # cache slot where the next token is written
     num_generated_B: jax.Array
     out_BxN: jax.Array  # generated ids (valid up to num_generated_B)
+    forced_BxN: jax.Array  # bool: the thinking budget forced that id (it was not sampled)
     done_B: jax.Array
     seen_BxV: jax.Array  # presence-penalty mask over generated tokens
     budget: BudgetState
@@ -105,12 +107,14 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
         s, i = carry
         keys = jax.vmap(jax.random.fold_in)(rows.keys_B, s.num_generated_B)
         sampled = sample(s.logits_BxV, rows.sampling, keys, s.seen_BxV, max_candidates=max_candidates)
+        forced_B = budget_forces(s.budget)
         tok_B, budget = budget_apply(s.budget, sampled, rows.forced_ids_F)
         active = ~s.done_B
         tok_B = jnp.where(active, tok_B, 0)
         budget = jax.tree.map(lambda new, old: jnp.where(active, new, old), budget, s.budget)
         write_at = jnp.minimum(s.num_generated_B, N - 1)
         out = s.out_BxN.at[row_ids, write_at].set(jnp.where(active, tok_B, s.out_BxN[row_ids, write_at]))
+        forced = s.forced_BxN.at[row_ids, write_at].set(jnp.where(active, forced_B, s.forced_BxN[row_ids, write_at]))
         seen = jnp.where(active[:, None], update_seen(s.seen_BxV, tok_B), s.seen_BxV)
         num_generated = s.num_generated_B + active
         done = s.done_B | (active & (jnp.isin(tok_B, rows.stop_ids) | (num_generated >= rows.max_new_B)))
@@ -118,7 +122,7 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
         fwd = model.forward(tok_B[:, None], cache=s.cache, cache_start_B=s.slot_B)
         logits = model.logits(fwd.hidden_BxTxD)[:, 0].astype(jnp.float32)
         slot = s.slot_B + active
-        return DecodeState(fwd.cache, logits, slot, num_generated, out, done, seen, budget), i + 1
+        return DecodeState(fwd.cache, logits, slot, num_generated, out, forced, done, seen, budget), i + 1
 
     def cond(carry):
         s, i = carry
@@ -213,16 +217,35 @@ class Engine:
         axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
         return int(np.prod([self.mesh.shape[a] for a in axes]))
 
-    def stream(
+    def stream(self, prompts: Sequence[Sequence[int]], **kwargs) -> Iterator[list[list[int]]]:
+        """Yields, after each compiled chunk of `chunk` steps, the new tokens of every row.
+
+        Keyword arguments as `generate`'s (but `return_forced`), plus `chunk`: decode steps per
+        compiled chunk (default: all of max_new_tokens at once).
+        """
+        for tokens, _ in self._stream(prompts, **kwargs):
+            yield tokens
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, return_forced: bool = False, **kwargs):
+        """The new tokens of every prompt (a stop token included when one ended the row).
+
+        `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
+        do not depend on which rows share its batch. With `return_forced`, returns (tokens,
+        forced): per token, whether the thinking budget forced it rather than sampling it.
+        """
+        tokens: list[list[int]] = [[] for _ in prompts]
+        forced: list[list[bool]] = [[] for _ in prompts]
+        for new, new_forced in self._stream(prompts, **kwargs):
+            for r, f, toks, fs in zip(tokens, forced, new, new_forced):
+                r.extend(toks)
+                f.extend(fs)
+        return (tokens, forced) if return_forced else tokens
+
+    def _stream(
         self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature=0.6, top_k=20, top_p=0.95,
         min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS, thinking_budget=None,
         seed: int | Sequence[int] = 0, chunk: int | None = None,
-    ) -> Iterator[list[list[int]]]:
-        """Yields, after each compiled chunk of `chunk` steps, the new tokens of every row.
-
-        `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
-        do not depend on which rows share its batch.
-        """
+    ) -> Iterator[tuple[list[list[int]], list[list[bool]]]]:
         if self.max_len is None:
             limit, name = self.cfg.context_length, f"the model's context of {self.cfg.context_length} positions"
         else:
@@ -262,7 +285,7 @@ class Engine:
             cache, logits = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache)
             state = DecodeState(
                 cache, logits, jnp.asarray(lengths), jnp.zeros((B,), jnp.int32),
-                jnp.zeros((B, max_new_tokens), jnp.int32), jnp.arange(B) >= n,
+                jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.bool_), jnp.arange(B) >= n,
                 jnp.zeros((B, self.cfg.vocab_size), jnp.bool_),
                 budget_init(in_think, budgets, think_id=tags.think, end_think_id=tags.end_think),
             )
@@ -271,18 +294,12 @@ class Engine:
             while True:
                 state = _decode(self.graphdef, self.params, state, rows, steps, self.max_candidates)
                 counts = np.asarray(state.num_generated_B)[:n]
-                out = np.asarray(state.out_BxN)[:n]
-                yield [out[i, emitted[i]: counts[i]].tolist() for i in range(n)]
+                out, forced = np.asarray(state.out_BxN)[:n], np.asarray(state.forced_BxN)[:n]
+                yield ([out[i, emitted[i]: counts[i]].tolist() for i in range(n)],
+                       [forced[i, emitted[i]: counts[i]].tolist() for i in range(n)])
                 emitted = counts
                 if bool(np.all(np.asarray(state.done_B))):
                     return
-
-    def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
-        result: list[list[int]] = [[] for _ in prompts]
-        for new in self.stream(prompts, **kwargs):
-            for r, toks in zip(result, new):
-                r.extend(toks)
-        return result
 
     def _init_cache(self, batch: int, slots: int):
         dtype = jnp.dtype(self.cfg.dtype)

@@ -334,6 +334,11 @@ def _spent(budget_B: jax.Array, count_B: jax.Array) -> jax.Array:
     return (budget_B >= 0) & (count_B >= budget_B)
 
 
+def budget_forces(state: BudgetState) -> jax.Array:
+    """Bool [B]: the rows whose next token `budget_apply` forces rather than takes from sampling."""
+    return (state.done & state.in_think) | (state.forcing_pos >= 0)
+
+
 def budget_apply(
     state: BudgetState, sampled_B: jax.Array, forced_ids_F: jax.Array
 ) -> tuple[jax.Array, BudgetState]:
@@ -347,7 +352,7 @@ def budget_apply(
     num_forced = forced_ids_F.shape[0]
     start_B = state.done & state.in_think & (state.forcing_pos < 0)
     pos_B = jnp.where(start_B, 0, state.forcing_pos)
-    forcing_B = pos_B >= 0
+    forcing_B = budget_forces(state)
     last_forced_B = forcing_B & (pos_B + 1 >= num_forced)
     tokens_B = jnp.where(forcing_B, forced_ids_F[jnp.maximum(pos_B, 0)], sampled_B).astype(jnp.int32)
     opened_B = jnp.where(tokens_B == state.think_id, True, state.in_think)

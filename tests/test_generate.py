@@ -102,14 +102,19 @@ def test_thinking_budgets_force_the_stop_text_per_row(qwen3_vocab_model, forced_
     thinking_off = [151644, 77091, 198, THINK_ID, 271, END_THINK_ID, 271]  # the empty block
     prompts = [open_think, open_think, open_think, open_think, thinking_off]
     budgets = [0, 3, 7, None, 0]
-    out = generate(qwen3_vocab_model, prompts, max_new_tokens=32, temperature=1.0, top_k=50, stop_token_ids=(),
-                   thinking_budget=budgets, seed=4)
+    out, was_forced = Engine(qwen3_vocab_model).generate(
+        prompts, max_new_tokens=32, temperature=1.0, top_k=50, stop_token_ids=(), thinking_budget=budgets, seed=4,
+        return_forced=True)
+    assert out == generate(qwen3_vocab_model, prompts, max_new_tokens=32, temperature=1.0, top_k=50,
+                           stop_token_ids=(), thinking_budget=budgets, seed=4)
     forced = list(forced_ids)
     assert len(forced) == 24 and END_THINK_ID in forced
-    for row, n in zip(out[:3], budgets[:3]):
+    for row, flags, n in zip(out[:3], was_forced[:3], budgets[:3]):
         assert END_THINK_ID not in row[:n]
         assert row[n: n + 24] == forced, n
         assert len(row) == 32  # sampling resumes after the forced text
+        assert flags == [False] * n + [True] * 24 + [False] * (32 - n - 24)  # exactly the forced ids are marked
+    assert not any(was_forced[3]) and not any(was_forced[4])
     assert out[3][:24] != forced[:24] and END_THINK_ID not in out[3]  # unlimited: never forced
     assert forced[:5] != out[4][:5]  # thinking off: budget 0 forces nothing
     # A prompt whose thinking is already closed by the model is never forced either.

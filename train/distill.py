@@ -67,7 +67,10 @@ from train import data as data_lib
 from train import train as train_lib
 from train.checkpoint import init_from_config
 from train.divergence import DistillLoss, DistillSums, chunked_sums, divergence  # noqa: F401 (stable API)
-from train.step import Batch, Params, Terms, TrainState, batch_sharding, compile_update, params_shardings, unembedding
+from train.step import (
+    Batch, OptimizerConfig, Params, StepConfig, Terms, TrainState, batch_sharding, compile_update, params_shardings,
+    unembedding,
+)
 from train.train import TrainConfigError, need
 
 THINK, NO_THINK = "think", "no_think"
@@ -322,20 +325,29 @@ def update_flops(student: Qwen3Config, teacher: Qwen3Config, seq_len: int) -> fl
     return train_lib.flops_per_token(student, seq_len) + train_lib.flops_per_token(teacher, seq_len) / 3
 
 
+@functools.cache
+def compile_distill_update(
+    student: Qwen3Config, teacher: Qwen3Config, loss: DistillLoss, step_cfg: StepConfig, opt: OptimizerConfig,
+    mesh: jax.sharding.Mesh,
+):
+    """The jitted update (`train.step.compile_update` of `distill_objective`), with the teacher's
+    parameters as its frozen argument sharded by the rule table. Cached per configs and mesh, so
+    runs in one process (a resumed stage, tests) compile it once."""
+    objective = functools.partial(
+        distill_objective, graphdef=nnx.graphdef(abstract_model(student)), cfg=student,
+        teacher_graphdef=nnx.graphdef(abstract_model(teacher)), loss=loss, chunk_len=step_cfg.ce_chunk_len,
+    )
+    return compile_update(objective, student, step_cfg.microbatches, opt, mesh, params_shardings(teacher, mesh))
+
+
 class DistillStep:
     """`run_loop`'s step function: rollout with the current student, then the jitted update."""
 
     def __init__(self, exp: DistillExperiment, mesh: jax.sharding.Mesh, tokenizer: Tokenizer, teacher_params: Params):
         cfg = exp.train.model
         self.exp, self.mesh, self.tokenizer, self.teacher_params = exp, mesh, tokenizer, teacher_params
-        self.graphdef, _ = nnx.split(abstract_model(cfg))
-        teacher_graphdef, _ = nnx.split(abstract_model(exp.teacher))
-        objective = functools.partial(
-            distill_objective, graphdef=self.graphdef, cfg=cfg, teacher_graphdef=teacher_graphdef, loss=exp.loss,
-            chunk_len=exp.train.step.ce_chunk_len,
-        )
-        self.update = compile_update(objective, cfg, exp.train.step.microbatches, exp.train.optimizer, mesh,
-                                     params_shardings(exp.teacher, mesh))
+        self.graphdef = nnx.graphdef(abstract_model(cfg))
+        self.update = compile_distill_update(cfg, exp.teacher, exp.loss, exp.train.step, exp.train.optimizer, mesh)
         self.sharding = batch_sharding(mesh, cfg.rules)
 
     def student(self, params: Params) -> Qwen3:
@@ -350,8 +362,9 @@ class DistillStep:
         return [render_prompt(rec, m, self.tokenizer, r) for rec, m in zip(records, modes)], modes
 
     def rollout(self, params: Params, prompts: Sequence[Sequence[int]], modes: Sequence[str], step: int):
-        """Completions of `prompts` by the student at `params`: sampled with the per-mode settings,
-        the thinking budget on thinking rows, the step's seed."""
+        """(completions, forced) of `prompts` by the student at `params`: sampled with the per-mode
+        settings, the thinking budget on thinking rows, the step's seed; `forced` marks the tokens
+        the budget forced."""
         r = self.exp.rollout
         rows = [r.row_sampling(m) for m in modes]
         sampling = {k: [row[k] for row in rows] for k in rows[0]}
@@ -359,7 +372,7 @@ class DistillStep:
         engine = Engine.for_tokenizer(self.student(params), self.tokenizer, mesh=self.mesh)
         return engine.generate(
             prompts, max_new_tokens=r.max_new_tokens, stop_token_ids=self.tokenizer.eos_ids,
-            thinking_budget=budgets, seed=step_seed(self.exp.train.seed, step), **sampling,
+            thinking_budget=budgets, seed=step_seed(self.exp.train.seed, step), return_forced=True, **sampling,
         )
 
     def __call__(self, state: TrainState, records: Sequence[dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
@@ -367,9 +380,9 @@ class DistillStep:
         step = int(jax.device_get(state.step))
         prompts, modes = self.prompts(records, step)
         t1 = time.perf_counter()
-        completions = self.rollout(state.params, prompts, modes, step)
+        completions, forced = self.rollout(state.params, prompts, modes, step)
         t2 = time.perf_counter()
-        batch = rollout_batch(prompts, completions, self.exp.rollout.seq_len)
+        batch = rollout_batch(prompts, completions, self.exp.rollout.seq_len, forced)
         batch = {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in batch.items()}
         t3 = time.perf_counter()
         state, metrics = self.update(state, batch, self.teacher_params)
@@ -379,6 +392,7 @@ class DistillStep:
         think_rows = [c for c, m in zip(completions, modes) if m == THINK]
         metrics.update(
             completion_len=generated / len(completions),
+            forced_tokens=sum(map(sum, forced)) / len(completions),
             think_rows=len(think_rows) / len(completions),
             rollout_time=t2 - t1,
             update_time=t4 - t3,
