@@ -164,7 +164,7 @@ def main() -> None:
         config.rollout.thinking_budget = 16
         config.train.ce_chunk_len = 64
         exp = distill.validate(config)
-        teacher_params = distill.load_teacher(exp, mesh)
+        teacher_params = nnx.to_pure_dict(nnx.state(distill.load_teacher(exp, mesh), nnx.Param))
     step_fn = distill.DistillStep(exp, mesh, tokenizer, teacher_params)
     records = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}], "tools": None}
                for i in range(8)]

@@ -152,11 +152,11 @@ def generate_file(
     """
     check(prompts_path, out_path, settings, batch_size)
     keep = load_keep(settings.keep) if settings.keep else None
-    max_prompt = engine.cfg.max_position_embeddings - settings.max_new_tokens
+    max_prompt = engine.context - settings.max_new_tokens
     if max_prompt < 1:
         raise BatchError(
             f"--max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in the model's context of "
-            f"{engine.cfg.max_position_embeddings} positions"
+            f"{engine.context} positions"
         )
     if not tokenizer.eos_ids:
         raise BatchError("the tokenizer has no stop token (<|im_end|> or <|endoftext|>): no sample could finish")

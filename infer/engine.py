@@ -201,6 +201,11 @@ class Engine:
         self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
         self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else forced_ids, np.int32)
 
+    @property
+    def context(self) -> int:
+        """Positions a prompt plus its new tokens may use: `max_len`, else the model's context."""
+        return self.cfg.context_length if self.max_len is None else self.max_len
+
     @classmethod
     def for_tokenizer(cls, model: Qwen3, tokenizer: Tokenizer, **kwargs) -> "Engine":
         """An engine whose thinking budget speaks `tokenizer`'s vocabulary: it forces the
@@ -246,11 +251,8 @@ class Engine:
         min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS, thinking_budget=None,
         seed: int | Sequence[int] = 0, chunk: int | None = None,
     ) -> Iterator[tuple[list[list[int]], list[list[bool]]]]:
-        if self.max_len is None:
-            limit, name = self.cfg.context_length, f"the model's context of {self.cfg.context_length} positions"
-        else:
-            limit, name = self.max_len, f"max_len={self.max_len}"
-        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, limit, name)
+        name = f"the model's context of {self.context} positions" if self.max_len is None else f"max_len={self.max_len}"
+        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, self.context, name)
         n = len(prompts)
         sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        presence_penalty=presence_penalty)

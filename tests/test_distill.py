@@ -352,6 +352,37 @@ def test_resumed_run_repeats_the_uninterrupted_divergence_curve(assets, tmp_path
         np.testing.assert_allclose(cut[step], whole[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+def test_off_policy_phase_then_on_policy_in_one_run(assets, tmp_path):
+    """Phase 1 (teacher responses in both modes + SFT) runs first; phase 2 starts from its result."""
+    root, tokenizer, _ = assets
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(open(root / "prompts.jsonl").readlines()[:4]))
+    config = distill_config(root, **{
+        "prompts.paths": str(prompts), "prompts.batch_size": 4, "train.steps": 1, "off_policy.steps": 2,
+        "off_policy.max_new_tokens": 8, "off_policy.thinking_budget": 2, "off_policy.temperature": 0.0,
+        "off_policy.keep_unfinished": True,
+        "rollout.max_new_tokens": 8,
+    })
+    config.optimizer.update(decay_steps=None, warmup_steps=0)
+    distill.run(config, str(tmp_path / "w"))
+    records = [json.loads(line) for line in open(tmp_path / "w" / "off_policy" / "teacher_responses.jsonl")]
+    assert sorted((r["prompt_line"], r["mode"]) for r in records) == [
+        (line, mode) for line in range(1, 5) for mode in ("no_think", "think")]
+    assert all(r["messages"][-2]["content"].endswith("/" + r["mode"]) for r in records)
+    sft = [json.loads(line) for line in open(tmp_path / "w" / "off_policy" / "metrics.jsonl")]
+    assert [m["step"] for m in sft] == [1, 2]
+    cfg = distill.validate(config).train.model
+    mesh = q.make_mesh({"data": 1}, jax.devices()[:1])
+    after_sft = load_params(str(tmp_path / "w" / "off_policy"), cfg, mesh)
+    assert not np.allclose(after_sft["runs"][0]["mlp"]["up_proj"], q.init_model(cfg, seed=0).runs[0].mlp.up_proj[...])
+    on_policy = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    assert [m["step"] for m in on_policy] == [1]
+    # Rerunning resumes both phases: nothing is generated or trained again.
+    distill.run(config, str(tmp_path / "w"))
+    assert len(open(tmp_path / "w" / "off_policy" / "teacher_responses.jsonl").readlines()) == len(records)
+    assert len(open(tmp_path / "w" / "metrics.jsonl").readlines()) == 1
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"teacher.init_from": None}, r"teacher.init_from must name"),
     ({"distill.signal": "kl"}, r"signal must be one of"),

@@ -53,6 +53,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_dict, config_flags
 
+from infer import batch as batch_lib
 from infer.engine import Engine
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams
 from qwen3_jax import chat
@@ -127,7 +128,62 @@ def default_config() -> ml_collections.ConfigDict:
         "top_k": 64,
         "estimator_use": "reward",  # k1/k3: 'loss' or 'reward' (policy gradient)
     })
+    # Phase 1, off-policy (response distillation), run first when steps > 0: the teacher answers
+    # every prompt of prompts.paths (JSONL) in the given modes (infer.batch, resumable), and the
+    # student is fine-tuned on those records by train.train's SFT path in WORKDIR/off_policy;
+    # phase 2 (on-policy) then starts from that run.
+    c.off_policy = ml_collections.ConfigDict({
+        "steps": 0,  # SFT steps; 0 skips the phase (the student starts from model.*)
+        "modes": "both",  # 'think' | 'no_think' | 'both' (the report distils both)
+        "samples": 1,  # teacher samples per prompt and mode
+        "max_new_tokens": config_dict.placeholder(int),  # None: rollout.max_new_tokens
+        "thinking_budget": config_dict.placeholder(int),  # the teacher's, on think samples; None: no limit
+        "temperature": config_dict.placeholder(float),  # sampling; None: Qwen's value for the mode
+        "top_k": config_dict.placeholder(int),
+        "top_p": config_dict.placeholder(float),
+        "min_p": config_dict.placeholder(float),
+        "keep": config_dict.placeholder(str),  # 'module:function' verifier: trains on accepted records only
+        "keep_unfinished": False,  # train on responses cut by max_new_tokens too
+        "generate_batch_size": 64,  # rows per teacher decode call
+        "seq_len": config_dict.placeholder(int),  # SFT rows; None: rollout.max_prompt_len + max_new_tokens
+        "batch_size": config_dict.placeholder(int),  # SFT rows per step; None: prompts.batch_size
+        "learning_rate": config_dict.placeholder(float),  # None: optimizer.learning_rate
+    })
     c.train.z_loss_coef = 0.0
+    return c
+
+
+OFF_POLICY_MODES = {"think": ("think",), "no_think": ("no_think",), "both": ("think", "no_think")}
+
+
+def off_policy_settings(config: ml_collections.ConfigDict) -> batch_lib.Settings:
+    """What the teacher generates in phase 1 (infer.batch's settings)."""
+    o = config.off_policy
+    sampling = {k: o[k] for k in ("temperature", "top_k", "top_p", "min_p") if o[k] is not None}
+    return batch_lib.Settings(
+        modes=OFF_POLICY_MODES[o.modes], samples=o.samples, seed=config.seed,
+        max_new_tokens=o.max_new_tokens or config.rollout.max_new_tokens, thinking_budget=o.thinking_budget,
+        sampling=sampling, keep=o.keep, keep_unfinished=o.keep_unfinished,
+    )
+
+
+def off_policy_config(config: ml_collections.ConfigDict, tokenizer: str, responses: str) -> ml_collections.ConfigDict:
+    """train.train's config of phase 1: SFT of the student on the teacher's `responses`, with the
+    distillation config's model, mesh, optimizer (its own schedule length), checkpointing and seed."""
+    o = config.off_policy
+    c = train_lib.default_config()
+    for section in ("model", "mesh", "optimizer", "checkpoint"):
+        c[section] = ml_collections.ConfigDict(config[section].to_dict())
+    c.seed, c.distributed, c.tokenizer = config.seed, config.distributed, tokenizer
+    c.optimizer.decay_steps = None
+    if o.learning_rate is not None:
+        c.optimizer.learning_rate = o.learning_rate
+    c.data.update(format="jsonl", kind="chat", paths=responses, packing="first_fit", num_epochs=None,
+                  seed=config.prompts.seed, num_threads=1,
+                  seq_len=o.seq_len or config.rollout.max_prompt_len + config.rollout.max_new_tokens,
+                  batch_size=o.batch_size or config.prompts.batch_size)
+    c.train.update(steps=o.steps, microbatches=config.train.microbatches, ce_chunk_len=config.train.ce_chunk_len,
+                   log_every=config.train.log_every, peak_flops=config.train.peak_flops)
     return c
 
 
@@ -161,6 +217,7 @@ class DistillExperiment:
     tokenizer: str
     rollout: RolloutConfig
     loss: DistillLoss
+    off_policy: train_lib.Experiment | None  # phase 1's SFT, when off_policy.steps > 0
 
 
 def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
@@ -207,9 +264,9 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     except ValueError as e:
         raise TrainConfigError(f"rollout: {e}") from e
     for who, cfg in (("student", student), ("teacher", teacher)):
-        need(rollout.seq_len <= cfg.max_position_embeddings,
+        need(rollout.seq_len <= cfg.context_length,
               f"rollout.max_prompt_len + rollout.max_new_tokens = {rollout.seq_len} exceeds the {who}'s context "
-              f"of {cfg.max_position_embeddings} positions")
+              f"of {cfg.context_length} positions")
     need(config.train.z_loss_coef == 0, "train.z_loss_coef has no meaning in distillation; leave it 0")
     try:
         loss = DistillLoss(**config.distill.to_dict())
@@ -227,7 +284,30 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
         seq_len=rollout.seq_len, batch_field="prompts.batch_size",
         seq_field="rollout.max_prompt_len + rollout.max_new_tokens",
     )
-    return DistillExperiment(exp, teacher, t.init_from, spec, rollout, loss)
+    return DistillExperiment(exp, teacher, t.init_from, spec, rollout, loss, _validate_off_policy(config, spec))
+
+
+def _validate_off_policy(config: ml_collections.ConfigDict, tokenizer: str) -> train_lib.Experiment | None:
+    o = config.off_policy
+    need(o.steps >= 0, f"off_policy.steps must be >= 0, got {o.steps}")
+    if not o.steps:
+        return None
+    need(o.modes in OFF_POLICY_MODES, f"off_policy.modes must be one of {sorted(OFF_POLICY_MODES)}, got {o.modes!r}")
+    need(config.prompts.format == "jsonl", "off_policy reads the prompts as JSONL (infer.batch): set prompts.format")
+    need(o.generate_batch_size >= 1, f"off_policy.generate_batch_size must be >= 1, got {o.generate_batch_size}")
+    try:
+        settings = off_policy_settings(config)
+        for path in data_lib.expand_paths([config.prompts.paths] if isinstance(config.prompts.paths, str)
+                                          else list(config.prompts.paths)):
+            batch_lib.check(path, os.devnull, settings)
+    except (batch_lib.BatchError, ValueError) as e:
+        raise TrainConfigError(f"off_policy: {e}") from e
+    # The responses do not exist yet: validate the SFT config against the prompt file, also chat JSONL.
+    sft = off_policy_config(config, tokenizer, config.prompts.paths)
+    try:
+        return train_lib.validate(sft)
+    except TrainConfigError as e:
+        raise TrainConfigError(f"off_policy: {e}") from e
 
 
 # ------------------------------------------------------------------------------------ rollout
@@ -405,18 +485,40 @@ class DistillStep:
         return state, metrics
 
 
-def load_teacher(exp: DistillExperiment, mesh: jax.sharding.Mesh) -> Params:
-    """The teacher's parameters in its dtype, each loaded straight into its sharding on `mesh`."""
+def load_teacher(exp: DistillExperiment, mesh: jax.sharding.Mesh) -> Qwen3:
+    """The teacher in its dtype, each parameter loaded straight into its sharding on `mesh`."""
     t = exp.teacher
     model = load_any(exp.teacher_init_from, mesh=mesh, dtype=jnp.dtype(t.dtype), moe_impl=t.moe_impl,
                      scan_layers=True, remat="none")
     if model.cfg != t:
         raise TrainConfigError(f"the teacher loaded from {exp.teacher_init_from} is not the one validated")
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return model
+
+
+def run_off_policy(config: ml_collections.ConfigDict, exp: DistillExperiment, teacher: Qwen3, tokenizer: Tokenizer,
+                   mesh: jax.sharding.Mesh, workdir: str) -> dict[str, float]:
+    """Phase 1 in `workdir`: the teacher's responses to every prompt (resumable), then SFT on them."""
+    os.makedirs(workdir, exist_ok=True)
+    responses = os.path.join(workdir, "teacher_responses.jsonl")
+    engine = Engine.for_tokenizer(teacher, tokenizer, mesh=mesh)
+    paths = data_lib.expand_paths([config.prompts.paths] if isinstance(config.prompts.paths, str)
+                                  else list(config.prompts.paths))
+    if len(paths) != 1:
+        raise TrainConfigError(f"off_policy generates from one JSONL prompt file; prompts.paths matches {paths}")
+    summary = batch_lib.generate_file(engine, tokenizer, paths[0], responses, off_policy_settings(config),
+                                      batch_size=config.off_policy.generate_batch_size, progress=sys.stderr.isatty())
+    print(f"off-policy teacher responses: {summary}", flush=True)
+    if not os.path.getsize(responses):
+        raise TrainConfigError(
+            f"the teacher wrote no usable response in {responses} ({summary}): raise off_policy.max_new_tokens, "
+            "set off_policy.keep_unfinished, or check the off_policy.keep verifier"
+        )
+    return train_lib.run(off_policy_config(config, exp.tokenizer, responses), workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Distils (or resumes distilling) into the student in `workdir`; returns a summary."""
+    """Distils (or resumes distilling) into the student in `workdir`; returns a summary of the
+    on-policy phase. With `off_policy.steps` > 0, phase 1 runs first in WORKDIR/off_policy."""
     if config.distributed:
         initialize_distributed()
     exp = validate(config)
@@ -427,8 +529,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         )
     mesh = make_mesh(exp.train.mesh)
     tokenizer = train_lib.tokenizer_from_spec(exp.tokenizer, exp.train.model)
+    teacher = load_teacher(exp, mesh)
+    if exp.off_policy is not None:
+        off_policy_dir = os.path.join(workdir, "off_policy")
+        run_off_policy(config, exp, teacher, tokenizer, mesh, off_policy_dir)
+        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, init_from=off_policy_dir))
     prompts = data_lib.make_prompt_dataset(exp.train.data)
-    step_fn = DistillStep(exp, mesh, tokenizer, load_teacher(exp, mesh))
+    step_fn = DistillStep(exp, mesh, tokenizer, nnx.to_pure_dict(nnx.state(teacher, nnx.Param)))
     seq_len, batch_size = exp.rollout.seq_len, exp.train.data.batch_size
     flops_per_step = update_flops(exp.train.model, exp.teacher, seq_len) * batch_size * seq_len
 
@@ -442,7 +549,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------- main
 
-USER_ERRORS = (*train_lib.USER_ERRORS, data_lib.DataConfigError, PromptError)
+USER_ERRORS = (*train_lib.USER_ERRORS, data_lib.DataConfigError, PromptError, batch_lib.BatchError)
 
 
 def main(argv: list[str]) -> None:
