@@ -70,7 +70,7 @@ def _stack_layers(cfg: Qwen3Config, moe: bool, n: int, rngs: nnx.Rngs) -> Decode
 class ForwardOutput(NamedTuple):
     hidden_BxTxD: jax.Array  # after the final norm
     cache: tuple[KVCache, ...] | None  # one KVCache per layer run, stacked on a leading layers axis
-    router_stats: RouterStats | None  # summed over MoE layers; None for dense models
+    router_stats: RouterStats | None  # per MoE layer, stacked on a leading [L_moe] axis; None for dense models
 
 
 class Qwen3(nnx.Module):
@@ -145,43 +145,50 @@ class Qwen3(nnx.Module):
         table = constrain(self.embed[...], (None, "embed"), cfg.rules)
         x = jnp.take(table, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"), cfg.rules)
-        stats = RouterStats.zeros(cfg.num_experts) if cfg.is_moe else None
-        new_cache = []
+        new_cache, stats = [], []
         for i, run in enumerate(self.runs):
-            x, run_cache, stats = _apply_run(run, x, ctx, None if cache is None else cache[i], token_mask, stats, cfg)
+            x, run_cache, run_stats = _apply_run(run, x, ctx, None if cache is None else cache[i], token_mask, cfg)
             new_cache.append(run_cache)
-        return ForwardOutput(self.norm(x), None if cache is None else tuple(new_cache), stats)
+            if run_stats is not None:
+                stats.append(run_stats)
+        router_stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
+        return ForwardOutput(self.norm(x), None if cache is None else tuple(new_cache), router_stats)
 
 
-def _apply_run(run: DecoderLayer | nnx.List, x, ctx, cache, token_mask, stats, cfg: Qwen3Config):
+def _stack(trees: list):
+    """Per-layer outputs stacked on a leading axis (None when the layers return None)."""
+    return None if trees[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _apply_run(run: DecoderLayer | nnx.List, x, ctx, cache, token_mask, cfg: Qwen3Config):
+    """(x, the run's new cache, its router stats stacked per layer or None for dense layers)."""
     if isinstance(run, nnx.List):  # split by unstack_layers: separate weights, a plain loop
-        new_cache = []
+        new_cache, stats = [], []
         for i, layer in enumerate(run):
             x, c, s = layer(x, ctx, None if cache is None else cache[i], token_mask)
-            stats = stats if s is None else stats + s
             new_cache.append(c)
-        return x, None if cache is None else tuple(new_cache), stats
+            stats.append(s)
+        return x, None if cache is None else tuple(new_cache), _stack(stats)
     graphdef, state = nnx.split(run)
 
-    def body(carry, xs):
-        h, acc = carry
+    def body(h, xs):
         layer_state, layer_cache = xs
         h, layer_cache, s = nnx.merge(graphdef, layer_state)(h, ctx, layer_cache, token_mask)
-        return (h, acc if s is None else acc + s), layer_cache
+        return h, (layer_cache, s)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-        (x, stats), new_cache = jax.lax.scan(body, (x, stats), (state, cache))
+        x, (new_cache, stats) = jax.lax.scan(body, x, (state, cache))
         return x, new_cache, stats
     n = jax.tree.leaves(state)[0].shape[0]
-    layer_caches = []
+    outs = []
     for i in range(n):
         at = lambda t: jax.tree.map(lambda a: a[i], t)  # noqa: E731
-        (x, stats), c = body((x, stats), (at(state), None if cache is None else at(cache)))
-        layer_caches.append(c)
-    new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
-    return x, new_cache, stats
+        x, out = body(x, (at(state), None if cache is None else at(cache)))
+        outs.append(out)
+    new_cache = None if cache is None else _stack([c for c, _ in outs])
+    return x, new_cache, _stack([s for _, s in outs])
 
 
 def unstack_layers(model: Qwen3) -> Qwen3:

@@ -24,26 +24,27 @@ from qwen3_jax.sharding import current_mesh_axes
 
 
 class RouterStats(NamedTuple):
-    """Sufficient statistics of transformers' load_balancing_loss_func, summed over tokens (and layers).
+    """Sufficient statistics of transformers' load_balancing_loss_func, summed over tokens.
 
-    Summing before dividing makes the loss exact over the global batch however it is sharded.
+    One layer's arrays are [E] (and a scalar count); a model's forward stacks its MoE layers on a
+    leading [L] axis. Summing before dividing makes the loss exact over the global batch however
+    it is sharded.
     """
 
     expert_counts_E: jax.Array  # top-k selections per expert (float32)
     prob_sum_E: jax.Array  # router probabilities summed over tokens
-    num_tokens: jax.Array  # counted tokens (scalar)
+    num_tokens: jax.Array  # counted tokens
 
-    @staticmethod
-    def zeros(num_experts: int) -> "RouterStats":
-        z = jnp.zeros((num_experts,), jnp.float32)
-        return RouterStats(z, z, jnp.zeros((), jnp.float32))
-
-    def __add__(self, other: "RouterStats") -> "RouterStats":  # type: ignore[override]
-        return RouterStats(*(a + b for a, b in zip(self, other)))
+    def expert_load(self) -> jax.Array:
+        """Fraction of the top-k selections each expert received ([..., E], rows sum to 1)."""
+        return self.expert_counts_E / jnp.maximum(jnp.sum(self.expert_counts_E, axis=-1, keepdims=True), 1.0)
 
 
 def load_balancing_loss(stats: RouterStats) -> jax.Array:
-    """E * sum_e(frac_tokens_e * mean_prob_e), frac and mean over all layers' tokens (Switch loss)."""
+    """E * sum_e(frac_tokens_e * mean_prob_e), frac and mean over all layers' tokens (Switch loss;
+    transformers concatenates every layer's router logits, which is the sum over the layer axis)."""
+    if stats.expert_counts_E.ndim > 1:
+        stats = RouterStats(*(jnp.sum(x, axis=0) for x in stats))
     num_experts = stats.expert_counts_E.shape[-1]
     n = jnp.maximum(stats.num_tokens, 1.0)
     return num_experts * jnp.sum((stats.expert_counts_E / n) * (stats.prob_sum_E / n))

@@ -68,6 +68,21 @@ def test_moe_aux_loss_matches_transformers(checkpoints):
     assert ours > 1.0  # E * sum(f * p) >= 1 with equality only for perfect balance: the value is informative
 
 
+def test_per_layer_expert_load_matches_transformers_router(checkpoints):
+    """The stats are per MoE layer: each layer's expert load is its router's top-k counts."""
+    hf, path = checkpoints["moe"]
+    model = q.from_hf(path)
+    tokens = _tokens(3, 11, seed=1)
+    router_logits = _hf_logits(hf, tokens, output_router_logits=True).router_logits
+    stats = model.forward(jnp.asarray(tokens)).router_stats
+    assert stats.expert_counts_E.shape == (len(router_logits), hf.config.num_experts)
+    for layer, logits in enumerate(router_logits):
+        top = torch.topk(logits.reshape(-1, hf.config.num_experts), hf.config.num_experts_per_tok).indices
+        counts = np.bincount(top.reshape(-1).numpy(), minlength=hf.config.num_experts)
+        np.testing.assert_array_equal(stats.expert_counts_E[layer], counts)
+        np.testing.assert_allclose(stats.expert_load()[layer], counts / counts.sum(), rtol=1e-6)
+
+
 def test_moe_aux_loss_excludes_padding_like_attention_mask(checkpoints):
     hf, path = checkpoints["moe"]
     model = q.from_hf(path)
