@@ -2,11 +2,15 @@
 
 Problems are chains of single-digit operations evaluated left to right modulo 10:
 
-    user:      Evaluate left to right, mod 10: 4 +3 *2 -5 +1
-    thinking:  4+3=7            (one line per operation: an easy lookup each)
-               7*2=4
-               4-5=9
-               9+1=0
+    user:      Start at 4, mod 10.
+               A: +3
+               B: *2
+               C: -5
+               D: +1
+    thinking:  A: 4+3=7         (one line per operation: look up operation A, B, ... by its
+               B: 7*2=4          label, apply it to the last result: one of 270 single-digit
+               C: 4-5=9          facts)
+               D: 9+1=0
     answer:    The answer is 0.
 
 Difficulty is the number of operations. With the step-by-step trace every step is one of 300
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -39,7 +44,8 @@ from qwen3_jax.chat import NO_THINK_FLAG, THINK_FLAG
 
 OPS = ("+", "-", "*")
 SPLITS = ("train", "validation", "test")
-QUESTION = "Evaluate left to right, mod 10: "
+QUESTION = "Start at {start}, mod 10."
+LABELS = "ABCDEFGHIJKLMNOP"  # operation labels: unique keys, so a step finds its operation by content
 ANSWER_RE = re.compile(r"answer is (-?\d+)")
 SYSTEM_PROMPT = "You are a careful calculator."
 
@@ -55,7 +61,7 @@ class Problem:
 
     @property
     def question(self) -> str:
-        return QUESTION + " ".join([str(self.start), *(f"{op}{d}" for op, d in self.ops)])
+        return QUESTION.format(start=self.start) + "".join(f"\n{LABELS[j]}: {op}{d}" for j, (op, d) in enumerate(self.ops))
 
     def steps(self) -> list[tuple[int, str, int, int]]:
         """(value before, operator, operand, value after) for each operation."""
@@ -72,8 +78,8 @@ class Problem:
 
     @property
     def trace(self) -> str:
-        """The step-by-step reasoning: one `a<op>b=c` line per operation."""
-        return "\n".join(f"{a}{op}{d}={c}" for a, op, d, c in self.steps())
+        """The step-by-step reasoning: one `L: a<op>b=c` line per operation L."""
+        return "\n".join(f"{LABELS[j]}: {a}{op}{d}={c}" for j, (a, op, d, c) in enumerate(self.steps()))
 
     @property
     def final(self) -> str:
@@ -93,27 +99,31 @@ def random_problem(rng: np.random.Generator, difficulty: int) -> Problem:
 
 def problems(split: str, difficulty: int, n: int, seed: int,
              fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[Problem]:
-    """`n` distinct problems of `split` at `difficulty`, drawn with `seed` (deterministic).
+    """Up to `n` distinct problems of `split` at `difficulty`, drawn with `seed` (deterministic).
 
-    Raises ValueError when the split holds fewer than `n` distinct problems of that difficulty.
+    Fewer than `n` only when the split holds fewer problems of that difficulty (difficulty 1 has
+    270 problems in all); every one of them is returned then.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if difficulty < 1:
-        raise ValueError(f"difficulty must be >= 1, got {difficulty}")
-    space = 10 * (len(OPS) * 9) ** difficulty
+    if not 1 <= difficulty <= len(LABELS):
+        raise ValueError(f"difficulty must be in [1, {len(LABELS)}], got {difficulty}")
     rng = np.random.default_rng([seed, difficulty, SPLITS.index(split)])
+    if _space(difficulty) <= 100_000:  # small: enumerate it
+        every = [Problem(start, ops) for start in range(10)
+                 for ops in itertools.product(*[[(op, d) for op in OPS for d in range(1, 10)]] * difficulty)]
+        mine = [p for p in every if split_of(p, fractions) == split]
+        return [mine[i] for i in rng.permutation(len(mine))[:n]]
     seen: dict[str, Problem] = {}
-    for _ in range(50 * n + 1000):
+    while len(seen) < n:  # a huge space: rejection sampling ends quickly
         p = random_problem(rng, difficulty)
         if split_of(p, fractions) == split:
             seen.setdefault(p.question, p)
-            if len(seen) == n:
-                return list(seen.values())
-    raise ValueError(
-        f"the {split} split has fewer than {n} distinct problems of difficulty {difficulty} "
-        f"({space} problems exist at that difficulty); ask for fewer"
-    )
+    return list(seen.values())
+
+
+def _space(difficulty: int) -> int:
+    return 10 * (len(OPS) * 9) ** difficulty
 
 
 def verify(completion_answer: str, problem: Problem) -> bool:

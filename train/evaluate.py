@@ -1,0 +1,141 @@
+"""Evaluation of a model on the verifiable task (`train.task`) through the compiled decode engine.
+
+What Qwen3's report measures of a hybrid-thinking model, in miniature:
+
+- accuracy by mode and difficulty: each test problem asked with `/think` and with `/no_think`;
+- flag obedience (the report's ThinkFollow, Table 22): over conversations built like the fusion
+  training data (flags in user or system messages, multi-turn, no flag), the fraction of replies
+  that think exactly when the last flag asks for it (no flag: think);
+- accuracy against the thinking budget: `/think` with the budget mechanism of `infer.engine`
+  (after `budget` thinking tokens the stop-thinking text is forced and the model answers).
+
+Decoding is greedy (temperature 0), so a model's figures are a function of its weights. Rows run
+in fixed-size batches (the last one padded by repeating a prompt) so a whole evaluation compiles a
+bounded number of decode programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from infer.engine import Engine
+from qwen3_jax import chat
+from qwen3_jax.model import Qwen3
+from qwen3_jax.tokenizer import Tokenizer
+from train import task
+
+MODES = ("think", "no_think")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to measure (static for a run). `budgets`: thinking budgets in tokens, None = no limit."""
+
+    levels: tuple[int, ...]
+    per_level: int  # test problems per difficulty level
+    budgets: tuple[int | None, ...] = (0, 4, 8, 16, 32, 64, None)
+    follow_conversations: int = 200  # conversations for flag obedience
+    max_new_tokens: int = 256
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    thinking: str
+    answer: str
+    num_tokens: int
+
+
+def replies(engine: Engine, tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
+            max_new_tokens: int, batch_size: int, budget: int | None = None, bar: tqdm.tqdm | None = None) -> list[Reply]:
+    """Greedy replies to `conversations` (soft switches only: the template's thinking stays on)."""
+    prompts = [tokenizer.encode(chat.render(m, add_generation_prompt=True)) for m in conversations]
+    out: list[Reply] = []
+    for start in range(0, len(prompts), batch_size):
+        if bar is not None:
+            bar.update()
+        chunk = prompts[start: start + batch_size]
+        padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+        ids = engine.generate(padded, max_new_tokens=max_new_tokens, temperature=0.0,
+                              stop_token_ids=tokenizer.eos_ids, thinking_budget=budget)[: len(chunk)]
+        out += [Reply(*chat.parse_completion_ids(i, tokenizer), len(i)) for i in ids]
+    return out
+
+
+def split_problems(cfg: EvalConfig, split: str = "test") -> dict[int, list[task.Problem]]:
+    return {d: task.problems(split, d, cfg.per_level, cfg.seed) for d in cfg.levels}
+
+
+def evaluate(model: Qwen3, tokenizer: Tokenizer, cfg: EvalConfig, *, split: str = "test", mesh=None,
+             follow: bool = True, budgets: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Accuracy by mode and level, flag obedience, accuracy by thinking budget (see module doc).
+
+    Returns {"accuracy": {mode: {level: acc, "all": acc}}, "reply_tokens": {mode: mean tokens},
+    "thought": {mode: fraction of replies with thinking}, "think_follow": fraction,
+    "budget": {str(budget) or "unlimited": {level: acc, "all": acc}}, "problems": {level: count}};
+    `follow` / `budgets` False skip those parts (learning curves). `progress` shows a bar.
+    """
+    engine = Engine.for_tokenizer(model, tokenizer, mesh=mesh)
+    by_level = split_problems(cfg, split)
+    problems = [p for d in cfg.levels for p in by_level[d]]
+    batches = -(-len(problems) // cfg.batch_size)
+    total = batches * (len(MODES) + (len(cfg.budgets) - (None in cfg.budgets) if budgets else 0))
+    total += -(-cfg.follow_conversations // cfg.batch_size) if follow else 0
+    bar = tqdm.tqdm(total=total, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, bar=bar)
+
+    def accuracy(rs: Sequence[Reply]) -> dict[Any, float]:
+        ok = np.array([task.verify(r.answer, p) for r, p in zip(rs, problems)])
+        levels = np.array([p.difficulty for p in problems])
+        return {**{d: float(ok[levels == d].mean()) for d in cfg.levels}, "all": float(ok.mean())}
+
+    out: dict[str, Any] = {"accuracy": {}, "reply_tokens": {}, "thought": {},
+                           "problems": {d: len(by_level[d]) for d in cfg.levels}}
+    for mode in MODES:
+        rs = replies(engine, tokenizer, [task.prompt_messages(p, mode) for p in problems], **kw)
+        out["accuracy"][mode] = accuracy(rs)
+        out["reply_tokens"][mode] = float(np.mean([r.num_tokens for r in rs]))
+        out["thought"][mode] = float(np.mean([bool(r.thinking) for r in rs]))
+    if follow:
+        rng = np.random.default_rng([cfg.seed, 7])
+        convs = [task.fusion_conversation(rng, problems, task.FusionMix()) for _ in range(cfg.follow_conversations)]
+        rs = replies(engine, tokenizer, [c["messages"] for c in convs], **kw)
+        out["think_follow"] = float(np.mean([bool(r.thinking) == (c["mode"] == "think") for r, c in zip(rs, convs)]))
+    if budgets:
+        out["budget"] = {}
+        for budget in cfg.budgets:
+            if budget is None:
+                out["budget"]["unlimited"] = out["accuracy"]["think"]
+                continue
+            rs = replies(engine, tokenizer, [task.prompt_messages(p, "think") for p in problems], budget=budget, **kw)
+            out["budget"][str(budget)] = accuracy(rs)
+    bar.close()
+    return out
+
+
+def expert_load(model: Qwen3, tokenizer: Tokenizer, cfg: EvalConfig, split: str = "test") -> np.ndarray:
+    """[MoE layers, experts]: the share of top-k routing each expert receives, per layer, over
+    the thinking-mode prompts and reference replies of `split` (a perfectly balanced router gives
+    1 / experts everywhere)."""
+    by_level = split_problems(cfg, split)
+    texts = [chat.render([*task.prompt_messages(p, "think"), task.reply(p, True)]) for d in cfg.levels
+             for p in by_level[d]]
+    ids = [tokenizer.encode(t) for t in texts]
+    counts = 0.0
+    for start in range(0, len(ids), cfg.batch_size):
+        chunk = ids[start: start + cfg.batch_size]
+        T = max(map(len, chunk))
+        tokens = np.zeros((len(chunk), T), np.int32)
+        segments = np.zeros((len(chunk), T), np.int32)  # 0: padding, left out of the router statistics
+        for i, row in enumerate(chunk):
+            tokens[i, : len(row)], segments[i, : len(row)] = row, 1
+        stats = model.forward(jnp.asarray(tokens), segment_ids_BxT=jnp.asarray(segments)).router_stats
+        counts = counts + np.asarray(stats.expert_counts_E)
+    return counts / counts.sum(axis=-1, keepdims=True)

@@ -1,0 +1,209 @@
+"""The miniature recipe's report: WORKDIR/report.md (tables) and WORKDIR/plots/*.png (matplotlib).
+
+Reads what the recipe's stages wrote (WORKDIR/eval/*.json, stages.json, recipe.json) and states,
+with the measured values, whether each figure the miniature is meant to show was reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training host
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODELS = (("teacher", "Teacher"), ("student_off_policy", "Student, off-policy distilled"),
+          ("student_distilled", "Student, + on-policy distilled"), ("student_direct", "Student, trained directly"))
+
+
+def _load(w, name: str) -> dict[str, Any] | None:
+    path = w.path("eval", f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def findings(r, evals: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """(claim, reached, measured values) for each figure the miniature is meant to show."""
+    t = evals["teacher"]
+    easy, hard = str(r.levels[0]), str(r.levels[-1])
+    acc = t["accuracy"]
+    gap_hard = acc["think"][hard] - acc["no_think"][hard]
+    gap_easy = acc["think"][easy] - acc["no_think"][easy]
+    budget = t["budget"]
+    b0, unl = budget[str(min(r.budgets))]["all"] if r.budgets else acc["no_think"]["all"], budget["unlimited"]["all"]
+    out = [
+        (f"teacher: thinking beats non-thinking by a wide margin (>= 30 points) on the hardest level ({hard})",
+         gap_hard >= 0.30, f"{_pct(acc['think'][hard])}% vs {_pct(acc['no_think'][hard])}%"),
+        (f"teacher: thinking and non-thinking are close (within 15 points) on the easiest level ({easy})",
+         abs(gap_easy) <= 0.15, f"{_pct(acc['think'][easy])}% vs {_pct(acc['no_think'][easy])}%"),
+        ("teacher: flag obedience (ThinkFollow) >= 95%", t["think_follow"] >= 0.95, f"{_pct(t['think_follow'])}%"),
+        ("teacher: accuracy rises from budget 0 to unlimited", unl > b0,
+         f"{_pct(b0)}% at budget {min(r.budgets)}, {_pct(unl)}% unlimited"),
+    ]
+    d, s = evals["student_distilled"]["accuracy"], evals["student_direct"]["accuracy"]
+    out.append(("the distilled student beats the directly trained one at equal update steps (thinking mode)",
+                d["think"]["all"] > s["think"]["all"],
+                f"{_pct(d['think']['all'])}% vs {_pct(s['think']['all'])}% (no-thinking {_pct(d['no_think']['all'])}% "
+                f"vs {_pct(s['no_think']['all'])}%)"))
+    return out
+
+
+def write(r, w) -> dict[str, Any]:
+    """Writes report.md and the plots; returns the findings as {claim: reached}."""
+    evals = {name: e for name, _ in MODELS if (e := _load(w, name)) is not None}
+    with open(w.path("eval", "curves.json")) as f:
+        curves = json.load(f)
+    stages = w.stages()
+    os.makedirs(w.path("plots"), exist_ok=True)
+    plots = [_plot_budget(r, w, evals), _plot_difficulty(r, w, evals), _plot_curves(r, w, curves)]
+    if "expert_load" in evals["teacher"]:
+        plots.append(_plot_expert_load(w, evals["teacher"]["expert_load"]))
+    found = findings(r, evals)
+    cfg = r.config
+    lines = [
+        "# Qwen3's recipe in miniature", "",
+        f"Task: chains of single-digit operations mod 10 (`train/task.py`), difficulty = operations "
+        f"({', '.join(map(str, r.levels))}); test problems per level: "
+        f"{', '.join(str(v) for v in evals['teacher']['problems'].values())}. Greedy decoding.",
+        f"Teacher: {_describe(r.teacher)}. Student: {_describe(r.student)}.",
+        f"Students: {cfg.student.off_policy_steps} + {cfg.student.on_policy_steps} update steps "
+        f"(off-policy + on-policy distillation) against {cfg.student.off_policy_steps + cfg.student.on_policy_steps} "
+        f"steps on the ground-truth data, {cfg.student.batch_size} rows x {cfg.teacher.seq_len} tokens per step both.",
+        "", "## What the miniature shows", "",
+        "| claim | reached | measured |", "|---|---|---|",
+        *[f"| {claim} | {'yes' if ok else '**no**'} | {values} |" for claim, ok, values in found],
+        "", "## Accuracy by mode and difficulty (%)", "",
+        "| model | mode | " + " | ".join(f"level {d}" for d in r.levels) + " | all |",
+        "|---|---|" + "---|" * (len(r.levels) + 1),
+    ]
+    for name, label in MODELS:
+        if name in evals:
+            for mode in ("think", "no_think"):
+                a = evals[name]["accuracy"][mode]
+                lines.append(f"| {label} | {mode} | " + " | ".join(_pct(a[str(d)]) for d in r.levels)
+                             + f" | {_pct(a['all'])} |")
+    budgets = list(evals["teacher"]["budget"])
+    lines += ["", "## Accuracy against the thinking budget (%, all levels)", "",
+              "Budget in thinking tokens; then Qwen's stop-thinking text is forced and the model answers.", "",
+              "| model | " + " | ".join(budgets) + " | no thinking |", "|---|" + "---|" * (len(budgets) + 1)]
+    for name, label in MODELS:
+        if name in evals:
+            e = evals[name]
+            lines.append(f"| {label} | " + " | ".join(_pct(e["budget"][b]["all"]) for b in budgets)
+                         + f" | {_pct(e['accuracy']['no_think']['all'])} |")
+    lines += ["", "## Students side by side (the shape of the report's Table 21)", "",
+              "| method | update steps | thinking (%) | hardest level, thinking (%) | non-thinking (%) | ThinkFollow (%) | wall time (s) |",
+              "|---|---|---|---|---|---|---|"]
+    hard = str(r.levels[-1])
+    rows = (("teacher", "Teacher", cfg.teacher.steps, stages["teacher"]["seconds"]),
+            ("student_direct", "Direct training on the ground truth", cfg.student.off_policy_steps
+             + cfg.student.on_policy_steps, stages["direct"]["seconds"]),
+            ("student_off_policy", "Off-policy distillation", cfg.student.off_policy_steps, None),
+            ("student_distilled", "+ On-policy distillation", cfg.student.off_policy_steps + cfg.student.on_policy_steps,
+             stages["distilled"]["seconds"]))
+    for name, label, steps, seconds in rows:
+        if name in evals:
+            e = evals[name]
+            lines.append(f"| {label} | {steps} | {_pct(e['accuracy']['think']['all'])} | "
+                         f"{_pct(e['accuracy']['think'][hard])} | {_pct(e['accuracy']['no_think']['all'])} | "
+                         f"{_pct(e['think_follow'])} | {'' if seconds is None else f'{seconds:.0f}'} |")
+    lines += ["", "## Wall time of each stage", "", "| stage | seconds |", "|---|---|",
+              *[f"| {name} | {rec['seconds']:.0f} |" for name, rec in stages.items()],
+              f"| total (stages finished before the report) | {sum(rec['seconds'] for rec in stages.values()):.0f} |",
+              "", "## Plots", "", *[f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots],
+              "", "## Try the models", "",
+              f"    python -m infer.chat --checkpoint {w.path('student_distilled')}",
+              f"    python -m infer.generate --checkpoint {w.path('teacher')} --prompt \"{_example(r)}\" "
+              "--thinking_budget 8", "",
+              f"Hugging Face exports (`to_hf`, with the tokenizer): `{w.path('export')}/{{teacher,student_distilled,"
+              "student_direct}`.", ""]
+    with open(w.path("report.md"), "w") as f:
+        f.write("\n".join(lines))
+    return {claim: ok for claim, ok, _ in found}
+
+
+def _describe(cfg) -> str:
+    from qwen3_jax.model import count_params
+
+    total, active = count_params(cfg)
+    kind = f"MoE {cfg.num_experts} experts top-{cfg.num_experts_per_tok}" if cfg.is_moe else "dense"
+    return (f"{kind}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {total / 1e6:.2f}M parameters"
+            + (f" ({active / 1e6:.2f}M active)" if cfg.is_moe else ""))
+
+
+def _example(r) -> str:
+    from train import task
+
+    return task.problems("test", r.levels[-1], 1, r.config.seed)[0].question.replace("\n", " ") + " /think"
+
+
+def _plot_budget(r, w, evals) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    budgets = list(evals["teacher"]["budget"])
+    xs = list(range(len(budgets)))
+    for (name, label), color in zip(MODELS, ("C0", "C2", "C1", "C3")):
+        if name in evals:
+            e = evals[name]
+            ax.plot(xs, [100 * e["budget"][b]["all"] for b in budgets], "o-", color=color, label=label)
+            ax.axhline(100 * e["accuracy"]["no_think"]["all"], color=color, ls="--", lw=1)
+    ax.set_xticks(xs, budgets)
+    ax.set_xlabel("thinking budget (tokens)")
+    ax.set_ylabel("accuracy, all levels (%)")
+    ax.set_title("Accuracy against the thinking budget (dashed: non-thinking)")
+    ax.legend(fontsize=8)
+    return _save(fig, w, "budget.png")
+
+
+def _plot_difficulty(r, w, evals) -> str:
+    names = [(n, label) for n, label in MODELS if n in evals and n != "student_off_policy"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
+    for ax, (name, label) in zip(axes, names):
+        for mode, style in (("think", "o-"), ("no_think", "s--")):
+            ax.plot(r.levels, [100 * evals[name]["accuracy"][mode][str(d)] for d in r.levels], style, label=mode)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("difficulty (operations)")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=8)
+    return _save(fig, w, "difficulty.png")
+
+
+def _plot_curves(r, w, curves) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, color in (("distilled", "C1"), ("direct", "C3")):
+        pts = curves[name]
+        for mode, style in (("think", "o-"), ("no_think", "s--")):
+            ax.plot([p["step"] for p in pts], [100 * p[mode] for p in pts], style, color=color, label=f"{name}, {mode}")
+    ax.axvline(r.config.student.off_policy_steps, color="grey", lw=1, ls=":")
+    ax.text(r.config.student.off_policy_steps, ax.get_ylim()[1] * 0.95, " on-policy from here", fontsize=8, color="grey")
+    ax.set_xlabel("update steps")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Student learning curves: distilled against direct")
+    ax.legend(fontsize=8)
+    return _save(fig, w, "curves.png")
+
+
+def _plot_expert_load(w, load) -> str:
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(load) + 1.5))
+    im = ax.imshow(load, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title("Teacher: share of top-k routing per expert (uniform = 1 / experts)")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, w, "expert_load.png")
+
+
+def _save(fig, w, name: str) -> str:
+    path = w.path("plots", name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
