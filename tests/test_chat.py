@@ -285,7 +285,7 @@ def test_render_for_training(qwen3, name):
 
 
 def test_render_for_training_needs_final_assistant():
-    with pytest.raises(ValueError, match="last message is an assistant"):
+    with pytest.raises(ValueError, match="must end with an assistant turn .* its last message is a user message"):
         render_for_training([SYSTEM, USER])
 
 
