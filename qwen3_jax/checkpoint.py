@@ -37,9 +37,10 @@ PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
 FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "dtype", "param_dtype")
-# The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,model_config} (train/checkpoint.py).
+# The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,data_info,model_config} (train/checkpoint.py).
 TRAINER_CHECKPOINTS = "checkpoints"
 TRAINER_STATE, TRAINER_DATA, TRAINER_MODEL_CONFIG = "state", "data", "model_config"
+TRAINER_DATA_INFO = "data_info"
 FORMAT_HELP = (
     f"a Hugging Face checkpoint (config.json + *.safetensors), a qwen3-jax checkpoint ({MARKER} + "
     f"{PARAMS_DIR}/) or a trainer checkpoint (a workdir, its {TRAINER_CHECKPOINTS}/ directory or one step folder)"
