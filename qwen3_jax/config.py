@@ -138,7 +138,11 @@ class Qwen3Config:
             need(self.decoder_sparse_step >= 1, f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
             bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
             need(not bad, f"mlp_only_layers {bad} are outside [0, {self.num_layers})")
-        if any(not self.is_moe_layer(i) for i in range(self.num_layers)):
+        # Some layer is dense (is_moe_layer false) unless every layer is MoE, which needs step 1; no
+        # loop over the layers, so an absurd num_layers (a config.json's) cannot stall validation.
+        has_dense = (self.num_experts == 0 or self.decoder_sparse_step > 1
+                     or any(0 <= i < self.num_layers for i in self.mlp_only_layers))
+        if has_dense:
             need(self.intermediate_size > 0, "intermediate_size must be positive: the model has dense MLP layers")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
@@ -195,6 +199,64 @@ def preset(name: str, **overrides: Any) -> Qwen3Config:
 _MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite JSON number (an int beyond float range is not one: float() would overflow)."""
+    return (_is_int(v) and abs(v) < 2**1023) or (isinstance(v, float) and math.isfinite(v))
+
+
+# config.json fields `from_hf_config` reads: (kind, test). Checked before any is used, so a wrong
+# type is named rather than failing as an arithmetic error somewhere below.
+_HF_KINDS: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", _is_int),
+    "positive": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "int?": ("an integer or null", lambda v: v is None or _is_int(v)),
+    "number": ("a finite number", _is_number),
+    "number?": ("a finite number or null", lambda v: v is None or _is_number(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "ints?": ("a list of integers or null", lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v)))),
+    "eos": ("an integer, a non-empty list of integers or null",
+            lambda v: v is None or _is_int(v) or (isinstance(v, list) and v and all(map(_is_int, v)))),
+    "object?": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+}
+_HF_FIELDS = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"), "positive"),
+    **dict.fromkeys(("intermediate_size", "num_key_value_heads", "max_position_embeddings", "num_experts",
+                     "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"), "int"),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "router_aux_loss_coef"), "number"),
+    **dict.fromkeys(("tie_word_embeddings", "norm_topk_prob", "attention_bias", "use_sliding_window"), "bool"),
+    "hidden_act": "str", "head_dim": "int?", "bos_token_id": "int?", "eos_token_id": "eos", "mlp_only_layers": "ints?",
+    "rope_scaling": "object?", "rope_parameters": "object?",
+}
+_ROPE_FIELDS = {
+    "rope_type": "str", "type": "str", "factor": "number?", "original_max_position_embeddings": "positive",
+    "beta_fast": "number?", "beta_slow": "number?", "attention_factor": "number?", "truncate": "bool",
+    "rope_theta": "number",
+}
+_REQUIRED = {"qwen3": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"),
+             "qwen3_moe": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "num_experts_per_tok", "moe_intermediate_size")}
+
+
+def _check_hf_types(hf: Mapping[str, Any]) -> None:
+    """ConfigError naming the first config.json field that is missing or of the wrong type."""
+    missing = [name for name in _REQUIRED[hf["model_type"]] if name not in hf]
+    if missing:
+        raise ConfigError(f"config.json has no {', '.join(missing)} (required for model_type {hf['model_type']!r})")
+    checks = [(name, hf[name], kind) for name, kind in _HF_FIELDS.items() if name in hf]
+    for section in ("rope_scaling", "rope_parameters"):
+        if isinstance(hf.get(section), dict):
+            checks += [(f"{section}.{k}", hf[section][k], kind) for k, kind in _ROPE_FIELDS.items() if k in hf[section]]
+    for name, value, kind in checks:
+        what, ok = _HF_KINDS[kind]
+        if not ok(value):
+            raise ConfigError(f"config.json field {name!r} must be {what}, got {value!r:.100}")
+
+
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, YarnScaling | None]:
     # transformers v4 writes rope_theta + rope_scaling; v5 writes rope_parameters.
     params = dict(hf.get("rope_parameters") or {})
@@ -217,7 +279,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, YarnScaling | None]:
     if orig is None:
         raise ConfigError("yarn rope_scaling needs original_max_position_embeddings")
     if factor is None:  # transformers derives it from the context ratio only when absent
-        factor = hf["max_position_embeddings"] / orig
+        factor = hf.get("max_position_embeddings", 40960) / orig
     return float(theta), YarnScaling(
         factor=float(factor),
         original_max_position_embeddings=int(orig),
@@ -231,7 +293,9 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, YarnScaling | None]:
 def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> Qwen3Config:
     """Builds a config from a Hugging Face `config.json` (path, directory or dict).
 
-    `overrides` set runtime fields such as dtype, scan_layers or remat.
+    `overrides` set runtime fields such as dtype, scan_layers or remat. Raises FileNotFoundError
+    for a missing file and ConfigError naming the file or field for a file that is not a JSON
+    object, a field of the wrong type, a missing required field or an unsupported setting.
     """
     if isinstance(source, Mapping):
         hf = dict(source)
@@ -241,11 +305,17 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            hf = json.load(f)
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise ConfigError(f"{path} is not JSON: {e}") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object")
     model_type = hf.get("model_type")
     if model_type not in _MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r} (supported: {', '.join(_MODEL_TYPES)})")
+    _check_hf_types(hf)
     if hf.get("attention_bias"):
         raise ConfigError("attention_bias=true is not part of Qwen3 and is not supported")
     if hf.get("use_sliding_window"):
