@@ -140,8 +140,9 @@ def parse_completion_ids(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str,
 
     Splitting on ids rather than text does not depend on how the model spelled other text; the
     parts are decoded with special tokens skipped (``<|im_end|>`` goes, ``<think>`` stays).
+    Raises ValueError for an id that is not an integer in [0, 2**32) (see `Tokenizer.decode`).
     """
-    ids = [int(i) for i in ids]
+    ids = list(ids)  # Tokenizer.decode checks them
     end = tokenizer.end_think_id
     if end is not None and end in ids:
         k = len(ids) - 1 - ids[::-1].index(end)
