@@ -7,7 +7,7 @@ A run's checkpoint directory (WORKDIR/checkpoints) holds one folder per saved st
                 fingerprint, records skipped so far), checked when the run resumes;
   model_config  the architecture as a Hugging Face config.json, so the weights can seed another
                 run (`model.init_from`) without its training config;
-and, once the step is known to be complete, MANIFEST: every file's size and, for files up to
+and, once the step is known to be complete, MANIFEST.json: every file's size and, for files up to
 1 MiB (the metadata), its sha256, so a file later lost, truncated or altered is named on restore.
 
 Saves are asynchronous: `save` returns once the arrays are copied off the device and the
