@@ -508,8 +508,9 @@ class BadRecords:
     'error': the first one raises its DataError (at the `next()` that reaches it). 'skip': each
     is left out, logged (the first `LOGGED` records by file and line, then every thousandth) and
     counted: `count` records so far (carried over a resume by `DataStream`), `empty_files`.
-    Records are counted as the iterator consumes them, so a resumed run counts again the few
-    it re-reads to rebuild a partly packed row.
+    A bad record is counted each time the iterator reads it (once per epoch); reading runs ahead
+    of the batches by the packing buffer, and a resumed run counts again the few records it
+    re-reads to rebuild a partly packed row.
     """
 
     LOGGED = 10
