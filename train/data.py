@@ -913,7 +913,7 @@ def fingerprint_changes(saved: Sequence[Mapping[str, Any]], now: Sequence[Mappin
     old, new = {f["path"]: f for f in saved}, {f["path"]: f for f in now}
     changes = [f"{p} was removed" for p in old if p not in new]
     changes += [f"{p} was added" for p in new if p not in old]
-    for path in old.keys() & new.keys():
+    for path in (p for p in new if p in old):  # in reading order: the message is the same every time
         if old[path]["size"] != new[path]["size"]:
             changes.append(f"{path} changed size ({old[path]['size']} -> {new[path]['size']} bytes)")
         elif old[path]["sha256"] != new[path]["sha256"]:
