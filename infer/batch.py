@@ -58,7 +58,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from infer import cli_common
+from infer import cli_common, request
 from infer.engine import Engine
 from infer.messages import prompt_ids, sampling_defaults
 from infer.sampling import THINKING_SAMPLING, SamplingParams
@@ -240,11 +240,13 @@ def check(prompts_path: str, out_path: str, settings: Settings, batch_size: int 
         raise BatchError(f"modes must be distinct values of {MODES}, got {settings.modes!r}")
     for name, value in (("samples", settings.samples), ("max_new_tokens", settings.max_new_tokens),
                         ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not request.is_int(value) or value < 1:
             raise BatchError(f"--{name} must be a positive int, got {value!r}")
     budget = settings.thinking_budget
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+    if budget is not None and (not request.is_int(budget) or budget < 0):
         raise BatchError(f"--thinking_budget must be an int >= 0, got {budget!r}")
+    if not request.is_int(settings.seed):
+        raise BatchError(f"--seed must be an int, got {settings.seed!r}")
     unknown = sorted(set(settings.sampling) - {"temperature", "top_k", "top_p", "min_p", "presence_penalty"})
     if unknown:
         raise BatchError(f"unknown sampling settings {unknown}")
@@ -254,6 +256,8 @@ def check(prompts_path: str, out_path: str, settings: Settings, batch_size: int 
         raise BatchError(str(e)) from e
     if not os.path.isfile(prompts_path):
         raise BatchError(f"--prompts {prompts_path} is not a file")
+    if os.path.getsize(prompts_path) == 0:
+        raise BatchError(f"--prompts {prompts_path} is empty: there is no prompt to generate for")
     if os.path.abspath(prompts_path) == os.path.abspath(out_path):
         raise BatchError("--out must not be the --prompts file")
     out_dir = os.path.dirname(os.path.abspath(out_path))

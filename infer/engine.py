@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infer import request
+from infer.request import RequestError
 from infer.sampling import (
     UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_forces, budget_init,
-    prompt_think_open, sample,
-    update_seen,
+    prompt_think_open, sample, update_seen,
 )
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
@@ -68,13 +69,13 @@ def bucket(n: int) -> int:
 def _row_keys(seed, n: int, batch: int) -> jax.Array:
     """[batch] PRNG keys: split from one int seed, or each row's own (padding rows get seed 0)."""
     if np.ndim(seed) == 0:
-        return jax.random.split(jax.random.key(seed), batch)
+        return jax.random.split(jax.random.key(request.seed(seed)), batch)
     seeds = list(seed)
     if len(seeds) != n:
-        raise ValueError(f"seed has {len(seeds)} values for {n} prompts")
+        raise RequestError(f"seed has {len(seeds)} values for {n} prompts")
     for i, s in enumerate(seeds):
-        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**32:
-            raise ValueError(f"seed must be an int or one int in [0, 2**32) per prompt; prompt {i} has {s!r}")
+        if not request.is_int(s) or not 0 <= s < 2**32:
+            raise RequestError(f"seed must be an int or one int in [0, 2**32) per prompt; prompt {i} has {s!r}")
     return jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
 
 
@@ -135,18 +136,12 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
 def _validate_prompts(
     prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int, context_name: str,
 ) -> list[list[int]]:
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
+    max_new_tokens = request.positive_int(max_new_tokens, "max_new_tokens")
     out = []
-    for i, p in enumerate(prompts):
-        ids = [int(t) for t in p]
+    for i, p in enumerate(request.non_empty_list(prompts, "prompts")):
+        ids = request.token_ids(p, f"prompt {i}", vocab_size)
         if not ids:
-            raise ValueError(f"prompt {i} is empty")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+            raise RequestError(f"prompt {i} is empty")
         if len(ids) + max_new_tokens > context:
             raise ValueError(
                 f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds {context_name}"
@@ -156,20 +151,13 @@ def _validate_prompts(
 
 
 def _budgets(thinking_budget, batch: int) -> np.ndarray:
-    if thinking_budget is None:
-        return np.full(batch, UNLIMITED_BUDGET, np.int32)
-    values = [thinking_budget] * batch if np.isscalar(thinking_budget) else list(thinking_budget)
-    if len(values) != batch:
-        raise ValueError(f"thinking_budget has {len(values)} values for {batch} prompts")
-    out = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(UNLIMITED_BUDGET)
-        elif not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"thinking_budget must be None or an int >= 0; prompt {i} has {v!r}")
-        else:
-            out.append(int(v))
-    return np.asarray(out, np.int32)
+    if not isinstance(thinking_budget, (list, tuple, np.ndarray)):  # one value for every prompt
+        budget = request.optional_budget(thinking_budget, "thinking_budget")
+        return np.full(batch, UNLIMITED_BUDGET if budget is None else budget, np.int32)
+    if len(thinking_budget) != batch:
+        raise RequestError(f"thinking_budget has {len(thinking_budget)} values for {batch} prompts")
+    budgets = [request.optional_budget(v, f"thinking_budget[{i}]") for i, v in enumerate(thinking_budget)]
+    return np.asarray([UNLIMITED_BUDGET if b is None else b for b in budgets], np.int32)
 
 
 class Engine:
@@ -199,7 +187,8 @@ class Engine:
         self.max_candidates = max_candidates
         self.max_len = max_len
         self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
-        self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else forced_ids, np.int32)
+        self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else request.token_ids(
+            request.non_empty_list(forced_ids, "forced_ids"), "forced_ids", self.cfg.vocab_size), np.int32)
 
     @property
     def context(self) -> int:
@@ -237,10 +226,15 @@ class Engine:
         `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
         do not depend on which rows share its batch. With `return_forced`, returns (tokens,
         forced): per token, whether the thinking budget forced it rather than sampling it.
+        Bad arguments raise before anything runs: `infer.request.RequestTypeError` /
+        `RequestError` (ValueErrors) naming the argument and prompt, ValueError from
+        `SamplingParams.make` for sampling values (NaN included).
         """
-        tokens: list[list[int]] = [[] for _ in prompts]
-        forced: list[list[bool]] = [[] for _ in prompts]
+        tokens: list[list[int]] | None = None  # built from the first chunk: `_stream` validates `prompts`
+        forced: list[list[bool]] = []
         for new, new_forced in self._stream(prompts, **kwargs):
+            if tokens is None:
+                tokens, forced = [[] for _ in new], [[] for _ in new]
             for r, f, toks, fs in zip(tokens, forced, new, new_forced):
                 r.extend(toks)
                 f.extend(fs)
@@ -257,9 +251,9 @@ class Engine:
         sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        presence_penalty=presence_penalty)
         budgets = _budgets(thinking_budget, n)
-        stop_ids = tuple(int(t) for t in stop_token_ids)
-        if any(not 0 <= t < self.cfg.vocab_size for t in stop_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {self.cfg.vocab_size}), got {stop_ids}")
+        stop_ids = tuple(request.token_ids(stop_token_ids, "stop_token_ids", self.cfg.vocab_size))
+        if chunk is not None:
+            request.positive_int(chunk, "chunk")
 
         # Pad the batch to the data-parallel degree with rows that start finished.
         B = -(-n // self._batch_multiple()) * self._batch_multiple()

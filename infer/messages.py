@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
+from infer import request
 from infer.engine import Engine
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING
 from qwen3_jax import chat
@@ -46,8 +47,16 @@ def complete(
     engine: Engine, tokenizer: Tokenizer, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int,
     enable_thinking: bool = True, tools: Sequence[dict] | None = None, **kwargs,
 ) -> list[Completion]:
-    """One completion per conversation; sampling defaults follow each batch's first conversation's mode."""
-    prompts = [prompt_ids(tokenizer, m, enable_thinking=enable_thinking, tools=tools) for m in conversations]
+    """One completion per conversation; sampling defaults follow each batch's first conversation's mode.
+    Raises RequestError / RequestTypeError (ValueErrors) for an empty or malformed list of
+    conversations, naming the conversation, and what `Engine.stream` raises for other arguments."""
+    conversations = request.non_empty_list(conversations, "conversations")
+    prompts = []
+    for i, messages in enumerate(conversations):
+        try:
+            prompts.append(prompt_ids(tokenizer, messages, enable_thinking=enable_thinking, tools=tools))
+        except ValueError as e:  # the chat template's checks say what is wrong with the messages
+            raise request.RequestError(f"conversation {i}: {e}") from e
     settings = {**sampling_defaults(conversations[0], enable_thinking), "stop_token_ids": tokenizer.eos_ids, **kwargs}
     outputs = engine.generate(prompts, max_new_tokens=max_new_tokens, **settings)
     return [Completion(*chat.parse_completion_ids(ids, tokenizer), ids) for ids in outputs]

@@ -81,7 +81,10 @@ def render_for_training(
     """
     segments = _segments(messages, tools, train_last=True)  # validates the messages
     if messages[-1]["role"] != "assistant":
-        raise ValueError("render_for_training needs a conversation whose last message is an assistant turn")
+        raise ValueError(
+            f"a training conversation must end with an assistant turn (the turn the loss covers), but its last "
+            f"message is a {messages[-1]['role']} message"
+        )
     merged: list[tuple[str, bool]] = []
     for text, trained in segments:
         if merged and merged[-1][1] == trained:
@@ -137,8 +140,9 @@ def parse_completion_ids(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str,
 
     Splitting on ids rather than text does not depend on how the model spelled other text; the
     parts are decoded with special tokens skipped (``<|im_end|>`` goes, ``<think>`` stays).
+    Raises ValueError for an id that is not an integer in [0, 2**32) (see `Tokenizer.decode`).
     """
-    ids = [int(i) for i in ids]
+    ids = list(ids)  # Tokenizer.decode checks them
     end = tokenizer.end_think_id
     if end is not None and end in ids:
         k = len(ids) - 1 - ids[::-1].index(end)
@@ -155,7 +159,7 @@ def _segments(
     messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None, train_last: bool = False
 ) -> list[tuple[str, bool]]:
     """The template's output as ``(text, trained)`` pieces; `trained` only with `train_last`."""
-    _validate(messages)
+    validate_messages(messages, tools)
     out: list[tuple[str, bool]] = []
     first = messages[0]
     if tools:
@@ -220,7 +224,10 @@ def _assistant_body(message: Message, *, after_query: bool, is_last: bool) -> st
     return body
 
 
-def _validate(messages: Sequence[Message]) -> None:
+def validate_messages(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """Checks a conversation (and its tools) against what `render` needs; raises ValueError naming
+    the message (by index) or tool and what is wrong: not a list of dicts, an unknown role, a
+    missing or non-string content, a malformed tool call or tool."""
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
         raise ValueError("messages must be a list of message dicts")
     if not messages:
@@ -239,6 +246,8 @@ def _validate(messages: Sequence[Message]) -> None:
         reasoning = m.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
             raise ValueError(f"message {i} ({role}) has a non-string 'reasoning_content'")
+        if tool_calls is not None and (isinstance(tool_calls, (str, Mapping)) or not isinstance(tool_calls, Sequence)):
+            raise ValueError(f"message {i} 'tool_calls' must be a list, got {type(tool_calls).__name__}")
         for j, call in enumerate(tool_calls or ()):
             fn = (call.get("function") or call) if isinstance(call, Mapping) else None
             if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or "arguments" not in fn:
@@ -246,6 +255,12 @@ def _validate(messages: Sequence[Message]) -> None:
                     f"message {i} tool call {j} needs "
                     "{'function': {'name': str, 'arguments': dict | str}}"
                 )
+    if tools is not None:
+        if isinstance(tools, (str, Mapping)) or not isinstance(tools, Sequence):
+            raise ValueError(f"tools must be a list of dicts, got {type(tools).__name__}")
+        for j, tool in enumerate(tools):
+            if not isinstance(tool, Mapping):
+                raise ValueError(f"tool {j} is a {type(tool).__name__}, expected a dict")
 
 
 # ---- parsing ------------------------------------------------------------------------------------

@@ -37,9 +37,11 @@ PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
 FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "dtype", "param_dtype")
-# The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,model_config} (train/checkpoint.py).
+# The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,data_info,model_config} (train/checkpoint.py).
 TRAINER_CHECKPOINTS = "checkpoints"
 TRAINER_STATE, TRAINER_DATA, TRAINER_MODEL_CONFIG = "state", "data", "model_config"
+TRAINER_DATA_INFO = "data_info"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # formats never read
 FORMAT_HELP = (
     f"a Hugging Face checkpoint (config.json + *.safetensors), a qwen3-jax checkpoint ({MARKER} + "
     f"{PARAMS_DIR}/) or a trainer checkpoint (a workdir, its {TRAINER_CHECKPOINTS}/ directory or one step folder)"
@@ -86,8 +88,13 @@ def load_config(path: str | os.PathLike, **config_overrides: Any) -> Qwen3Config
     if not is_orbax_checkpoint(path):
         hint = " (it is a Hugging Face checkpoint: use from_hf or load_any)" if is_hf_checkpoint(path) else ""
         raise CheckpointError(f"{path} is not a qwen3-jax checkpoint: no {MARKER} and {PARAMS_DIR}/{hint}")
-    with open(os.path.join(path, MARKER)) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            meta = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise CheckpointError(f"{os.path.join(path, MARKER)} is not JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("runtime"), dict):
+        raise CheckpointError(f"{os.path.join(path, MARKER)} must be a JSON object with a 'runtime' object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{os.path.join(path, MARKER)} has format_version {meta.get('format_version')!r}; "
@@ -164,7 +171,13 @@ def load_any_config(path: str | os.PathLike, *, step: int | None = None, **confi
         return load_config(weights_dir, **config_overrides)
     if fmt == "hf":
         return from_hf_config(weights_dir, **config_overrides)
-    hf_config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(weights_dir, TRAINER_MODEL_CONFIG))
+    item = os.path.join(weights_dir, TRAINER_MODEL_CONFIG)
+    try:
+        hf_config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
+    except Exception as e:  # Orbax and json raise many types; each means the item is unreadable
+        raise CheckpointError(f"{item} cannot be read: {type(e).__name__}: {e}") from e
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{item} holds a {type(hf_config).__name__}, not a config.json object")
     return from_hf_config(hf_config, **config_overrides)
 
 
@@ -198,6 +211,12 @@ def locate_checkpoint(path: str | os.PathLike, *, step: int | None = None) -> tu
     if not steps:
         if root != path:
             raise CheckpointError(f"{root} holds no saved step of the trainer (has the run saved a checkpoint yet?)")
+        pickled = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_SUFFIXES))
+        if pickled:
+            raise CheckpointError(
+                f"{path} holds {', '.join(pickled)}: pickle-based PyTorch files, which qwen3-jax never loads (unpickling "
+                "runs code from the file); convert them to safetensors (transformers: save_pretrained(..., "
+                "safe_serialization=True))")
         raise CheckpointError(f"{path} holds no checkpoint: expected {FORMAT_HELP}")
     if step is not None and step not in steps:
         raise CheckpointError(f"{root} has no step {step}; the saved steps are {steps}")

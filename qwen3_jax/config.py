@@ -148,7 +148,11 @@ class Qwen3Config:
             )
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive for an MoE model")
             need(self.decoder_sparse_step >= 1, f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
-        if any(not self.is_moe_layer(i) for i in range(self.num_layers)):
+        # Some layer is dense (is_moe_layer false) unless every layer is MoE, which needs step 1; no
+        # loop over the layers, so an absurd num_layers (a config.json's) cannot stall validation.
+        has_dense = (self.num_experts == 0 or self.decoder_sparse_step > 1
+                     or any(0 <= i < self.num_layers for i in self.mlp_only_layers))
+        if has_dense:
             need(self.intermediate_size > 0, "intermediate_size must be positive: the model has dense MLP layers")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
@@ -232,7 +236,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    """A finite JSON number (an int beyond float range is not one: float() would overflow)."""
+    return (_is_int(v) and abs(v) < 2**1023) or (isinstance(v, float) and math.isfinite(v))
 
 
 # transformers' configs are strict dataclasses: an int field takes no float or bool, a float field
@@ -282,6 +287,7 @@ def _rope_from_hf(hf: Mapping[str, Any], max_positions: int, layer_types: Sequen
                       "RoPE setting for every layer and cannot build this model")
     theta = spec.get("rope_theta", hf.get("rope_theta", _DEFAULT_ROPE_THETA))
     _need(_is_number(theta) and theta > 0, f"rope_theta must be a positive number, got {theta!r}")
+
     rope_type = spec.get("rope_type", spec.get("type", "default"))
     if rope_type == "default":  # Qwen3's default RoPE ignores partial_rotary_factor
         return float(theta), None
@@ -305,6 +311,7 @@ def _rope_from_hf(hf: Mapping[str, Any], max_positions: int, layer_types: Sequen
     for name, value in (("beta_fast", spec.get("beta_fast")), ("beta_slow", spec.get("beta_slow")),
                         ("attention_factor", attention_factor)):
         _need(value is None or _is_number(value), f"yarn {name} must be a number, got {value!r}")
+
     return float(theta), YarnScaling(
         factor=float(factor),
         original_max_position_embeddings=orig,
@@ -368,7 +375,10 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
     initializer_range, attention_dropout, pad_token_id, output_router_logits) are type-checked and
     otherwise ignored; qwen3-jax trains without dropout.
 
-    `overrides` set runtime fields such as dtype, scan_layers or remat.
+    `overrides` set runtime fields such as dtype, scan_layers or remat. Raises FileNotFoundError
+    for a missing file and ConfigError naming the file or field for a file that is not a JSON
+    object, a field of the wrong type, a missing required field or an unsupported setting.
+
     """
     if isinstance(source, Mapping):
         hf = dict(source)
@@ -378,8 +388,13 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            hf = json.load(f)
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise ConfigError(f"{path} is not JSON: {e}") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object")
     model_type = hf.get("model_type")
     if model_type not in _MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r} (supported: {', '.join(_MODEL_TYPES)})")
@@ -418,6 +433,7 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
     layer_types = _layer_types(hf, sizes["num_hidden_layers"], moe)
     theta, rope_scaling = _rope_from_hf(hf, sizes["max_position_embeddings"], layer_types)
     eos = _field(hf, "eos_token_id", "eos")
+
     kw: dict[str, Any] = dict(
         vocab_size=sizes["vocab_size"],
         hidden_size=sizes["hidden_size"],

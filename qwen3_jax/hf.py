@@ -46,35 +46,45 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+INDEX = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+
+
 class SafetensorsReader:
-    """Lazy, memory-mapped view of every tensor in a checkpoint directory (one file or an index)."""
+    """Lazy, memory-mapped view of every tensor in a checkpoint directory (one file or an index).
+
+    What a checkpoint claims is checked before any tensor is read, and every violation is a
+    CheckpointError naming the file (and tensor): the header length against the file size, the
+    header a JSON object, each tensor a supported float dtype (F32, F16, BF16, F64) with a shape
+    of non-negative ints and data offsets inside the file that span exactly dtype size x shape
+    bytes without overlapping another tensor's (a truncated file fails here); an index must be a
+    JSON object whose `weight_map` sends tensor names to shard files inside `path` (no absolute
+    path, `..` or symlink out of it) that exist and hold those tensors. Only safetensors are read:
+    nothing is ever unpickled.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+        index = os.path.join(path, INDEX)
+        weight_map = _read_index(index) if os.path.exists(index) else None
+        if weight_map is not None:
+            files = sorted(set(weight_map.values()))
         else:
             files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"no .safetensors files in {path}")
         self._entries: dict[str, tuple[np.memmap, str, list[int], int, int]] = {}
+        found_in: dict[str, str] = {}
         for name in files:
-            fpath = os.path.join(path, name)
-            if not os.path.exists(fpath):
-                raise FileNotFoundError(f"{fpath} is listed in the index but missing")
-            with open(fpath, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-            mm = np.memmap(fpath, dtype=np.uint8, mode="r")
-            for key, meta in header.items():
-                if key == "__metadata__":
-                    continue
-                if meta["dtype"] not in _ST_DTYPES:
-                    raise CheckpointError(f"tensor {key} has unsupported dtype {meta['dtype']}")
-                begin, end = meta["data_offsets"]
-                self._entries[key] = (mm, meta["dtype"], meta["shape"], 8 + header_len + begin, 8 + header_len + end)
+            fpath = _shard_path(path, name, index)
+            for key, entry in _read_header(fpath).items():
+                if key in found_in:
+                    raise CheckpointError(f"tensor {key} is stored twice, in {found_in[key]} and in {name}")
+                found_in[key] = name
+                self._entries[key] = entry
+        for key, name in (weight_map or {}).items():
+            if found_in.get(key) != name:
+                raise CheckpointError(f"{index} says tensor {key} is in {name}, but {name} does not hold it")
 
     def keys(self) -> set[str]:
         return set(self._entries)
@@ -87,6 +97,87 @@ class SafetensorsReader:
             raise CheckpointError(f"missing tensor {name} in {self.path}")
         mm, dtype, shape, begin, end = self._entries[name]
         return mm[begin:end].view(_ST_DTYPES[dtype]).reshape(shape)
+
+
+def _read_index(index: str) -> dict[str, str]:
+    """The `weight_map` of a safetensors index file, checked to map names to file names."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object
+        raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names, got {weight_map!r:.200}")
+    return weight_map
+
+
+def _shard_path(path: str, name: str, index: str) -> str:
+    """`path`/`name` for a shard the index lists, refused unless it stays inside `path`."""
+    root = os.path.realpath(path)
+    resolved = os.path.realpath(os.path.join(path, name))
+    if os.path.isabs(name) or os.path.commonpath([root, resolved]) != root:
+        raise CheckpointError(f"{index} lists shard {name!r}, which is outside the checkpoint directory {path}")
+    if not os.path.isfile(resolved):
+        raise CheckpointError(f"{index} lists shard {name}, which is missing from {path}")
+    return resolved
+
+
+def _read_header(fpath: str) -> dict[str, tuple[np.memmap, str, list[int], int, int]]:
+    """(memmap, dtype, shape, begin, end) per tensor of one safetensors file, every claim checked."""
+    size = os.path.getsize(fpath)
+    with open(fpath, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{fpath} has {size} bytes, too few for a safetensors header (truncated?)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{fpath}: the header length field says {header_len} bytes, but the file has {size - 8} after it "
+                "(truncated, or not a safetensors file)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:  # JSON or UTF-8
+        raise CheckpointError(f"{fpath}: the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{fpath}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    data_bytes = size - 8 - header_len
+    mm = np.memmap(fpath, dtype=np.uint8, mode="r")
+    entries, spans = {}, []
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{fpath}: tensor {key}"
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: its header entry is not an object")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{where} has dtype {dtype!r}; Qwen3 weights are one of {sorted(_ST_DTYPES)}")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1] <= data_bytes):
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets!r} do not lie within the file's {data_bytes} data bytes (a truncated "
+                "file, or a header that lies)")
+        begin, end = offsets
+        needed = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+        if end - begin != needed:
+            raise CheckpointError(
+                f"{where}: data_offsets span {end - begin} bytes, but {dtype} of shape {shape} is {needed} bytes")
+        entries[key] = (mm, dtype, shape, 8 + header_len + begin, 8 + header_len + end)
+        if end > begin:
+            spans.append((begin, end, key))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{fpath}: tensors {a} and {b} claim overlapping bytes")
+    return entries
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -397,7 +488,7 @@ def to_hf(model: Qwen3, path: str, *, dtype=None, max_shard_bytes: int = 5 * 2**
                 progress(f)
     if len(files) > 1:
         total = sum(n for _, n in sizes)
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(path, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": file_of}, f, indent=2)
     hf_cfg = to_hf_config(cfg)
     hf_cfg["torch_dtype"] = out_dtype.name

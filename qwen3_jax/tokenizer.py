@@ -11,6 +11,7 @@ import base64
 import hashlib
 import importlib.util
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -188,8 +189,12 @@ class Tokenizer:
         return self._backend.encode(text)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; `skip_special_tokens` drops special tokens (not <think>/</think>)."""
-        ids = [int(i) for i in ids]
+        """Text of `ids`; `skip_special_tokens` drops special tokens (not <think>/</think>).
+
+        Ids the vocabulary lacks (a model's padding rows past `vocab_size`) decode to nothing, as
+        in Hugging Face tokenizers. Raises ValueError for an id that is not an integer in [0, 2**32).
+        """
+        ids = [_token_id(i) for i in ids]
         if isinstance(self._backend, tokenizers.Tokenizer):
             return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if skip_special_tokens:
@@ -261,6 +266,14 @@ class Tokenizer:
         with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
+
+
+def _token_id(value) -> int:
+    """`value` as a token id; ValueError for a non-integer (bools included) or one outside
+    [0, 2**32), which the backends would reject with an OverflowError or TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32:
+        raise ValueError(f"token ids must be integers in [0, 2**32), got {value!r}")
+    return int(value)
 
 
 def tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:

@@ -345,6 +345,24 @@ def test_settings_and_outputs_that_cannot_be_resumed_are_named(reference, prompt
         batch.check(str(tmp_path / "missing.jsonl"), str(tmp_path / "new.jsonl"), SETTINGS)
 
 
+@pytest.mark.parametrize("settings, message", [
+    (batch.Settings(max_new_tokens=4.0), r"--max_new_tokens must be a positive int, got 4.0"),
+    (batch.Settings(max_new_tokens=True), r"--max_new_tokens must be a positive int, got True"),
+    (batch.Settings(thinking_budget=2.5), r"--thinking_budget must be an int >= 0, got 2.5"),
+    (batch.Settings(sampling={"temperature": float("nan")}), r"temperature must be finite"),
+    (batch.Settings(seed="7"), r"--seed must be an int, got '7'"),
+    (None, r"--prompts .*empty.jsonl is empty: there is no prompt to generate for"),
+])
+def test_generate_file_names_a_bad_request_before_generating(engine, tokenizer, prompts, tmp_path, settings, message):
+    source = prompts
+    if settings is None:  # an empty prompt file
+        source, settings = str(tmp_path / "empty.jsonl"), SETTINGS
+        open(source, "w").close()
+    with pytest.raises(batch.BatchError, match=message):
+        batch.generate_file(engine, tokenizer, source, str(tmp_path / "out.jsonl"), settings)
+    assert not os.path.exists(tmp_path / "out.jsonl")
+
+
 # ------------------------------------------------------------------------------- command line
 
 

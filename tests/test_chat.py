@@ -9,6 +9,7 @@ differ only in those guards). It is rendered with transformers' own jinja set-up
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qwen3_jax.chat import parse_completion, parse_completion_ids, render, render_for_training
 from qwen3_jax.tokenizer import END_THINK_ID, IM_END_ID, Tokenizer
@@ -285,7 +286,7 @@ def test_render_for_training(qwen3, name):
 
 
 def test_render_for_training_needs_final_assistant():
-    with pytest.raises(ValueError, match="last message is an assistant"):
+    with pytest.raises(ValueError, match="must end with an assistant turn .* its last message is a user message"):
         render_for_training([SYSTEM, USER])
 
 
@@ -315,3 +316,89 @@ def test_parse_completion_ids(qwen3):
     spelled = qwen3.encode("<think>\nx") + qwen3.encode("</") + qwen3.encode("think>") + qwen3.encode("y")
     assert END_THINK_ID not in spelled
     assert parse_completion_ids(spelled, qwen3) == ("x</think>y", "")
+
+
+# ---- property tests: any input gives a result or a named ValueError ------------------------------
+
+JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+               | st.sampled_from(["<think>", "</think>", "<|im_end|>", "<tool_response>x</tool_response>"]))
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+TOOL_CALLS = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.text(max_size=8), "arguments": st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=2)
+     | st.text(max_size=10)})}), min_size=1, max_size=2)
+TOOLS = st.none() | st.just([WEATHER_TOOL, TIME_TOOL]) | JSON_VALUES
+
+
+@st.composite
+def conversations(draw) -> object:
+    """Valid conversations, then up to two fields (or whole messages) replaced by any JSON value
+    or removed; sometimes no list at all."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(JSON_VALUES)
+    messages = []
+    for role in draw(st.lists(st.sampled_from(["system", "user", "assistant", "tool"]), min_size=1, max_size=5)):
+        message = {"role": role, "content": draw(st.text(max_size=30))}
+        if role == "assistant" and draw(st.booleans()):
+            message["reasoning_content"] = draw(st.text(max_size=20))
+        if role == "assistant" and draw(st.booleans()):
+            message["tool_calls"] = draw(TOOL_CALLS)
+        messages.append(message)
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, len(messages) - 1))
+        field = draw(st.sampled_from(["role", "content", "reasoning_content", "tool_calls", None]))
+        if field is None:
+            messages[i] = draw(JSON_VALUES)
+        elif isinstance(messages[i], dict) and draw(st.booleans()):
+            messages[i].pop(field, None)
+        elif isinstance(messages[i], dict):
+            messages[i][field] = draw(JSON_VALUES)
+    return messages
+
+
+@settings(max_examples=400, deadline=None)
+@given(conversations(), TOOLS, st.booleans(), st.booleans())
+def test_render_gives_text_or_a_named_value_error(messages, tools, add_generation_prompt, enable_thinking):
+    try:
+        text = render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                      enable_thinking=enable_thinking)
+    except ValueError as e:
+        assert str(e)
+        return
+    assert isinstance(text, str)
+    assert tools is None or all(isinstance(tool, dict) for tool in tools)  # not rendered as garbage
+    try:
+        segments = render_for_training(messages, tools=tools)
+    except ValueError as e:
+        assert "must end with an assistant turn" in str(e), e  # the messages themselves render
+        return
+    assert "".join(t for t, _ in segments) == render(messages, tools=tools)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.lists(st.sampled_from(["<think>", "</think>", "\n", "a", "<|im_end|>"])).map("".join))
+def test_parse_completion_splits_any_text(text):
+    thinking, answer = parse_completion(text)
+    assert isinstance(thinking, str) and isinstance(answer, str)
+    assert len(thinking) + len(answer) <= len(text)
+
+
+PLAIN = st.text(st.characters(blacklist_characters="<\n", blacklist_categories=("Cs",)), max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(PLAIN, PLAIN)
+def test_parse_completion_recovers_a_rendered_reply(thinking, answer):
+    assert parse_completion(f"<think>\n{thinking}\n</think>\n\n{answer}<|im_end|>") == (thinking, answer)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 151_935), max_size=30) | st.lists(st.integers(-(2**40), 2**40), max_size=5))
+def test_parse_completion_ids_splits_any_ids_or_names_a_bad_one(qwen3, ids):
+    try:
+        thinking, answer = parse_completion_ids(ids, qwen3)
+    except ValueError as e:
+        assert "token ids must be integers in [0, 2**32)" in str(e)
+        assert any(not 0 <= i < 2**32 for i in ids)
+        return
+    assert isinstance(thinking, str) and isinstance(answer, str)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import pickle
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import qwen3_jax as q
@@ -200,6 +203,191 @@ def test_unknown_format_version_is_named(saved_on_8, tmp_path):
         json.dump({"format_version": 99, "runtime": {}}, f)
     with pytest.raises(q.CheckpointError, match="format_version 99"):
         load_model(path)
+
+
+# ------------------------------------------------------------- checkpoints from elsewhere
+
+
+def _read_st(path) -> tuple[dict, bytes]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), f.read()
+
+
+def _write_st(path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _edit_header(path, edit) -> None:
+    header, data = _read_st(path)
+    edit(header)
+    _write_st(path, header, data)
+
+
+def _overwrite(path, offset: int, raw: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(raw)
+
+
+NORM0, NORM1 = "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"
+SAFETENSORS_FAULTS = {  # damage to model.safetensors, and what the error says
+    "truncated": (lambda p: os.truncate(p, os.path.getsize(p) - 100),
+                  r"model.safetensors: tensor \S+: data_offsets \[\d+, \d+\] do not lie within the file's \d+ data "
+                  r"bytes \(a truncated file"),
+    "shorter_than_a_header": (lambda p: open(p, "wb").write(b"\x01\x02"), r"has 2 bytes, too few for a safetensors header"),
+    "header_length_lies": (lambda p: _overwrite(p, 0, struct.pack("<Q", 1 << 40)),
+                           r"the header length field says 1099511627776 bytes, but the file has \d+ after it"),
+    "header_not_json": (lambda p: _overwrite(p, 8, b"{oops"), r"the safetensors header is not JSON"),
+    "offsets_lie": (lambda p: _edit_header(p, lambda h: h[NORM0].update(data_offsets=[0, 4])),
+                    rf"tensor {NORM0}: data_offsets span 4 bytes, but F32 of shape \[80\] is 320 bytes"),
+    "overlapping": (lambda p: _edit_header(p, lambda h: h[NORM1].update(data_offsets=h[NORM0]["data_offsets"])),
+                    r"tensors \S+layernorm.weight and \S+layernorm.weight claim overlapping bytes"),
+    "wrong_dtype": (lambda p: _edit_header(p, lambda h: h[NORM0].update(dtype="I32")),
+                    rf"tensor {NORM0} has dtype 'I32'; Qwen3 weights are one of"),
+    "wrong_shape": (lambda p: _edit_header(p, lambda h: h["model.norm.weight"].update(shape=[40, 2])),
+                    r"tensor model.norm.weight has shape \[40, 2\] in the checkpoint but the config needs \[80\]"),
+}
+
+
+@pytest.mark.parametrize("fault", list(SAFETENSORS_FAULTS))
+def test_damaged_safetensors_are_named(checkpoints, tmp_path, fault):
+    damage, message = SAFETENSORS_FAULTS[fault]
+    path = shutil.copytree(checkpoints["dense_tied"][1], tmp_path / "ckpt")
+    damage(path / "model.safetensors")
+    with pytest.raises(q.CheckpointError, match=message):
+        q.from_hf(str(path))
+
+
+@pytest.fixture(scope="module")
+def sharded(checkpoints, tmp_path_factory) -> str:
+    """The dense checkpoint re-exported in two shards, with an index."""
+    path = str(tmp_path_factory.mktemp("sharded"))
+    q.to_hf(q.from_hf(checkpoints["dense_tied"][1]), path, max_shard_bytes=600_000)
+    assert len(os.listdir(path)) == 4, os.listdir(path)  # config.json, index, two shards
+    return path
+
+
+def _edit_index(path, edit) -> None:
+    with open(path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    edit(index["weight_map"])
+    with open(path / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+
+
+def _point_first_tensor_at(target: str):
+    return lambda path: _edit_index(path, lambda m: m.update({min(m): target}))
+
+
+def _shard(path, i: int):
+    return sorted(path.glob("model-*.safetensors"))[i]
+
+
+INDEX_FAULTS = {
+    "missing_shard": (lambda path: os.remove(_shard(path, 1)), r"lists shard model-00002-of-\d+.safetensors, which is missing"),
+    "outside_by_dotdot": (_point_first_tensor_at("../outside.safetensors"),
+                          r"lists shard '../outside.safetensors', which is outside the checkpoint directory"),
+    "absolute_path": (_point_first_tensor_at("/etc/hostname"), r"lists shard '/etc/hostname', which is outside"),
+    "symlink_out": (lambda path: (os.remove(_shard(path, 0)), os.symlink(path.parent / "outside.safetensors",
+                                                                        path / "model-00001-of-00002.safetensors")),
+                    r"lists shard 'model-00001-of-00002.safetensors', which is outside"),
+    "tensor_not_in_its_shard": (lambda path: _edit_index(path, lambda m: m.update({
+        "model.norm.weight": next(v for v in sorted(set(m.values())) if v != m["model.norm.weight"])})),
+        r"says tensor model.norm.weight is in model-\d+-of-00002.safetensors, but .* does not hold it"),
+    "index_not_json": (lambda path: (path / "model.safetensors.index.json").write_text("{oops"),
+                       r"model.safetensors.index.json is not a safetensors index"),
+}
+
+
+@pytest.mark.parametrize("fault", list(INDEX_FAULTS))
+def test_bad_safetensors_index_is_named(sharded, tmp_path, fault):
+    damage, message = INDEX_FAULTS[fault]
+    path = shutil.copytree(sharded, tmp_path / "ckpt")
+    shutil.copy(_shard(path, 0), tmp_path / "outside.safetensors")  # a file to escape to
+    damage(path)
+    with pytest.raises(q.CheckpointError, match=message):
+        q.from_hf(str(path))
+
+
+CONFIG_FAULTS = {
+    "not_json": ("{oops", r"config.json is not JSON"),
+    "not_an_object": ("[1, 2]", r"config.json holds a JSON list, not an object"),
+    "string_for_int": ({"vocab_size": "300"}, r"field 'vocab_size' must be a positive integer, got '300'"),
+    "float_for_int": ({"num_hidden_layers": 3.0}, r"field 'num_hidden_layers' must be a positive integer, got 3.0"),
+    "bool_for_int": ({"num_attention_heads": True}, r"field 'num_attention_heads' must be a positive integer"),
+    "null_eps": ({"rms_norm_eps": None}, r"field 'rms_norm_eps' must be a finite number, got None"),
+    "string_for_bool": ({"tie_word_embeddings": "yes"}, r"field 'tie_word_embeddings' must be true or false"),
+    "bad_rope_factor": ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}},
+                        r"field 'rope_scaling.factor' must be a finite number or null, got '4'"),
+    "missing_field": ({"hidden_size": None}, r"field 'hidden_size' must be a positive integer, got None"),
+}
+
+
+@pytest.mark.parametrize("fault", list(CONFIG_FAULTS))
+def test_bad_config_json_is_named(checkpoints, tmp_path, fault):
+    change, message = CONFIG_FAULTS[fault]
+    path = shutil.copytree(checkpoints["dense_tied"][1], tmp_path / "ckpt")
+    if isinstance(change, str):
+        (path / "config.json").write_text(change)
+    else:
+        config = {**json.loads((path / "config.json").read_text()), **change}
+        (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(q.ConfigError, match=message):
+        load_any(path)
+
+
+def test_nothing_is_ever_unpickled(checkpoints, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"), (np, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    load_any(checkpoints["dense_tied"][1])
+    pytorch = tmp_path / "pytorch"
+    pytorch.mkdir()
+    shutil.copy(os.path.join(checkpoints["dense_tied"][1], "config.json"), pytorch)
+    (pytorch / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a torch.save zip would be unpickled")
+    with pytest.raises(q.CheckpointError, match=r"pytorch_model.bin: pickle-based PyTorch files, which qwen3-jax never "
+                                                 r"loads"):
+        load_any(pytorch)
+
+
+HF_CONFIGS = [q.to_hf_config(q.preset(name)) for name in ("tiny-dense", "tiny-moe")]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    | st.sampled_from(["qwen3", "qwen3_moe", "yarn", "default", "silu"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast",
+                         "attention_factor", "truncate", "rope_theta", "x"]), inner, max_size=4),
+    max_leaves=6,
+)
+
+
+@st.composite
+def hf_configs(draw) -> dict:
+    """A real config.json with a few fields replaced, added or removed, or random JSON altogether."""
+    if draw(st.booleans()):
+        return draw(st.dictionaries(st.text(max_size=12), JSON_VALUES, max_size=6))
+    config = dict(draw(st.sampled_from(HF_CONFIGS)))
+    for name in draw(st.lists(st.sampled_from(sorted(config) + ["num_local_experts", "rope_parameters"]), max_size=4)):
+        if draw(st.booleans()):
+            config.pop(name, None)
+        else:
+            config[name] = draw(JSON_VALUES)
+    return config
+
+
+@settings(max_examples=300, deadline=None)
+@given(hf_configs())
+def test_from_hf_config_raises_only_config_errors_on_any_json(config):
+    try:
+        cfg = q.from_hf_config(config)
+    except q.ConfigError:
+        return
+    assert isinstance(cfg, q.Qwen3Config)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import collections
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -349,7 +350,7 @@ def test_jsonl_parquet_arrayrecord_give_the_same_batches(tmp_path, sp_tokenizer,
     else:  # Parquet stores messages as structs and fills absent keys with null
         records, tokenizer = [chat_record(name) for name in CONVERSATIONS], sp_tokenizer
     paths = write_all_formats(tmp_path, records)
-    seq_len = 8 if kind == "text" else 64
+    seq_len = 8 if kind == "text" else 1024  # chat: no sample is cut, so every one must fit
     outs = {
         fmt: batches(
             config(format=fmt, paths=p, kind=kind, shuffle=True, seed=7, seq_len=seq_len), tokenizer
@@ -375,7 +376,7 @@ def test_glob_and_missing_files(tmp_path, text_jsonl):
 
 
 def test_missing_fields_are_named(tmp_path, text_jsonl):
-    with pytest.raises(KeyError, match="'body'"):
+    with pytest.raises(data.DataError, match=r"docs.jsonl:1: the record has no field 'body'"):
         batches(config(paths=text_jsonl, text_field="body"), WordIdTokenizer())
     pq_path = str(tmp_path / "t.parquet")
     pq.write_table(pa.Table.from_pylist(TEXT_RECORDS), pq_path)
@@ -388,13 +389,135 @@ def test_missing_fields_are_named(tmp_path, text_jsonl):
     [
         ("format", "csv"), ("kind", "dialogue"), ("seq_len", 1), ("seq_len", 8.0),
         ("batch_size", 0), ("seed", -1), ("num_epochs", 0), ("shuffle", "yes"),
-        ("packing", "best_fit"), ("paths", []), ("seqlen", 8),
+        ("packing", "best_fit"), ("paths", []), ("seqlen", 8), ("on_bad_record", "ignore"),
+        ("allow_changed_data", "yes"),
     ],
 )
 def test_bad_config_values_are_named(text_jsonl, field, value):
     cfg = config(**{"paths": text_jsonl, field: value})
     with pytest.raises(data.DataConfigError, match=field):
         data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
+
+
+# ---- bad records and changed files -------------------------------------------------------------
+
+GOOD_CHAT = json.dumps({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "five"}]})
+BAD_CHAT = {  # one JSONL line each, and what its error says
+    "not_json": (b'{"messages": [', r"not JSON \(Expecting"),
+    "not_utf8": (b'{"messages": "\xff"}', r"not UTF-8 \('utf-8' codec can't decode byte 0xff"),
+    "not_an_object": (b"[1, 2]", r"a data record must be a JSON object, got list"),
+    "no_messages": (b'{"text": "hi"}', r"the chat record has no 'messages' field \(fields: \['text'\]\)"),
+    "unknown_role": (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+                     r"message 0 has unknown role 'robot'"),
+    "missing_content": (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}),
+                        r"message 0 \(user\) needs a string 'content', got None"),
+    "no_assistant_turn": (json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+                          r"a training conversation must end with an assistant turn .* its last message is a user message"),
+    "longer_than_seq_len": (json.dumps({"messages": [{"role": "user", "content": "the dog " * 40},
+                                                     {"role": "assistant", "content": "five"}]}),
+                            r"the conversation has \d+ tokens, more than data.seq_len=64; an SFT sample is never cut"),
+}
+
+
+def write_lines(path, lines) -> str:
+    with open(path, "wb") as f:
+        f.writelines((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
+    return str(path)
+
+
+def documents(batch_list) -> int:
+    return sum(int(row["segment_ids"].max()) for row in rows(batch_list))
+
+
+@pytest.mark.parametrize("fault", list(BAD_CHAT))
+def test_bad_chat_record_is_named_by_file_and_line_or_skipped_and_counted(tmp_path, sp_tokenizer, fault):
+    line, message = BAD_CHAT[fault]
+    path = write_lines(tmp_path / "chat.jsonl", [GOOD_CHAT, GOOD_CHAT, line, GOOD_CHAT])
+    cfg = config(paths=path, kind="chat", seq_len=64)
+    with pytest.raises(data.DataError, match=re.escape(path) + ":3: " + message):
+        batches(cfg, sp_tokenizer)
+    cfg.data.on_bad_record = "skip"
+    bad = data.BadRecords("skip")
+    out = list(data.make_dataset(cfg, sp_tokenizer, process_index=0, process_count=1, bad_records=bad))
+    assert documents(out) == 3 and bad.count == 1
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrayrecord"])
+def test_bad_records_in_parquet_and_arrayrecord_are_named_by_record_index(tmp_path, sp_tokenizer, fmt):
+    records = [json.loads(GOOD_CHAT), json.loads(BAD_CHAT["unknown_role"][0]), json.loads(GOOD_CHAT)]
+    records = [{"messages": json.dumps(r["messages"])} for r in records]  # JSON strings: one Parquet schema
+    path = str(tmp_path / f"chat.{fmt}")
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=2)  # record 1 in the first group
+    else:
+        data.write_arrayrecord(path, records)
+    with pytest.raises(data.DataError, match=re.escape(path) + ", record index 1: message 0 has unknown role"):
+        batches(config(format=fmt, paths=path, kind="chat", seq_len=64), sp_tokenizer)
+
+
+def test_empty_file_is_named_or_skipped(tmp_path, text_jsonl):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")  # blank lines only: no records
+    with pytest.raises(data.DataError, match=re.escape(str(empty)) + ": the file holds no records"):
+        batches(config(paths=[text_jsonl, str(empty)]), WordIdTokenizer())
+    bad = data.BadRecords("skip")
+    cfg = config(paths=[text_jsonl, str(empty)], on_bad_record="skip")
+    out = list(data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1, bad_records=bad))
+    assert document_ids(out) == document_ids(batches(config(paths=text_jsonl), WordIdTokenizer()))
+    assert bad.empty_files == [str(empty)] and bad.count == 0
+    assert "1 empty files" in bad.summary()
+
+
+def test_prompt_source_applies_the_same_policy(tmp_path):
+    prompt = json.dumps({"messages": [{"role": "user", "content": "hi"}], "answer": 5})
+    long = json.dumps({"messages": [{"role": "user", "content": "x" * 50}]})
+    path = write_lines(tmp_path / "prompts.jsonl", [prompt, GOOD_CHAT, b"{oops", prompt, long])
+    section = ml_collections.ConfigDict({**data.prompt_default_config().to_dict(), "paths": path, "batch_size": 1,
+                                         "shuffle": False, "num_epochs": 1})
+
+    def too_long(record):
+        if len(record["messages"][0]["content"]) > 20:
+            raise ValueError("the prompt is longer than rollout.max_prompt_len")
+
+    def prompts(**kw):
+        return [r for batch in data.make_prompt_dataset(section, process_index=0, process_count=1, **kw) for r in batch]
+
+    with pytest.raises(data.DataError, match=re.escape(path) + ":2: a prompt must not end with an assistant turn"):
+        prompts()
+    section.on_bad_record = "skip"
+    bad = data.BadRecords("skip")
+    kept = prompts(bad_records=bad, check=too_long)
+    assert [r["answer"] for r in kept] == [5, 5] and bad.count == 3  # lines 2, 3 and 5
+    section.on_bad_record, section.paths = "error", write_lines(tmp_path / "long.jsonl", [prompt, "", prompt, long])
+    with pytest.raises(data.DataError, match=r"long.jsonl:4: the prompt is longer than rollout.max_prompt_len"):
+        prompts(check=too_long)  # line numbers count the blank line too
+
+
+def test_resume_names_changed_data_files_unless_allowed(tmp_path):
+    paths = [write_jsonl(tmp_path / f"{name}.jsonl", TEXT_RECORDS) for name in ("a", "b")]
+    cfg = config(paths=str(tmp_path / "*.jsonl"), num_epochs=None)
+    saved = data.make_stream(cfg, WordIdTokenizer(), process_index=0, process_count=1).checkpoint_info()
+    saved["skipped_records"] = 7
+
+    def resume(**fields):
+        stream = data.make_stream(config(paths=str(tmp_path / "*.jsonl"), num_epochs=None, **fields),
+                                  WordIdTokenizer(), process_index=0, process_count=1)
+        stream.resume(saved, "checkpoint step 4")
+        return stream
+
+    assert resume().bad_records.count == 7  # unchanged files: the count carries over
+    with open(paths[0], "r+b") as f:  # same size, other content
+        f.write(b" ")
+    with pytest.raises(data.DataChangedError, match=r"a.jsonl changed content \(same size\)"):
+        resume()
+    with open(paths[1], "a") as f:
+        f.write(json.dumps({"text": "1 2"}) + "\n")
+    write_jsonl(tmp_path / "c.jsonl", TEXT_RECORDS)
+    with pytest.raises(data.DataChangedError, match=(
+            r"the data files differ from those checkpoint step 4 was written with: .*c.jsonl was added; .*a.jsonl "
+            r"changed content \(same size\); .*b.jsonl changed size \(\d+ -> \d+ bytes\)\. .*allow_changed_data")):
+        resume()
+    assert resume(allow_changed_data=True).bad_records.count == 7
 
 
 # ---- spm --------------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def test_off_policy_phase_then_on_policy_in_one_run(assets, tmp_path):
     config = distill_config(root, **{
         "prompts.paths": str(prompts), "prompts.batch_size": 4, "train.steps": 1, "off_policy.steps": 2,
         "off_policy.max_new_tokens": 8, "off_policy.thinking_budget": 2, "off_policy.temperature": 0.0,
-        "off_policy.keep_unfinished": True,
+        "off_policy.keep_unfinished": True, "off_policy.seq_len": 64,
         "rollout.max_new_tokens": 8,
     })
     config.optimizer.update(decay_steps=None, warmup_steps=0)

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
+from infer import request as engine_request
+from infer.messages import complete, stream_text
 from infer.engine import Engine, generate
 from infer.messages import chat_turn, incremental_text, stream_text
 from qwen3_jax import chat
@@ -257,6 +259,78 @@ def test_bad_prompts_are_named(hf_and_model):
         generate(model, [[1], [2, 300]], max_new_tokens=2, forced_ids=[0], stop_token_ids=())
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         generate(model, [[]], max_new_tokens=2, forced_ids=[0], stop_token_ids=())
+
+
+# Every public entry point checks a request alike, before anything runs. A prompt fault is given
+# in each entry point's own terms: token-id prompts, or conversations / one conversation.
+V = 151936
+USER = {"role": "user", "content": "hi"}
+PROMPT_FAULTS = {  # fault: ({entry kind: bad prompts}, error type, message)
+    "empty_prompt_list": ({"ids": [], "conversations": [], "messages": []}, ValueError,
+                          r"(prompts|conversations|messages) is empty"),
+    "prompt_of_the_wrong_type": ({"ids": "hello", "conversations": "hello", "messages": "hello"}, ValueError,
+                                 r"(prompts|conversations) must be a list, got str|messages must be a list of message dicts"),
+    "element_of_the_wrong_type": ({"ids": [[1.5, 2]], "conversations": [[["user", "hi"]]], "messages": [["user", "hi"]]},
+                                  ValueError, r"prompt 0 must be a list of token ids \(ints\), but it holds 1.5|"
+                                              r"(conversation 0: )?message 0 is a list, expected a dict"),
+}
+ARGUMENT_FAULTS = {  # fault: (kwargs, error type, message)
+    "nan_temperature": ({"temperature": float("nan")}, ValueError, r"temperature must be finite; row 0 has nan"),
+    "nan_top_p": ({"top_p": [float("nan")]}, ValueError, r"top_p must be finite"),
+    "stop_id_out_of_range": ({"stop_token_ids": [V + 5]}, engine_request.RequestError,
+                             rf"stop_token_ids has token ids outside \[0, {V}\): \[{V + 5}\]"),
+    "negative_stop_id": ({"stop_token_ids": [2, -1]}, engine_request.RequestError, r"stop_token_ids has token ids outside"),
+    "stop_ids_not_a_list": ({"stop_token_ids": 7}, engine_request.RequestTypeError,
+                            r"stop_token_ids must be a list of token ids \(ints\), got int 7"),
+    "float_token_budget": ({"max_new_tokens": 4.0}, engine_request.RequestTypeError,
+                           r"max_new_tokens must be a positive int, got float 4.0"),
+    "bool_token_budget": ({"max_new_tokens": True}, engine_request.RequestTypeError,
+                          r"max_new_tokens must be a positive int, got bool True"),
+    "float_thinking_budget": ({"thinking_budget": 2.5}, engine_request.RequestTypeError,
+                              r"thinking_budget must be None or an int >= 0, got float 2.5"),
+    "string_seed": ({"seed": "7"}, engine_request.RequestTypeError, r"seed must be an int or one int per prompt, got str"),
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_engine(qwen3_vocab_model, forced_ids):
+    return Engine(qwen3_vocab_model, forced_ids=forced_ids), Tokenizer.qwen3()
+
+
+ENTRY_POINTS = {  # name: (kind of prompts, call(model, engine, tokenizer, prompts, kwargs))
+    "infer.generate": ("ids", lambda m, e, t, p, kw: generate(m, p, forced_ids=e.forced_ids, **kw)),
+    "Engine.generate": ("ids", lambda m, e, t, p, kw: e.generate(p, **kw)),
+    "Engine.stream": ("ids", lambda m, e, t, p, kw: next(e.stream(p, **kw))),
+    "messages.complete": ("conversations", lambda m, e, t, p, kw: complete(e, t, p, **kw)),
+    "messages.stream_text": ("messages", lambda m, e, t, p, kw: next(stream_text(e, t, p, **kw))),
+}
+GOOD_PROMPTS = {"ids": [[1, 2, 3]], "conversations": [[USER]], "messages": [USER]}
+
+
+@pytest.mark.parametrize("fault", [*PROMPT_FAULTS, *ARGUMENT_FAULTS])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_entry_point_names_a_bad_request(qwen3_vocab_model, qwen3_engine, entry, fault):
+    kind, call = ENTRY_POINTS[entry]
+    if fault in PROMPT_FAULTS:
+        prompts, error, message = PROMPT_FAULTS[fault]
+        prompts, kwargs = prompts[kind], {}
+    else:
+        prompts, (kwargs, error, message) = GOOD_PROMPTS[kind], ARGUMENT_FAULTS[fault]
+    engine, tokenizer = qwen3_engine
+    with pytest.raises(error, match=message):
+        call(qwen3_vocab_model, engine, tokenizer, prompts, {"max_new_tokens": 2, **kwargs})
+
+
+def test_engine_arguments_of_the_wrong_kind_are_named(qwen3_vocab_model, qwen3_engine):
+    engine, _ = qwen3_engine
+    with pytest.raises(engine_request.RequestError, match="chunk must be a positive int, got -1"):
+        next(engine.stream([[1, 2]], max_new_tokens=2, chunk=-1))  # was an endless loop of empty chunks
+    with pytest.raises(engine_request.RequestError, match="forced_ids is empty"):
+        Engine(qwen3_vocab_model, forced_ids=[])
+    with pytest.raises(engine_request.RequestTypeError, match=r"forced_ids must be a list of token ids \(ints\), but it holds 3.7"):
+        Engine(qwen3_vocab_model, forced_ids=[3.7])
+    with pytest.raises(engine_request.RequestError, match=r"thinking_budget\[1\] must be None or an int >= 0, got -2"):
+        engine.generate([[1], [2]], max_new_tokens=2, thinking_budget=[None, -2])
 
 
 def test_streaming_chunks_concatenate_to_the_full_generation(hf_and_model):

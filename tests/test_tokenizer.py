@@ -3,9 +3,11 @@
 import base64
 import json
 import random
+import re
 import unicodedata
 
 import pytest
+from hypothesis import example, given, settings, strategies as st
 import sentencepiece as spm
 import tiktoken
 
@@ -103,6 +105,44 @@ def test_decode_round_trip(qwen3, text):
 def test_nfc_normalization(qwen3):
     assert qwen3.encode("e\u0301") == qwen3.encode("é")
     assert qwen3.decode(qwen3.encode("Cafe\u0301")) == "Café"
+
+
+ADDED = [content for _, content, _ in ADDED_TOKENS]
+_ADDED_RE = re.compile("|".join(map(re.escape, sorted(ADDED, key=len, reverse=True))))
+
+
+def expected_round_trip(text: str) -> str:
+    """What the official tokenizer gives back: added-token strings as they are, and each stretch
+    of text between them in NFC (its normalizer runs on the stretches, after added tokens are
+    split off)."""
+    out, start = [], 0
+    for match in _ADDED_RE.finditer(text):
+        out += [unicodedata.normalize("NFC", text[start:match.start()]), match.group()]
+        start = match.end()
+    return "".join(out) + unicodedata.normalize("NFC", text[start:])
+
+
+TEXT_WITH_SPECIALS = st.lists(st.text(max_size=12) | st.sampled_from(ADDED), max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT_WITH_SPECIALS)
+@example("<|im_end|>\u0338")  # NFC of the whole would fuse ">" and U+0338 into "≯" and lose the token
+@example("Cafe\u0301<think>e\u0301")
+def test_round_trip_of_any_text(qwen3, text):
+    assert qwen3.decode(qwen3.encode(text)) == expected_round_trip(text)
+    if text == expected_round_trip(text):  # NFC text (most text) comes back exactly
+        assert qwen3.decode(qwen3.encode(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-(2**40), 2**40) | st.booleans() | st.floats(), max_size=4))
+def test_decode_names_ids_that_are_not_token_ids(qwen3, ids):
+    if all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in ids):
+        assert isinstance(qwen3.decode(ids), str)
+    else:
+        with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 2\*\*32\)"):
+            qwen3.decode(ids)
 
 
 def test_matches_tiktoken(qwen3, ranks):

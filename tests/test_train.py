@@ -8,6 +8,8 @@ import importlib.util
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,10 @@ from qwen3_jax.model import abstract_model
 from train import data as data_lib
 from train import step as step_lib
 from train import train as train_lib
-from train.checkpoint import Checkpointer, init_from_config, load_params
+from qwen3_jax.hf import CheckpointError
+from train.checkpoint import (
+    Checkpointer, ConfigMismatchError, CorruptCheckpointError, init_from_config, load_params,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Adam's first update is ~lr * g / (|g| + eps): for gradients near zero (cancellations) it turns
@@ -225,6 +230,158 @@ def test_init_from_hf_checkpoint(tmp_path):
     assert params["lm_head"].sharding == step_lib.params_shardings(cfg, mesh)["lm_head"]
 
 
+# ------------------------------------------------------------------- resuming a damaged run
+
+
+def save_steps(workdir, steps, stream) -> None:
+    """Checkpoints of the tiny run at `steps`, as `run_loop` writes them (the state's step field
+    tells them apart)."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=10)
+    state = initial_state("tiny-dense")
+    for step in steps:
+        ckpt.save(step, state._replace(step=jnp.int32(step)), stream.iterator, preset("tiny-dense"),
+                  stream.checkpoint_info())
+    ckpt.wait()
+    ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> str:
+    """A workdir of the tiny (synthetic data) run with complete steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("saved")
+    save_steps(workdir, [2, 4], data_lib.make_stream(train_lib.validate(tiny_config()).data, None))
+    return str(workdir)
+
+
+def resume(workdir, **overrides):
+    """`train.resume` of the tiny run in `workdir` with config `overrides`: (step, state) or None."""
+    exp = train_lib.validate(tiny_config(**overrides))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=10)
+    try:
+        return train_lib.resume(ckpt, exp, data_lib.make_stream(exp.data, None),
+                                step_lib.abstract_train_state(exp.model, exp.optimizer, single_device()))
+    finally:
+        ckpt.close()
+
+
+def largest_file(directory) -> str:
+    return max((os.path.join(d, n) for d, _, names in os.walk(directory) for n in names), key=os.path.getsize)
+
+
+def truncate(path) -> None:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def garble(path) -> None:
+    """Same size, other bytes: only the manifest's hash can tell."""
+    with open(path, "r+b") as f:
+        f.write(b"#" * 16)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda step: os.remove(largest_file(step / "state")), r"file state/ocdbt.process_0/d/\w+ is missing"),
+    (lambda step: truncate(largest_file(step / "state")),
+     r"file state/ocdbt.process_0/d/\w+ has \d+ bytes, \d+ when it was written \(truncated"),
+    (lambda step: garble(step / "state" / "_METADATA"), r"file state/_METADATA has changed since it was written"),
+    (lambda step: garble(step / "model_config" / "metadata"), r"file model_config/metadata has changed"),
+    # No manifest (killed just after the commit): Orbax's own failure, named with the step.
+    (lambda step: (os.remove(step / "MANIFEST.json"), truncate(largest_file(step / "state"))), r"cannot be restored"),
+], ids=["missing", "truncated", "state_metadata", "model_config", "unverified"])
+def test_corrupt_step_is_named_with_the_step_and_file(saved_run, tmp_path, damage, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    damage(workdir / "checkpoints" / "4")
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 4 in .*checkpoints.*" + message):
+        resume(workdir)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # nothing moved or deleted
+
+
+def test_on_corrupt_fallback_restores_the_newest_intact_step(saved_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    truncate(largest_file(workdir / "checkpoints" / "4" / "state"))
+    step, state = resume(workdir, **{"checkpoint.on_corrupt": "fallback"})
+    assert step == 2 and int(state.step) == 2
+    assert_trees_close(jax.device_get(state.params), jax.device_get(initial_state("tiny-dense").params), 0, 0)
+    assert os.listdir(workdir / "checkpoints.discarded" / "corrupt" / "4")  # set aside whole, not deleted
+    assert "checkpoint step 4" in capsys.readouterr().out
+    for name in ("2", "4"):  # nothing left to fall back to
+        shutil.rmtree(workdir / "checkpoints" / name, ignore_errors=True)
+    with pytest.raises(CorruptCheckpointError, match="no intact checkpoint is left"):
+        resume(workdir, **{"checkpoint.on_corrupt": "fallback"})
+
+
+def test_restore_step_sets_the_newer_steps_aside_once(saved_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    with pytest.raises(CheckpointError, match=r"restore_step=3 is not a saved step .* the saved steps are \[2, 4\]"):
+        resume(workdir, **{"checkpoint.restore_step": 3})
+    step, state = resume(workdir, **{"checkpoint.restore_step": 2})
+    assert step == 2 and int(state.step) == 2
+    assert os.listdir(workdir / "checkpoints.discarded" / "restore_step_2") == ["4"]
+    # The run goes on from step 2 and saves step 3; the same command, rerun, continues from there.
+    save_steps(workdir, [3], data_lib.make_stream(train_lib.validate(tiny_config()).data, None))
+    step, _ = resume(workdir, **{"checkpoint.restore_step": 2})
+    assert step == 3 and sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.overrides": {"vocab_size": 1024}}, r"vocab_size: 512 in the checkpoint, 1024 in this run"),
+    ({"model.preset": "tiny-moe"},
+     r"architectures: \['Qwen3ForCausalLM'\] in the checkpoint, \['Qwen3MoeForCausalLM'\] in this run.*num_experts"),
+])
+def test_resuming_another_model_is_named_before_any_training(saved_run, tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    with pytest.raises(ConfigMismatchError, match=r"checkpoint step 4 .* was saved for another model \(.*" + message):
+        train_lib.run(tiny_config(**overrides, **{"train.peak_flops": 1e10}), str(workdir))
+    assert sorted(os.listdir(workdir)) == ["checkpoints"]  # no metrics, no config.json written over the run's
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory) -> str:
+    """tokenizer.json of a word-level vocabulary: "w0" ... "w99" and <|endoftext|>."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(100)}}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def test_skipped_records_are_counted_and_changed_data_files_are_named_on_resume(tmp_path, word_tokenizer, capsys):
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for i, path in enumerate(files):
+        path.write_text("".join(json.dumps({"text": f"w{i} w{j} w{j + 1}"}) + "\n" for j in range(20)))
+    with open(files[1], "a") as f:
+        f.write('{"text": "w1 w2"\n')  # line 21: not JSON
+    overrides = {"data.format": "jsonl", "data.paths": str(tmp_path / "*.jsonl"), "tokenizer": word_tokenizer,
+                 "data.on_bad_record": "skip", "data.num_epochs": 1, "train.peak_flops": 1e10,
+                 "optimizer.decay_steps": 100}
+    config = tiny_config(**overrides, **{"train.steps": 2})
+    exp = train_lib.validate(config)
+    tokenizer = train_lib.load_tokenizer(exp)
+
+    def step_fn(state, batch):  # the loop's bookkeeping without compiling a train step
+        return state._replace(step=state.step + 1), {"loss": 1.0, "grad_norm": 1.0}
+
+    train_lib.run_loop(config, str(tmp_path / "run"), exp, make_mesh(exp.mesh), tokenizer,
+                       data_lib.make_stream(exp.data, tokenizer), step_fn, lambda *_: {"tokens_per_s": 1.0, "mfu": 0.0})
+    assert "data: skipped 1 bad records (on_bad_record='skip')" in capsys.readouterr().out
+    assert [m["skipped_records"] for m in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))] == [1, 1]
+
+    with open(files[0], "a") as f:
+        f.write(json.dumps({"text": "w7 w8"}) + "\n")
+    files[1].unlink()
+    with pytest.raises(data_lib.DataChangedError, match=(
+            r"the data files differ from those checkpoint step 2 .* was written with: .*b.jsonl was removed; "
+            r".*a.jsonl changed size \(\d+ -> \d+ bytes\).*set data.allow_changed_data=True")):
+        train_lib.run(tiny_config(**overrides, **{"train.steps": 4}), str(tmp_path / "run"))
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2  # no step trained
+
+
 # ---------------------------------------------------------------------------------- errors
 
 
@@ -292,14 +449,18 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
     )
 
 
-def cli(env: dict[str, str], workdir, *overrides: str) -> subprocess.Popen:
-    args = [
+def cli_args(workdir, *overrides: str) -> list[str]:
+    return [
         sys.executable, "-m", "train.train", "--config", os.path.join(REPO, "configs/tiny_pretrain.py"),
         f"--workdir={workdir}", "--config.data.seq_len=32", "--config.data.batch_size=4",
         "--config.train.ce_chunk_len=16", "--config.train.peak_flops=1e10", "--config.optimizer.decay_steps=100",
         *overrides,
     ]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def cli(env: dict[str, str], workdir, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(cli_args(workdir, *overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen, returncode: int = 0) -> str:
@@ -331,23 +492,115 @@ def latest_checkpoint(workdir) -> int | None:
     return max(steps, default=None)
 
 
-def test_resume_after_sigkill_gives_identical_losses(tmp_path, cli_env):
-    steps = ["--config.train.steps=16", "--config.checkpoint.every=4"]
-    finish(cli(cli_env, tmp_path / "ref", *steps))
-    reference = losses(tmp_path / "ref")
-    assert sorted(reference) == list(range(1, 17))
-    records = [json.loads(line) for line in open(tmp_path / "ref/metrics.jsonl")]
-    assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time", "mfu"} <= set(records[0])
-    assert os.listdir(tmp_path / "ref/tensorboard")
+STEPS_16 = ("--config.train.steps=16", "--config.checkpoint.every=4")
 
-    killed = cli(cli_env, tmp_path / "run", *steps)
-    wait_until(lambda: latest_checkpoint(tmp_path / "run") and max(losses(tmp_path / "run"), default=0) >= 6, killed)
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cli_env) -> tuple[str, dict[int, float]]:
+    """An uninterrupted 16-step run (checkpoints every 4): its workdir and losses."""
+    workdir = tmp_path_factory.mktemp("reference")
+    finish(cli(cli_env, workdir, *STEPS_16))
+    return str(workdir), losses(workdir)
+
+
+def test_resume_after_sigkill_gives_identical_losses(tmp_path, cli_env, reference):
+    ref_dir, ref_losses = reference
+    assert sorted(ref_losses) == list(range(1, 17))
+    records = [json.loads(line) for line in open(os.path.join(ref_dir, "metrics.jsonl"))]
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time", "mfu"} <= set(records[0])
+    assert os.listdir(os.path.join(ref_dir, "tensorboard"))
+
+    killed = cli(cli_env, tmp_path, *STEPS_16)
+    wait_until(lambda: latest_checkpoint(tmp_path) and max(losses(tmp_path), default=0) >= 6, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert max(losses(tmp_path / "run")) < 16
-    out = finish(cli(cli_env, tmp_path / "run", *steps))
+    assert max(losses(tmp_path)) < 16
+    out = finish(cli(cli_env, tmp_path, *STEPS_16))
     assert "resuming from step" in out
-    assert losses(tmp_path / "run") == reference  # exact equality: bit-identical losses
+    assert losses(tmp_path) == ref_losses  # exact equality: bit-identical losses
+
+
+# Loaded by a training subprocess via PYTHONPATH: every Orbax commit (the rename of a finished
+# step's temporary folder) waits first, so a test can kill the run while a save is in flight.
+SLOW_COMMIT = """
+import asyncio
+from orbax.checkpoint._src.path import atomicity
+
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+
+async def finalize(self):
+    await asyncio.sleep(0.3)
+    await _finalize(self)
+
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+"""
+
+
+def test_sigkill_during_an_async_save_resumes_from_the_last_complete_step(tmp_path, cli_env, reference):
+    slow = tmp_path / "slow_commit"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_COMMIT)
+    env = {**cli_env, "PYTHONPATH": os.pathsep.join([str(slow), cli_env["PYTHONPATH"]])}
+    workdir = tmp_path / "run"
+    in_flight = workdir / "checkpoints" / "8.orbax-checkpoint-tmp"
+    killed = cli(env, workdir, *STEPS_16)
+    wait_until(lambda: latest_checkpoint(workdir) == 4 and in_flight.is_dir(), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert in_flight.is_dir() and latest_checkpoint(workdir) == 4  # killed with step 8 half written
+
+    out = finish(cli(cli_env, workdir, *STEPS_16))
+    assert "resuming from step 4" in out
+    assert losses(workdir) == reference[1]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "16", "8"]  # the partial step is gone
+
+
+def _tmpfs_available() -> bool:
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+def _disk_bytes(directory) -> int:
+    """Bytes `directory`'s files take on a filesystem of 4 KiB pages."""
+    return sum(-(-os.path.getsize(os.path.join(d, n)) // 4096) * 4096
+               for d, _, names in os.walk(directory) for n in names)
+
+
+def test_full_disk_during_a_save_is_named_and_the_run_resumes_once_space_is_back(tmp_path, cli_env, reference):
+    """A tmpfs mounted in a user + mount namespace holds one checkpoint of the tiny run and a
+    third of another: saving step 8 fails with ENOSPC. Then the same mount is grown (space is
+    back) and the same command resumes from step 4."""
+    if not _tmpfs_available():
+        pytest.skip("needs `unshare --user --mount` (unprivileged user namespaces) to mount a small tmpfs")
+    size_kib = (_disk_bytes(os.path.join(reference[0], "checkpoints", "16")) * 4 // 3 + (256 << 10)) >> 10
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run = shlex.join(cli_args(disk / "run", *STEPS_16))
+    script = f"""
+        mount -t tmpfs -o size={size_kib}k tmpfs {disk} || exit 99
+        {run} > {tmp_path}/full.log 2>&1; echo $? > {tmp_path}/full.rc
+        ls {disk}/run/checkpoints > {tmp_path}/after_full.txt
+        mount -o remount,size=256m {disk}
+        {run} > {tmp_path}/resumed.log 2>&1; echo $? > {tmp_path}/resumed.rc
+        cp {disk}/run/metrics.jsonl {tmp_path}/metrics.jsonl
+    """
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO, env=cli_env,
+                   check=True, timeout=300)
+    full = (tmp_path / "full.log").read_text()
+    assert (tmp_path / "full.rc").read_text().strip() == "1", full
+    # Orbax's writer threads log the failure too (tracebacks, interleaved); the run ends with ours.
+    (error,) = [line for line in full.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: checkpoint step 8 could not be written to"), full
+    assert "No space left on device" in error and "the last complete checkpoint, step 4, is intact" in error
+    assert (tmp_path / "after_full.txt").read_text().split() == ["4"]  # no partial step 8 left behind
+
+    resumed = (tmp_path / "resumed.log").read_text()
+    assert (tmp_path / "resumed.rc").read_text().strip() == "0", resumed
+    assert "resuming from step 4" in resumed
+    assert losses(tmp_path) == reference[1]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli_env):

@@ -18,13 +18,27 @@ returns every field with its default; unknown fields are rejected so typos fail 
   shuffle      shuffle each process's shard of records (default True).
   num_epochs   passes over the data; None repeats forever.
   packing      'first_fit': documents are packed whole into `packing_bins` rows at a time (padding
-               at the ends of rows; an SFT sample is never cut unless it is longer than L).
+               at the ends of rows; an SFT sample is never cut).
                'concat_then_split': documents are concatenated and cut at row boundaries (no
                padding; a document may continue in the next row, restarting its positions).
   packing_bins rows that 'first_fit' fills at once; more bins, less padding, more buffering.
   num_threads  threads that read and tokenise records.
   synthetic_num_docs    number of synthetic documents per epoch.
   synthetic_vocab_size  synthetic token range; None uses the tokenizer's vocab_size.
+  on_bad_record         'error' (default): the first bad record or empty file stops the pipeline
+                        with a DataError naming the file and the line (JSONL, 1-based) or record
+                        index (Parquet and ArrayRecord, 0-based). 'skip': bad records and empty
+                        files are left out, logged and counted (`BadRecords`; the trainers report
+                        the count in metrics.jsonl and at the end).
+  allow_changed_data    False (default): resuming from a checkpoint whose data files differ from
+                        today's (a file added, removed, grown or edited) is a DataChangedError
+                        naming the files, since the restored position would point into other
+                        records; True goes on with a warning.
+
+Bad records: a line that is not JSON (or not UTF-8), a record that is not an object, a text record
+without its text field or whose text is not a string, a chat record without a non-empty `messages`
+list, with a message the chat template rejects (unknown role, missing content, ...), that does not
+end with an assistant turn, or whose tokens exceed seq_len (an SFT sample is never cut).
 
 Documents. Text: `encode(text) + [<|endoftext|>]` (or the eos of a tokenizer without that token),
 loss on every token. Chat: `qwen3_jax.chat.render_for_training` segments, tokenised one by one
@@ -32,8 +46,9 @@ loss on every token. Chat: `qwen3_jax.chat.render_for_training` segments, tokeni
 tokens of the segments it flags (the final assistant turn). Synthetic: arithmetic progressions
 modulo the vocabulary, so a tiny model can learn them within a few steps.
 
-A document longer than L is split into chunks of at most L tokens; every chunk is kept and each
-one starts at position 0 (it can attend only within its row).
+A text document longer than L is split into chunks of at most L tokens; every chunk is kept and
+each one starts at position 0 (it can attend only within its row). A chat record longer than L is
+a bad record (see above): cutting it would train on a conversation that was never written.
 
 Rows (each a [L] array; batched to [per_process_batch, L]):
   tokens       int32   input ids; 0 on padding.
@@ -68,12 +83,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import grain.experimental as grain_exp
@@ -84,10 +100,11 @@ import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 from grain.checkpoint import CheckpointRestore, CheckpointSave  # noqa: F401 (orbax args)
 
-from qwen3_jax.chat import render_for_training
+from qwen3_jax.chat import render_for_training, validate_messages
 from qwen3_jax.tokenizer import Tokenizer
 
 FORMATS = ("jsonl", "parquet", "arrayrecord", "synthetic")
+ON_BAD_RECORD = ("error", "skip")
 KINDS = ("text", "chat")
 PACKINGS = ("first_fit", "concat_then_split")
 ROW_FEATURES = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -105,6 +122,29 @@ log = logging.getLogger(__name__)
 
 class DataConfigError(ValueError):
     """A missing, unknown or invalid `data.*` config value."""
+
+
+class DataError(ValueError):
+    """A record or file the pipeline cannot use; the message starts with where it is:
+    `path:line` (JSONL, 1-based) or `path, record index i` (Parquet, ArrayRecord)."""
+
+
+class DataChangedError(DataError):
+    """The data files differ from those a checkpoint was written with (see `DataStream.resume`)."""
+
+
+# Fields the `data` and `prompts` sections share: what to do with bad records and changed files.
+_POLICY_DEFAULTS = {"on_bad_record": "error", "allow_changed_data": False}
+
+
+def _policy(values: Mapping[str, Any], section: str) -> tuple[str, bool]:
+    """The validated (on_bad_record, allow_changed_data) of a config section."""
+    policy, allow = values["on_bad_record"], values["allow_changed_data"]
+    if policy not in ON_BAD_RECORD:
+        raise DataConfigError(f"{section}.on_bad_record must be one of {ON_BAD_RECORD}, got {policy!r}")
+    if not isinstance(allow, bool):
+        raise DataConfigError(f"{section}.allow_changed_data must be a bool, got {allow!r}")
+    return policy, allow
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -125,6 +165,7 @@ def default_config() -> ml_collections.ConfigDict:
             "num_threads": 4,
             "synthetic_num_docs": 4096,
             "synthetic_vocab_size": None,
+            **_POLICY_DEFAULTS,
         }
     )
 
@@ -147,6 +188,8 @@ class DataConfig:
     num_threads: int
     synthetic_num_docs: int
     synthetic_vocab_size: int | None
+    on_bad_record: str
+    allow_changed_data: bool
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataConfig:
@@ -194,6 +237,7 @@ class DataConfig:
             raise DataConfigError(
                 f"data.text_field must be a non-empty string, got {values['text_field']!r}"
             )
+        on_bad_record, allow_changed_data = _policy(values, "data")
         return cls(
             format=fmt,
             paths=tuple(paths or ()),
@@ -209,6 +253,8 @@ class DataConfig:
             num_threads=integer("num_threads", 1),
             synthetic_num_docs=integer("synthetic_num_docs", 1),
             synthetic_vocab_size=optional_integer("synthetic_vocab_size", 2),
+            on_bad_record=on_bad_record,
+            allow_changed_data=allow_changed_data,
         )
 
 
@@ -231,7 +277,8 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
 
 
 def _line_spans(path: str, block_bytes: int = 1 << 24) -> np.ndarray:
-    """[num_lines, 2] int64 (start, end) byte offsets of the non-empty lines of a file."""
+    """[num_lines, 3] int64 (start, end, line number) of the non-empty lines of a file: byte
+    offsets and 1-based line numbers."""
     newlines = []
     offset = 0
     with open(path, "rb") as f:
@@ -240,43 +287,56 @@ def _line_spans(path: str, block_bytes: int = 1 << 24) -> np.ndarray:
             offset += len(block)
     ends = np.concatenate([*newlines, np.array([offset], np.int64)])
     starts = np.concatenate([np.array([0], np.int64), ends[:-1] + 1])
-    spans = np.stack([starts, ends], axis=1)
+    spans = np.stack([starts, ends, np.arange(1, len(ends) + 1)], axis=1)
     return spans[spans[:, 1] > spans[:, 0]]
 
 
+class _FileIndex:
+    """A global record index over files of `lengths` records each -> (file, index in that file)."""
+
+    def __init__(self, lengths: Sequence[int]):
+        self.lengths = [int(n) for n in lengths]
+        self._ends = np.cumsum(self.lengths)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        file_idx = int(np.searchsorted(self._ends, index, side="right"))
+        return file_idx, index - (int(self._ends[file_idx - 1]) if file_idx else 0)
+
+
 class JsonlSource:
-    """Random access to the JSON lines of several files (byte offsets are indexed up front)."""
+    """Random access to the lines of several JSONL files as (`path:line`, line bytes); the byte
+    offsets are indexed up front, empty lines skipped."""
 
     def __init__(self, paths: Sequence[str]):
         self._paths = list(paths)
         self._spans = [_line_spans(p) for p in self._paths]
-        self._file_ends = np.cumsum([len(s) for s in self._spans])
+        self.files = _FileIndex([len(s) for s in self._spans])
 
     def __len__(self) -> int:
-        return int(self._file_ends[-1]) if len(self._file_ends) else 0
+        return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        file_idx = int(np.searchsorted(self._file_ends, index, side="right"))
-        line_idx = index - (int(self._file_ends[file_idx - 1]) if file_idx else 0)
-        start, end = self._spans[file_idx][line_idx]
+    def __getitem__(self, index: int) -> tuple[str, bytes]:
+        file_idx, line_idx = self.files.locate(index)
+        start, end, number = self._spans[file_idx][line_idx]
         with open(self._paths[file_idx], "rb") as f:
             f.seek(start)
-            line = f.read(end - start)
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self._paths[file_idx]} (byte {start}): bad JSON line: {e}") from e
+            return f"{self._paths[file_idx]}:{number}", f.read(end - start)
 
 
 class ParquetSource:
-    """Random access to Parquet rows, reading (and caching a few) whole row groups."""
+    """Random access to Parquet rows as (`path, record index i`, row dict), reading (and caching a
+    few) whole row groups."""
 
     def __init__(
         self, paths: Sequence[str], columns: Sequence[str], optional_columns: Sequence[str] = ()
     ):
+        self._paths = list(paths)
         self._files = [pq.ParquetFile(p) for p in paths]
         self._columns: list[list[str]] = []
-        groups: list[tuple[int, int]] = []
+        groups: list[tuple[int, int, int]] = []  # (file, row group, its first row in the file)
         rows: list[int] = []
         for file_idx, (path, f) in enumerate(zip(paths, self._files)):
             names = set(f.schema_arrow.names)
@@ -284,9 +344,12 @@ class ParquetSource:
             if missing:
                 raise KeyError(f"{path}: no column(s) {missing} (columns: {sorted(names)})")
             self._columns.append([*columns, *(c for c in optional_columns if c in names)])
+            first = 0
             for g in range(f.num_row_groups):
-                groups.append((file_idx, g))
+                groups.append((file_idx, g, first))
                 rows.append(f.metadata.row_group(g).num_rows)
+                first += rows[-1]
+        self.files = _FileIndex([f.metadata.num_rows for f in self._files])
         self._groups = groups
         self._group_ends = np.cumsum(rows)
         self._cache: collections.OrderedDict[int, list[dict[str, Any]]] = collections.OrderedDict()
@@ -300,7 +363,7 @@ class ParquetSource:
             if group in self._cache:
                 self._cache.move_to_end(group)
                 return self._cache[group]
-            file_idx, g = self._groups[group]
+            file_idx, g, _ = self._groups[group]
             table = self._files[file_idx].read_row_group(g, columns=self._columns[file_idx])
             rows = table.to_pylist()
             self._cache[group] = rows
@@ -308,16 +371,35 @@ class ParquetSource:
                 self._cache.popitem(last=False)
             return rows
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> tuple[str, dict[str, Any]]:
         group = int(np.searchsorted(self._group_ends, index, side="right"))
-        return self._row_group(group)[index - (int(self._group_ends[group - 1]) if group else 0)]
+        row = index - (int(self._group_ends[group - 1]) if group else 0)
+        file_idx, _, first = self._groups[group]
+        return f"{self._paths[file_idx]}, record index {first + row}", self._row_group(group)[row]
+
+
+class ArrayRecordSource:
+    """Random access to the records of several ArrayRecord files as (`path, record index i`, bytes)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self._paths = list(paths)
+        self._readers = [grain.sources.ArrayRecordDataSource([p]) for p in self._paths]
+        self.files = _FileIndex([len(r) for r in self._readers])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[str, bytes]:
+        file_idx, record = self.files.locate(index)
+        return f"{self._paths[file_idx]}, record index {record}", self._readers[file_idx][record]
 
 
 class SyntheticSource:
     """Documents `(start + step * k) % vocab_size`, 2..max_len tokens, drawn from (seed, index).
 
     Every token after the second is predictable from the two before it, so a small model's loss
-    falls quickly; useful for smoke tests and demos without data files.
+    falls quickly; useful for smoke tests and demos without data files. Items are
+    (`synthetic document i`, ids) like the file sources' (where, record).
     """
 
     def __init__(self, num_docs: int, vocab_size: int, max_len: int, seed: int):
@@ -327,13 +409,13 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self._num_docs
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
         rng = np.random.default_rng((self._seed, index))
         length = int(rng.integers(2, self._max_len + 1))
         start = int(rng.integers(self._vocab_size))
         step = int(rng.integers(1, 8))
         ids_n = (start + step * np.arange(length, dtype=np.int64)) % self._vocab_size
-        return ids_n.astype(np.int32)
+        return f"synthetic document {index}", ids_n.astype(np.int32)
 
 
 def write_arrayrecord(path: str, records: Iterable[Mapping[str, Any]]) -> int:
@@ -349,7 +431,7 @@ def write_arrayrecord(path: str, records: Iterable[Mapping[str, Any]]) -> int:
     return count
 
 
-def _make_source(cfg: DataConfig, tokenizer: Tokenizer | None) -> Sequence[Any]:
+def _make_source(cfg: DataConfig, tokenizer: Tokenizer | None, bad_records: BadRecords) -> Sequence[Any]:
     if cfg.format == "synthetic":
         vocab_size = cfg.synthetic_vocab_size or (tokenizer.vocab_size if tokenizer else None)
         if vocab_size is None:
@@ -357,21 +439,28 @@ def _make_source(cfg: DataConfig, tokenizer: Tokenizer | None) -> Sequence[Any]:
                 "format 'synthetic' needs data.synthetic_vocab_size or a tokenizer"
             )
         return SyntheticSource(cfg.synthetic_num_docs, vocab_size, cfg.seq_len, cfg.seed)
-    return file_source(cfg.format, cfg.paths, cfg.kind, cfg.text_field)
+    return file_source(cfg.format, cfg.paths, cfg.kind, bad_records, cfg.text_field)
 
 
-def file_source(fmt: str, paths: Sequence[str], kind: str, text_field: str = "text") -> Sequence[Any]:
-    """Random access over the records of `paths` (globs) in `fmt`: text or chat records."""
+def file_source(
+    fmt: str, paths: Sequence[str], kind: str, bad_records: BadRecords, text_field: str = "text"
+) -> Sequence[tuple[str, Any]]:
+    """Random access over the records of `paths` (globs) in `fmt`, text or chat, as (where,
+    record) pairs; an empty file goes to `bad_records` (an error, or skipped and counted)."""
     files = expand_paths(paths)
     if fmt == "jsonl":
-        return JsonlSource(files)
-    if fmt == "parquet":
-        if kind == "text":
-            return ParquetSource(files, [text_field])
-        return ParquetSource(files, ["messages"], optional_columns=["tools"])
-    if fmt == "arrayrecord":
-        return grain.sources.ArrayRecordDataSource(files)
-    raise DataConfigError(f"unknown record format {fmt!r}; expected one of {FORMATS[:-1]}")
+        source = JsonlSource(files)
+    elif fmt == "parquet":
+        source = (ParquetSource(files, [text_field]) if kind == "text"
+                  else ParquetSource(files, ["messages"], optional_columns=["tools"]))
+    elif fmt == "arrayrecord":
+        source = ArrayRecordSource(files)
+    else:
+        raise DataConfigError(f"unknown record format {fmt!r}; expected one of {FORMATS[:-1]}")
+    for path, n in zip(files, source.files.lengths):
+        if not n:
+            bad_records.empty_file(path)
+    return source
 
 
 def process_records(
@@ -413,8 +502,79 @@ def _document(ids: Sequence[int], trained: Sequence[bool] | None = None) -> dict
     return {"tokens": tokens_n, "targets": targets_n, "loss_mask": loss_mask_n}
 
 
+class BadRecords:
+    """What a pipeline does with bad records and empty files (`on_bad_record`), and what it met.
+
+    'error': the first one raises its DataError (at the `next()` that reaches it). 'skip': each
+    is left out, logged (the first `LOGGED` records by file and line, then every thousandth) and
+    counted: `count` records so far (carried over a resume by `DataStream`), `empty_files`.
+    A bad record is counted each time the iterator reads it (once per epoch); reading runs ahead
+    of the batches by the packing buffer, and a resumed run counts again the few records it
+    re-reads to rebuild a partly packed row.
+    """
+
+    LOGGED = 10
+
+    def __init__(self, policy: str = "error"):
+        if policy not in ON_BAD_RECORD:
+            raise DataConfigError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {policy!r}")
+        self.policy = policy
+        self.count = 0
+        self.empty_files: list[str] = []
+
+    def empty_file(self, path: str) -> None:
+        error = DataError(f"{path}: the file holds no records")
+        if self.policy == "error":
+            raise error
+        log.warning("skipping an empty data file: %s", error)
+        self.empty_files.append(path)
+
+    def passes(self, item: Any) -> bool:
+        """A filter over converted records: False for (and counts) a skipped bad one."""
+        if not isinstance(item, _Bad):
+            return True
+        if self.policy == "error":
+            raise item.error
+        self.count += 1
+        if self.count <= self.LOGGED or self.count % 1000 == 0:
+            log.warning("skipping bad record %d: %s", self.count, item.error)
+        return False
+
+    def summary(self) -> str:
+        files = f" and {len(self.empty_files)} empty files" if self.empty_files else ""
+        return f"skipped {self.count} bad records{files} (on_bad_record='skip')"
+
+
+class _Bad(NamedTuple):
+    """A record the conversion rejected, in place of its document."""
+
+    error: DataError
+
+
+class _Checked:
+    """`convert(record)` of a source's (where, record) pair, or `_Bad` naming where and why the
+    record cannot be used (any ValueError of the conversion: JSON, UTF-8, the chat template, the
+    converters' own checks)."""
+
+    def __init__(self, convert: Callable[[Any], Any]):
+        self._convert = convert
+
+    def __call__(self, item: tuple[str, Any]) -> Any:
+        where, raw = item
+        try:
+            return self._convert(raw)
+        except ValueError as e:
+            return _Bad(DataError(f"{where}: {e}"))
+
+
 def _as_record(raw: Any) -> Mapping[str, Any]:
-    record = json.loads(raw) if isinstance(raw, bytes) else raw
+    """A JSON object from its bytes (JSONL, ArrayRecord) or a Parquet row."""
+    try:
+        record = json.loads(raw) if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e})") from None
     if not isinstance(record, Mapping):
         raise ValueError(f"a data record must be a JSON object, got {type(record).__name__}")
     return record
@@ -439,13 +599,12 @@ class _TextToDocument:
     def __call__(self, raw: Any) -> dict[str, np.ndarray]:
         record = _as_record(raw)
         if self._text_field not in record:
-            raise KeyError(
-                f"record has no field {self._text_field!r} (fields: {sorted(record)}); "
-                "set data.text_field"
+            raise ValueError(
+                f"the record has no field {self._text_field!r} (fields: {sorted(record)}); set data.text_field"
             )
         text = record[self._text_field]
         if not isinstance(text, str):
-            raise TypeError(f"field {self._text_field!r} is a {type(text).__name__}, not a string")
+            raise ValueError(f"field {self._text_field!r} is a {type(text).__name__}, not a string")
         return _document([*self._tokenizer.encode(text), self._separator_id])
 
 
@@ -462,28 +621,44 @@ def chat_tokens(
     return ids, trained
 
 
-def _clean_messages(messages: Any) -> list[dict[str, Any]]:
-    """Parses a JSON string and drops null fields (Parquet structs fill absent keys with None)."""
-    if isinstance(messages, str):
-        messages = json.loads(messages)
+def _json_field(record: Mapping[str, Any], name: str) -> Any:
+    """`record[name]`, parsed when it is a JSON string (Parquet columns hold them that way)."""
+    value = record.get(name)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'{name}' is a string but not JSON ({e})") from None
+    return value
+
+
+def _chat_fields(record: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """A chat record's messages (null fields dropped: Parquet structs fill absent keys with None)
+    and tools, checked by the chat template's rules; ValueError naming what is wrong."""
+    if "messages" not in record:
+        raise ValueError(f"the chat record has no 'messages' field (fields: {sorted(record)})")
+    messages = _json_field(record, "messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"chat record 'messages' must be a non-empty list, got {messages!r:.200}")
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+        raise ValueError(f"the chat record's 'messages' must be a non-empty list, got {messages!r:.200}")
+    messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m for m in messages]
+    tools = _json_field(record, "tools") or None
+    validate_messages(messages, tools)
+    return messages, tools
 
 
 class _ChatToDocument:
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, seq_len: int):
+        self._tokenizer, self._seq_len = tokenizer, seq_len
 
     def __call__(self, raw: Any) -> dict[str, np.ndarray]:
-        record = _as_record(raw)
-        if "messages" not in record:
-            raise KeyError(f"chat record has no 'messages' field (fields: {sorted(record)})")
-        tools = record.get("tools")
-        if isinstance(tools, str):
-            tools = json.loads(tools)
-        messages = _clean_messages(record["messages"])
-        return _document(*chat_tokens(self._tokenizer, messages, tools or None))
+        messages, tools = _chat_fields(_as_record(raw))
+        ids, trained = chat_tokens(self._tokenizer, messages, tools)  # ValueError unless it ends with an assistant turn
+        if len(ids) > self._seq_len:
+            raise ValueError(
+                f"the conversation has {len(ids)} tokens, more than data.seq_len={self._seq_len}; an SFT sample "
+                "is never cut (raise data.seq_len, or skip such records with data.on_bad_record='skip')"
+            )
+        return _document(ids, trained)
 
 
 class _SplitLongDocuments(grain_exp.FlatMapTransform):
@@ -543,12 +718,17 @@ def make_iter_dataset(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    bad_records: BadRecords | None = None,
 ) -> grain.IterDataset:
     """The pipeline as a grain IterDataset of [per_process_batch, L] batches (see module doc).
 
     process_index / process_count default to jax.process_index() / jax.process_count().
+    `bad_records` applies the section's `on_bad_record` policy and counts what it skips (a fresh
+    one when None). Raises DataError for an empty file or a source without records, and, under
+    on_bad_record='error', at the `next()` that reaches a bad record.
     """
     data_cfg = DataConfig.from_config(cfg)
+    bad_records = BadRecords(data_cfg.on_bad_record) if bad_records is None else bad_records
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     batch_size = per_process_batch_size(data_cfg.batch_size, process_count)
@@ -560,11 +740,11 @@ def make_iter_dataset(
     elif data_cfg.kind == "text":
         to_document = _TextToDocument(tokenizer, data_cfg.text_field)
     else:
-        to_document = _ChatToDocument(tokenizer)
+        to_document = _ChatToDocument(tokenizer, data_cfg.seq_len)
 
-    source = _make_source(data_cfg, tokenizer)
+    source = _make_source(data_cfg, tokenizer, bad_records)
     if not len(source):
-        raise ValueError(f"no records in data.paths {list(data_cfg.paths)}")
+        raise DataError(f"no records in data.paths {list(data_cfg.paths)}")
     ds = process_records(
         source, process_index=process_index, process_count=process_count, shuffle=data_cfg.shuffle,
         seed=data_cfg.seed, num_epochs=data_cfg.num_epochs,
@@ -573,11 +753,11 @@ def make_iter_dataset(
         "data: %d records, process %d/%d, %d rows of %d tokens per batch",
         len(source), process_index, process_count, batch_size, data_cfg.seq_len,
     )
-    ds = ds.map(to_document)
+    ds = ds.map(_Checked(to_document))
     threads = data_cfg.num_threads
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads)
-    )
+    ).filter(bad_records.passes)  # after the reading threads: errors and counts in stream order
     it_ds = grain_exp.FlatMapIterDataset(it_ds, _SplitLongDocuments(data_cfg.seq_len))
     lengths = {k: data_cfg.seq_len for k in _DOC_FEATURES}
     if data_cfg.packing == "first_fit":
@@ -597,11 +777,23 @@ def make_dataset(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    bad_records: BadRecords | None = None,
 ) -> grain.DatasetIterator:
-    """A checkpointable iterator of batches {name: [per_process_batch, L]} (see module doc)."""
-    return iter(
-        make_iter_dataset(cfg, tokenizer, process_index=process_index, process_count=process_count)
-    )
+    """A checkpointable iterator of batches {name: [per_process_batch, L]} (see module doc and
+    `make_iter_dataset`)."""
+    return iter(make_iter_dataset(
+        cfg, tokenizer, process_index=process_index, process_count=process_count, bad_records=bad_records,
+    ))
+
+
+def make_stream(cfg: Any, tokenizer: Tokenizer | None, **kwargs: Any) -> DataStream:
+    """`make_dataset`'s iterator with what a trainer checkpoints beside it (see `DataStream`);
+    `kwargs` go to `make_dataset`."""
+    data_cfg = DataConfig.from_config(cfg)
+    bad_records = BadRecords(data_cfg.on_bad_record)
+    iterator = make_dataset(cfg, tokenizer, bad_records=bad_records, **kwargs)
+    files = () if data_cfg.format == "synthetic" else fingerprint(expand_paths(data_cfg.paths))
+    return DataStream(iterator, files, bad_records, data_cfg.allow_changed_data, "data")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,48 +811,151 @@ def prompt_default_config() -> ml_collections.ConfigDict:
             "shuffle": True,
             "num_epochs": None,  # None repeats forever
             "num_threads": 1,
+            **_POLICY_DEFAULTS,  # as in `data` (see the module docstring)
         }
     )
 
 
 def prompt_record(raw: Any) -> dict[str, Any]:
-    """A chat record with `messages` parsed and cleaned and `tools` parsed; other fields kept."""
+    """A chat record with `messages` parsed and cleaned and `tools` parsed; other fields kept.
+    Raises ValueError naming the problem when the chat template rejects the messages or the
+    conversation ends with an assistant turn (a prompt is answered by the model)."""
     record = dict(_as_record(raw))
-    if "messages" not in record:
-        raise KeyError(f"prompt record has no 'messages' field (fields: {sorted(record)})")
-    record["messages"] = _clean_messages(record["messages"])
-    tools = record.get("tools")
-    record["tools"] = (json.loads(tools) if isinstance(tools, str) else tools) or None
+    record["messages"], record["tools"] = _chat_fields(record)
+    if record["messages"][-1]["role"] == "assistant":
+        raise ValueError("a prompt must not end with an assistant turn (the model writes that turn)")
     return record
 
 
-def make_prompt_dataset(
-    cfg: Any, *, process_index: int | None = None, process_count: int | None = None
-) -> grain.DatasetIterator:
-    """A checkpointable iterator of lists of `prompt_record`s, batch_size // process_count each.
-
-    `cfg` is a `prompt_default_config()` section. A final partial batch is dropped, so every step
-    sees the same number of prompts. Raises DataConfigError for bad fields, FileNotFoundError for
-    missing files.
-    """
+def prompt_config(cfg: Any) -> dict[str, Any]:
+    """The `prompts` section with defaults filled in; DataConfigError for unknown or bad fields."""
     values = dict(prompt_default_config().items())
     unknown = sorted(set(cfg.keys()) - set(values))
     if unknown:
         raise DataConfigError(f"unknown prompts config field(s) {unknown}; known: {sorted(values)}")
     values.update(cfg.items())
-    paths = (values["paths"],) if isinstance(values["paths"], str) else values["paths"]
-    if not paths:
+    values["paths"] = (values["paths"],) if isinstance(values["paths"], str) else values["paths"]
+    if not values["paths"]:
         raise DataConfigError(f"prompts.paths must be a path/glob or a list of them, got {values['paths']!r}")
+    _policy(values, "prompts")
+    return values
+
+
+def make_prompt_dataset(
+    cfg: Any, *, process_index: int | None = None, process_count: int | None = None,
+    bad_records: BadRecords | None = None, check: Callable[[dict[str, Any]], Any] | None = None,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator of lists of `prompt_record`s, batch_size // process_count each.
+
+    `cfg` is a `prompt_default_config()` section. A final partial batch is dropped, so every step
+    sees the same number of prompts. `check(record)` may reject a record by raising ValueError
+    (e.g. a prompt too long for the rollout); rejected and malformed records follow the section's
+    on_bad_record policy through `bad_records` (a fresh one when None), as in `make_dataset`.
+    Raises DataConfigError for bad fields, FileNotFoundError for missing files, DataError for an
+    empty file or, under on_bad_record='error', at the `next()` that reaches a bad record.
+    """
+    values = prompt_config(cfg)
+    bad_records = BadRecords(values["on_bad_record"]) if bad_records is None else bad_records
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     batch_size = per_process_batch_size(values["batch_size"], process_count)
+
+    def convert(raw: Any) -> dict[str, Any]:
+        record = prompt_record(raw)
+        if check is not None:
+            check(record)
+        return record
+
     ds = process_records(
-        file_source(values["format"], paths, "chat"), process_index=process_index, process_count=process_count,
-        shuffle=values["shuffle"], seed=values["seed"], num_epochs=values["num_epochs"],
-    ).map(prompt_record)
+        file_source(values["format"], values["paths"], "chat", bad_records), process_index=process_index,
+        process_count=process_count, shuffle=values["shuffle"], seed=values["seed"], num_epochs=values["num_epochs"],
+    ).map(_Checked(convert))
     threads = values["num_threads"]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads))
-    return iter(it_ds.batch(batch_size, drop_remainder=True, batch_fn=list))
+    return iter(it_ds.filter(bad_records.passes).batch(batch_size, drop_remainder=True, batch_fn=list))
+
+
+def make_prompt_stream(cfg: Any, **kwargs: Any) -> DataStream:
+    """`make_prompt_dataset`'s iterator with what a trainer checkpoints beside it (see
+    `DataStream`); `kwargs` go to `make_prompt_dataset`."""
+    values = prompt_config(cfg)
+    bad_records = BadRecords(values["on_bad_record"])
+    iterator = make_prompt_dataset(cfg, bad_records=bad_records, **kwargs)
+    return DataStream(iterator, fingerprint(expand_paths(values["paths"])), bad_records,
+                      values["allow_changed_data"], "prompts")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint records about the data: the files' fingerprint and the skipped count.
+
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def fingerprint(paths: Sequence[str]) -> tuple[dict[str, Any], ...]:
+    """Per file, in reading order: its absolute path, size in bytes and the sha256 of its first
+    and last MiB (of the whole file up to 2 MiB). Cheap for any corpus; it tells a file added,
+    removed, grown, truncated or rewritten, though not an edit that keeps the size and lies more
+    than a MiB from both ends."""
+    out = []
+    for path in paths:
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(_FINGERPRINT_BYTES))
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            digest.update(f.read())
+        out.append({"path": os.path.abspath(path), "size": size, "sha256": digest.hexdigest()})
+    return tuple(out)
+
+
+def fingerprint_changes(saved: Sequence[Mapping[str, Any]], now: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What differs between two `fingerprint`s, one phrase per file; [] when they are equal."""
+    old, new = {f["path"]: f for f in saved}, {f["path"]: f for f in now}
+    changes = [f"{p} was removed" for p in old if p not in new]
+    changes += [f"{p} was added" for p in new if p not in old]
+    for path in (p for p in new if p in old):  # in reading order: the message is the same every time
+        if old[path]["size"] != new[path]["size"]:
+            changes.append(f"{path} changed size ({old[path]['size']} -> {new[path]['size']} bytes)")
+        elif old[path]["sha256"] != new[path]["sha256"]:
+            changes.append(f"{path} changed content (same size)")
+    if not changes and list(old) != list(new):
+        changes.append(f"the files are read in another order (now {list(new)})")
+    return changes
+
+
+@dataclasses.dataclass(frozen=True)
+class DataStream:
+    """A trainer's input: the checkpointable `iterator`, the `fingerprint` of the files it reads
+    (empty for synthetic data), its `bad_records` policy and count, and whether a resume may go on
+    with changed files. `section` ('data' or 'prompts') names the config section in errors."""
+
+    iterator: grain.DatasetIterator
+    files: tuple[dict[str, Any], ...]
+    bad_records: BadRecords
+    allow_changed_data: bool
+    section: str
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint records beside the iterator's position (JSON-able)."""
+        return {"files": list(self.files), "skipped_records": self.bad_records.count}
+
+    def resume(self, saved: Mapping[str, Any] | None, where: str) -> None:
+        """Checks the files against `saved` (a `checkpoint_info()` of the checkpoint `where`) and
+        carries its skipped count over. Raises DataChangedError listing every difference, unless
+        allow_changed_data (then it logs them). `saved=None` (a checkpoint written before this
+        record existed) is taken as it is."""
+        if saved is None:
+            return
+        changes = fingerprint_changes(saved["files"], self.files)
+        if changes:
+            message = f"the {self.section} files differ from those {where} was written with: {'; '.join(changes)}"
+            if not self.allow_changed_data:
+                raise DataChangedError(
+                    f"{message}. The restored position would point into other records: restore the files, or set "
+                    f"{self.section}.allow_changed_data=True to go on with them"
+                )
+            log.warning("%s; going on (%s.allow_changed_data=True)", message, self.section)
+        self.bad_records.count = int(saved["skipped_records"])
 
 
 def iterator_state(iterator: grain.DatasetIterator) -> bytes:

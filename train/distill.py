@@ -243,9 +243,11 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     p = config.prompts
     need(p.paths is not None, "prompts.paths must name the prompt files (JSONL/Parquet/ArrayRecord chat records)")
     try:
-        data_lib.expand_paths([p.paths] if isinstance(p.paths, str) else list(p.paths))
+        data_lib.expand_paths(data_lib.prompt_config(p)["paths"])
     except FileNotFoundError as e:
         raise TrainConfigError(f"missing prompt files: {e}") from e
+    except data_lib.DataConfigError as e:
+        raise TrainConfigError(str(e)) from e
     need(p.batch_size >= 1, f"prompts.batch_size must be >= 1, got {p.batch_size}")
 
     r = config.rollout
@@ -534,7 +536,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         off_policy_dir = os.path.join(workdir, "off_policy")
         run_off_policy(config, exp, teacher, tokenizer, mesh, off_policy_dir)
         exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, init_from=off_policy_dir))
-    prompts = data_lib.make_prompt_dataset(exp.train.data)
+
+    # A prompt either mode cannot render within rollout.max_prompt_len is a bad record: named by
+    # file and line, or skipped with prompts.on_bad_record='skip', before it reaches a rollout.
+    def check(record: dict[str, Any]) -> None:
+        for mode in (THINK, NO_THINK):
+            render_prompt(record, mode, tokenizer, exp.rollout)
+
+    prompts = data_lib.make_prompt_stream(exp.train.data, check=check)
     step_fn = DistillStep(exp, mesh, tokenizer, nnx.to_pure_dict(nnx.state(teacher, nnx.Param)))
     seq_len, batch_size = exp.rollout.seq_len, exp.train.data.batch_size
     flops_per_step = update_flops(exp.train.model, exp.teacher, seq_len) * batch_size * seq_len

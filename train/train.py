@@ -11,6 +11,15 @@ preemption continues the run. SIGTERM saves a checkpoint at the current step and
 A NaN / inf loss or gradient norm stops the run with an error naming the step; states are saved
 only once their step's metrics are known to be finite, so the last checkpoint is a good one.
 
+Before a resumed run trains, the checkpoint is checked (see `resume`): its files against the
+manifest written when it was saved, its model config against the run's (every differing field
+named), its data files' fingerprint against today's files. `checkpoint.restore_step` picks another
+step than the latest; `checkpoint.on_corrupt='fallback'` falls back from a corrupt step to the
+newest intact one. Steps set aside by either are moved to `checkpoints.discarded/`, never deleted.
+A checkpoint that cannot be written (a full disk) stops the run with an error naming the step,
+the last complete step intact. Bad data records stop the run with their file and line, or with
+`data.on_bad_record='skip'` are skipped and counted (`skipped_records` in metrics.jsonl).
+
 The workdir receives `checkpoints/`, `metrics.jsonl` (one JSON object per step), TensorBoard
 event files in `tensorboard/`, `config.json` (the resolved config) and, when the data needs one,
 the tokenizer, so the workdir is a checkpoint like any other (`qwen3_jax.load_any`, the infer
@@ -36,7 +45,6 @@ import sys
 import time
 from typing import Any, Callable
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,13 +56,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_dict, config_flags
 
+from qwen3_jax.checkpoint import TRAINER_CHECKPOINTS
 from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.model import abstract_model, count_params
 from qwen3_jax.sharding import MESH_AXES, initialize_distributed, make_mesh
 from qwen3_jax.tokenizer import Tokenizer, tokenizer_dir
 from train import data as data_lib
-from train.checkpoint import Checkpointer, init_from_config, load_params, save_tokenizer
+from train.checkpoint import (
+    CheckpointWriteError, Checkpointer, CorruptCheckpointError, init_from_config, load_params, save_tokenizer,
+)
 from train.step import (
     OptimizerConfig, StepConfig, TrainState, abstract_train_state, batch_sharding, init_train_state, make_train_step,
 )
@@ -66,6 +77,9 @@ class TrainConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+ON_CORRUPT = ("error", "fallback")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -115,7 +129,17 @@ def default_config() -> ml_collections.ConfigDict:
         "log_every": 10,  # progress lines when not on a terminal (metrics.jsonl gets every step)
         "peak_flops": config_dict.placeholder(float),  # per device, FLOP/s; None: measure
     })
-    c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
+    c.checkpoint = ml_collections.ConfigDict({
+        "every": 500,
+        "keep": 3,
+        "async_save": True,
+        # Resume from this step instead of the latest; the newer steps are set aside (once: a rerun
+        # of the same command resumes from the run's own later steps).
+        "restore_step": config_dict.placeholder(int),
+        # 'error': a corrupt step stops the run, naming the file; 'fallback': it is set aside and
+        # the next older intact step is restored.
+        "on_corrupt": "error",
+    })
     return c
 
 
@@ -137,6 +161,8 @@ class Experiment:
     checkpoint_every: int
     checkpoint_keep: int
     async_checkpoint: bool
+    restore_step: int | None
+    on_corrupt: str
 
 
 def need(cond: bool, msg: str) -> None:
@@ -264,8 +290,12 @@ def experiment(
           f"optimizer.warmup_steps={o.warmup_steps} must be in [0, decay_steps={decay_steps})")
     need(0 <= o.end_learning_rate_ratio <= 1,
           f"optimizer.end_learning_rate_ratio must be in [0, 1], got {o.end_learning_rate_ratio}")
-    need(config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,
-          f"checkpoint.every and checkpoint.keep must be >= 1, got {config.checkpoint.every}, {config.checkpoint.keep}")
+    ckpt = config.checkpoint
+    need(ckpt.every >= 1 and ckpt.keep >= 1,
+          f"checkpoint.every and checkpoint.keep must be >= 1, got {ckpt.every}, {ckpt.keep}")
+    need(ckpt.restore_step is None or (isinstance(ckpt.restore_step, int) and ckpt.restore_step >= 1),
+          f"checkpoint.restore_step must be a saved step (>= 1) or unset, got {ckpt.restore_step!r}")
+    need(ckpt.on_corrupt in ON_CORRUPT, f"checkpoint.on_corrupt must be one of {ON_CORRUPT}, got {ckpt.on_corrupt!r}")
     peak = config.train.peak_flops
     need(peak is None or peak > 0, f"train.peak_flops must be positive or unset, got {peak}")
     return Experiment(
@@ -284,9 +314,11 @@ def experiment(
         seed=config.seed,
         log_every=max(1, config.train.log_every),
         peak_flops=peak,
-        checkpoint_every=config.checkpoint.every,
-        checkpoint_keep=config.checkpoint.keep,
-        async_checkpoint=config.checkpoint.async_save,
+        checkpoint_every=ckpt.every,
+        checkpoint_keep=ckpt.keep,
+        async_checkpoint=ckpt.async_save,
+        restore_step=ckpt.restore_step,
+        on_corrupt=ckpt.on_corrupt,
     )
 
 
@@ -436,7 +468,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     cfg = exp.model
     mesh = make_mesh(exp.mesh)
     tokenizer = load_tokenizer(exp)
-    data_iterator = data_lib.make_dataset(exp.data, tokenizer)
+    data = data_lib.make_stream(exp.data, tokenizer)
     train_step = make_train_step(cfg, exp.step, exp.optimizer, mesh)
     sharding = batch_sharding(mesh, cfg.rules)
     tokens_per_step = exp.data.batch_size * exp.data.seq_len
@@ -446,7 +478,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return {"tokens_per_s": tokens_per_step / step_time, "mfu": model_flops_per_step / step_time / peak}
 
     return run_loop(
-        config, workdir, exp, mesh, tokenizer, data_iterator,
+        config, workdir, exp, mesh, tokenizer, data,
         lambda state, host: train_step(state, global_batch(host, sharding)), rates,
     )
 
@@ -457,40 +489,45 @@ RatesFn = Callable[[dict[str, float], float, float], dict[str, float]]
 
 def run_loop(
     config: ml_collections.ConfigDict, workdir: str, exp: Experiment, mesh: Mesh, tokenizer: Tokenizer | None,
-    data_iterator: grain.DatasetIterator, step_fn: StepFn, rates: RatesFn,
+    data: data_lib.DataStream, step_fn: StepFn, rates: RatesFn,
 ) -> dict[str, float]:
     """The loop every trainer shares: init or resume, steps, metrics, checkpoints, SIGTERM.
 
     The workdir ships `tokenizer` (when there is one) at its root, so it serves as a checkpoint.
 
-    `step_fn(state, next(data_iterator))` applies one update and returns the new state and its
+    `step_fn(state, next(data.iterator))` applies one update and returns the new state and its
     metrics (device arrays, read one step late, or host floats); `rates(scalars, step_time,
     peak_flops)` adds `tokens_per_s` and `mfu`. States are saved (with the data iterator's
-    position and the model config) every `checkpoint.every` steps, at the end and on SIGTERM, and
-    only once their step's loss and gradient norm are known to be finite.
+    position, `data.checkpoint_info()` and the model config) every `checkpoint.every` steps, at
+    the end and on SIGTERM, and only once their step's loss and gradient norm are known to be
+    finite. A resumed run is checked first (`resume`); nothing in the workdir is written before.
     """
     cfg = exp.model
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    save_tokenizer(workdir, tokenizer)  # the workdir ships its tokenizer, like any checkpoint
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=exp.checkpoint_every,
+    checkpointer = Checkpointer(os.path.join(workdir, TRAINER_CHECKPOINTS), every=exp.checkpoint_every,
                                 keep=exp.checkpoint_keep, async_save=exp.async_checkpoint)
-    start = checkpointer.latest_step()
-    if start is None:
+    try:
+        resumed = resume(checkpointer, exp, data, abstract_train_state(cfg, exp.optimizer, mesh))
+    except BaseException:
+        checkpointer.close()
+        raise
+    if resumed is None:
         params = None if exp.init_from is None else load_params(exp.init_from, cfg, mesh)
         state = init_train_state(cfg, exp.optimizer, mesh, seed=exp.seed, params=params)
         start = 0
     else:
-        print(f"resuming from step {start} in {checkpointer.directory}", flush=True)
-        state = checkpointer.restore(start, abstract_train_state(cfg, exp.optimizer, mesh), data_iterator)
+        start, state = resumed
         if start >= exp.steps:
             print(f"nothing to do: step {start} of train.steps={exp.steps} is done", flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    save_tokenizer(workdir, tokenizer)  # the workdir ships its tokenizer, like any checkpoint
 
     peak = exp.peak_flops * mesh.devices.size if exp.peak_flops else measure_peak_flops(mesh, cfg.dtype)
     writer = MetricsWriter(workdir, exp, start)
     preemption = PreemptionWatch(checkpointer)
+    skipping = data.bad_records.policy == "skip"
     history: list[dict[str, float]] = []
     last_fetch = time.perf_counter()
 
@@ -512,14 +549,17 @@ def run_loop(
                 f"stopping: {kept}"
             )
         scalars.update(step_time=step_time, **rates(scalars, step_time, peak))
+        if skipping:  # records skipped so far (read ahead of this step by the pipeline's buffers)
+            scalars["skipped_records"] = data.bad_records.count
         history.append(scalars)
         writer.write(step, scalars)
 
     try:
         pending = None
         for step in range(start + 1, exp.steps + 1):
+            checkpointer.poll()  # a background save that failed stops the run here
             try:
-                host_batch = next(data_iterator)
+                host_batch = next(data.iterator)
             except StopIteration:
                 raise TrainConfigError(
                     f"the data ran out before step {step} of train.steps={exp.steps}: raise its num_epochs "
@@ -533,7 +573,7 @@ def run_loop(
             if preempted or step == exp.steps or checkpointer.should_save(step):
                 report(*pending)  # a state is saved only once its step is known to be finite
                 pending = None
-                checkpointer.save(step, state, data_iterator, cfg)
+                checkpointer.save(step, state, data.iterator, cfg, data.checkpoint_info())
             if preempted:
                 print(f"preempted: saved step {step}, exiting", flush=True)
                 break
@@ -542,7 +582,55 @@ def run_loop(
         preemption.close()
         writer.close()
         checkpointer.close()
+    if skipping:
+        print(f"data: {data.bad_records.summary()}", flush=True)
     return summarize(history)
+
+
+def resume(
+    checkpointer: Checkpointer, exp: Experiment, data: data_lib.DataStream, abstract_state: TrainState,
+) -> tuple[int, TrainState] | None:
+    """The (step, state) a run continues from, None for a fresh run; moves `data.iterator` there.
+
+    The step is the latest, or `exp.restore_step` (the steps after it are set aside, once: when
+    they were set aside before, this is a rerun that continues from its own later steps). Before
+    anything is restored, the step's files are verified, its model config compared with
+    `exp.model` (ConfigMismatchError naming the fields) and its data files with today's
+    (`DataStream.resume`). A corrupt step raises CorruptCheckpointError naming the step and the
+    file, or with `exp.on_corrupt='fallback'` is set aside and the next older step tried.
+    """
+    applied = checkpointer.discarded_dir(f"restore_step_{exp.restore_step}")  # marks the choice as made
+    if exp.restore_step is not None and not os.path.isdir(applied):
+        steps = checkpointer.steps()
+        if exp.restore_step not in steps:
+            raise CheckpointError(
+                f"checkpoint.restore_step={exp.restore_step} is not a saved step of {checkpointer.directory}; the "
+                f"saved steps are {steps}")
+        for newer in (s for s in steps if s > exp.restore_step):
+            print(f"checkpoint.restore_step={exp.restore_step}: step {newer} set aside to "
+                  f"{checkpointer.set_aside(newer, os.path.basename(applied))}", flush=True)
+        if jax.process_index() == 0:
+            os.makedirs(applied, exist_ok=True)
+    while (step := checkpointer.latest_step()) is not None:
+        try:
+            checkpointer.verify(step)
+            checkpointer.check_model_config(step, exp.model)
+            data.resume(checkpointer.data_info(step), f"checkpoint step {step} in {checkpointer.directory}")
+            state = checkpointer.restore(step, abstract_state, data.iterator)
+        except CorruptCheckpointError as e:
+            if exp.on_corrupt == "error":
+                raise CorruptCheckpointError(
+                    f"{e}. Set checkpoint.on_corrupt='fallback' to resume from the newest intact step, or "
+                    "checkpoint.restore_step to choose one") from e
+            print(f"{e}; set aside to {checkpointer.set_aside(step, 'corrupt')}, falling back", flush=True)
+            continue
+        print(f"resuming from step {step} in {checkpointer.directory}", flush=True)
+        return step, state
+    if os.path.isdir(checkpointer.discarded_dir("corrupt")):
+        raise CorruptCheckpointError(
+            f"no intact checkpoint is left in {checkpointer.directory} (the corrupt ones are in "
+            f"{checkpointer.discarded_dir('corrupt')}); move one back, or start a new workdir")
+    return None
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:
@@ -560,7 +648,8 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------- main
 
-USER_ERRORS = (TrainConfigError, NonFiniteLossError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (TrainConfigError, NonFiniteLossError, CheckpointError, CheckpointWriteError, data_lib.DataError,
+               FileNotFoundError)
 
 
 def main(argv: list[str]) -> None:
