@@ -11,8 +11,7 @@ for the stages and WORKDIR/report.md for the results.
 Scaling up is the same config with other values, e.g. a Qwen3-8B teacher and a Qwen3-1.7B student
 with the real tokenizer on a TPU slice:
 
-    --config.teacher.model.preset=qwen3-8b --config.teacher.model.overrides='{}' \
-    --config.student.model.preset=qwen3-1.7b --config.student.model.overrides='{}' \
+    --config.teacher.preset=qwen3-8b --config.student.preset=qwen3-1.7b \
     --config.tokenizer.kind=qwen3 --config.dtype=bfloat16 --config.mesh.fsdp=8
 """
 

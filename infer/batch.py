@@ -46,19 +46,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from infer import cli_common, request
+from infer import request
 from infer.engine import Engine
 from infer.messages import prompt_ids, sampling_defaults
 from infer.sampling import THINKING_SAMPLING, SamplingParams
@@ -145,7 +147,7 @@ def generate_file(
     records to `out_path` (see the module docstring: formats, resuming, filtering).
 
     `engine` should speak `tokenizer`'s vocabulary for the thinking budget (`Engine.for_tokenizer`,
-    as `cli_common.load` builds it).
+    as `infer.cli_common.load` builds it).
     `batch_size`: rows (prompt x mode x sample) per engine call; the output does not depend on it.
     `progress`: show a progress bar over prompts (stderr). Malformed lines are reported on stderr.
     Raises BatchError (see `check`) before generating anything.
@@ -463,37 +465,56 @@ def _resume_state(out_path: str, settings: Settings) -> tuple[set[int], dict[int
 
 # ------------------------------------------------------------------------------- command line
 
-PROMPTS = flags.DEFINE_string("prompts", None, "JSONL prompt file: one {\"messages\": [...], ...} per line.", required=True)
-OUT = flags.DEFINE_string("out", None, "JSONL output (appended to; a rerun resumes it); OUT.progress beside it.", required=True)
-MODE = flags.DEFINE_enum("mode", "both", ["think", "no_think", "both"], "Samples in thinking mode, non-thinking mode or both.")
-SAMPLES = flags.DEFINE_integer("samples", 1, "Samples per prompt and mode.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows (prompt x mode x sample) generated together.")
-KEEP = flags.DEFINE_string("keep", None, "module:function, a callable (record) -> bool: only accepted records are written.")
-KEEP_UNFINISHED = flags.DEFINE_bool("keep_unfinished", False, "Also write samples that hit --max_new_tokens without a stop token.")
+
+@functools.cache
+def define_flags() -> SimpleNamespace:
+    """The command line's flags, `infer.cli_common`'s shared ones included. Defined on demand (once
+    per process) rather than at import: `train.distill` imports this module as a library, and
+    required flags defined at import would break its own command line."""
+    from infer import cli_common
+
+    return SimpleNamespace(
+        common=cli_common,
+        prompts=flags.DEFINE_string("prompts", None, "JSONL prompt file: one {\"messages\": [...], ...} per line.",
+                                    required=True),
+        out=flags.DEFINE_string("out", None, "JSONL output (appended to; a rerun resumes it); OUT.progress beside it.",
+                                required=True),
+        mode=flags.DEFINE_enum("mode", "both", ["think", "no_think", "both"],
+                               "Samples in thinking mode, non-thinking mode or both."),
+        samples=flags.DEFINE_integer("samples", 1, "Samples per prompt and mode."),
+        batch_size=flags.DEFINE_integer("batch_size", 8, "Rows (prompt x mode x sample) generated together."),
+        keep=flags.DEFINE_string("keep", None,
+                                 "module:function, a callable (record) -> bool: only accepted records are written."),
+        keep_unfinished=flags.DEFINE_bool("keep_unfinished", False,
+                                          "Also write samples that hit --max_new_tokens without a stop token."),
+    )
 
 
 def main(argv: list[str]) -> None:
     del argv
-    if cli_common.NO_THINKING.value:
+    cli = define_flags()
+    common = cli.common
+    if common.NO_THINKING.value:
         sys.exit("error: infer.batch chooses the mode with --mode (think, no_think or both), not --no_thinking")
     settings = Settings(
-        modes=MODES if MODE.value == "both" else (MODE.value,), samples=SAMPLES.value,
-        max_new_tokens=cli_common.MAX_NEW_TOKENS.value, thinking_budget=cli_common.THINKING_BUDGET.value,
-        sampling=cli_common.sampling_overrides(), seed=cli_common.SEED.value, keep=KEEP.value,
-        keep_unfinished=KEEP_UNFINISHED.value,
+        modes=MODES if cli.mode.value == "both" else (cli.mode.value,), samples=cli.samples.value,
+        max_new_tokens=common.MAX_NEW_TOKENS.value, thinking_budget=common.THINKING_BUDGET.value,
+        sampling=common.sampling_overrides(), seed=common.SEED.value, keep=cli.keep.value,
+        keep_unfinished=cli.keep_unfinished.value,
     )
     try:
-        check(PROMPTS.value, OUT.value, settings, BATCH_SIZE.value)  # before the (slow) model load
+        check(cli.prompts.value, cli.out.value, settings, cli.batch_size.value)  # before the (slow) model load
     except BatchError as e:
         sys.exit(f"error: {e}")
-    engine, tokenizer = cli_common.load()
+    engine, tokenizer = common.load()
     try:
-        summary = generate_file(engine, tokenizer, PROMPTS.value, OUT.value, settings, batch_size=BATCH_SIZE.value,
-                                progress=True)
+        summary = generate_file(engine, tokenizer, cli.prompts.value, cli.out.value, settings,
+                                batch_size=cli.batch_size.value, progress=True)
     except BatchError as e:
         sys.exit(f"error: {e}")
-    print(f"{OUT.value}: {summary}")
+    print(f"{cli.out.value}: {summary}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -117,6 +117,7 @@ class ScriptedEngine:
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.calls = cfg, []
+        self.context = cfg.context_length
         self.thinking_off = tokenizer.encode(EMPTY_THINK_BLOCK)
         self.replies = {
             "think": tokenizer.encode("<think>\nOne plus one is two.\n</think>\n\nIt is 2.") + [IM_END_ID],
@@ -236,7 +237,7 @@ def test_resume_after_an_exception_mid_run(reference, engine, tokenizer, prompts
     _, _, records, _ = reference
 
     class FailsOnSecondBatch:
-        cfg, calls = engine.cfg, 0
+        cfg, context, calls = engine.cfg, engine.context, 0
 
         def generate(self, *args, **kwargs):
             self.calls += 1
@@ -368,6 +369,7 @@ def test_generate_file_names_a_bad_request_before_generating(engine, tokenizer, 
 
 def run_main(argv: list[str]) -> None:
     """`python -m infer.batch ARGV` in this process (absl flags are global: reset them first)."""
+    batch.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["infer.batch", *argv])
     batch.main([])

@@ -315,14 +315,14 @@ def test_bad_safetensors_index_is_named(sharded, tmp_path, fault):
 CONFIG_FAULTS = {
     "not_json": ("{oops", r"config.json is not JSON"),
     "not_an_object": ("[1, 2]", r"config.json holds a JSON list, not an object"),
-    "string_for_int": ({"vocab_size": "300"}, r"field 'vocab_size' must be a positive integer, got '300'"),
-    "float_for_int": ({"num_hidden_layers": 3.0}, r"field 'num_hidden_layers' must be a positive integer, got 3.0"),
-    "bool_for_int": ({"num_attention_heads": True}, r"field 'num_attention_heads' must be a positive integer"),
-    "null_eps": ({"rms_norm_eps": None}, r"field 'rms_norm_eps' must be a finite number, got None"),
+    "string_for_int": ({"vocab_size": "300"}, r"field 'vocab_size' must be an integer, got '300'"),
+    "float_for_int": ({"num_hidden_layers": 3.0}, r"field 'num_hidden_layers' must be an integer, got 3.0"),
+    "bool_for_int": ({"num_attention_heads": True}, r"field 'num_attention_heads' must be an integer, got True"),
+    "null_eps": ({"rms_norm_eps": None}, r"field 'rms_norm_eps' must be a float, got None"),
     "string_for_bool": ({"tie_word_embeddings": "yes"}, r"field 'tie_word_embeddings' must be true or false"),
     "bad_rope_factor": ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}},
-                        r"field 'rope_scaling.factor' must be a finite number or null, got '4'"),
-    "missing_field": ({"hidden_size": None}, r"field 'hidden_size' must be a positive integer, got None"),
+                        r"yarn factor must be a number >= 1 .*, got '4'"),
+    "missing_field": ({"hidden_size": None}, r"field 'hidden_size' must be an integer, got None"),
 }
 
 

@@ -334,7 +334,7 @@ def _forward_from_embeddings(m, x_BxTxD):
     cos, sin = rope_cos_sin(pos, m.cfg)
     ctx = AttentionInputs(cos, sin, pos)
     for run in m.runs:
-        x_BxTxD, _, _ = _apply_run(run, x_BxTxD, ctx, None, None, None, m.cfg)
+        x_BxTxD, _, _ = _apply_run(run, x_BxTxD, ctx, None, None, m.cfg)
     return m.norm(x_BxTxD)
 
 

@@ -148,6 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
         "seq_len": config_dict.placeholder(int),  # SFT rows; None: rollout.max_prompt_len + max_new_tokens
         "batch_size": config_dict.placeholder(int),  # SFT rows per step; None: prompts.batch_size
         "learning_rate": config_dict.placeholder(float),  # None: optimizer.learning_rate
+        "warmup_steps": config_dict.placeholder(int),  # None: optimizer.warmup_steps
     })
     c.train.z_loss_coef = 0.0
     return c
@@ -178,6 +179,8 @@ def off_policy_config(config: ml_collections.ConfigDict, tokenizer: str, respons
     c.optimizer.decay_steps = None
     if o.learning_rate is not None:
         c.optimizer.learning_rate = o.learning_rate
+    if o.warmup_steps is not None:
+        c.optimizer.warmup_steps = o.warmup_steps
     c.data.update(format="jsonl", kind="chat", paths=responses, packing="first_fit", num_epochs=None,
                   seed=config.prompts.seed, num_threads=1,
                   seq_len=o.seq_len or config.rollout.max_prompt_len + config.rollout.max_new_tokens,

@@ -71,8 +71,8 @@ def write(r, w) -> dict[str, Any]:
     cfg = r.config
     lines = [
         "# Qwen3's recipe in miniature", "",
-        f"Task: chains of single-digit operations mod 10 (`train/task.py`), difficulty = operations "
-        f"({', '.join(map(str, r.levels))}); test problems per level: "
+        f"Task: a Fibonacci-like sequence mod 10 (`train/task.py`); difficulty = steps asked for "
+        f"({', '.join(map(str, r.levels))}); test problems per level (starting pairs never trained on): "
         f"{', '.join(str(v) for v in evals['teacher']['problems'].values())}. Greedy decoding.",
         f"Teacher: {_describe(r.teacher)}. Student: {_describe(r.student)}.",
         f"Students: {cfg.student.off_policy_steps} + {cfg.student.on_policy_steps} update steps "
@@ -170,7 +170,7 @@ def _plot_difficulty(r, w, evals) -> str:
         for mode, style in (("think", "o-"), ("no_think", "s--")):
             ax.plot(r.levels, [100 * evals[name]["accuracy"][mode][str(d)] for d in r.levels], style, label=mode)
         ax.set_title(label, fontsize=9)
-        ax.set_xlabel("difficulty (operations)")
+        ax.set_xlabel("difficulty (steps)")
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend(fontsize=8)
     return _save(fig, w, "difficulty.png")

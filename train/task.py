@@ -1,26 +1,26 @@
 """A verifiable reasoning task with a difficulty knob, in Qwen3's thinking-mode fusion format.
 
-Problems are chains of single-digit operations evaluated left to right modulo 10:
+A problem is a Fibonacci-like sequence modulo 10, every term the sum of the two before it; given
+the two first terms, the question asks for the term `k` steps on:
 
-    user:      Start at 4, mod 10.
-               A: +3
-               B: *2
-               C: -5
-               D: +1
-    thinking:  A: 4+3=7         (one line per operation: look up operation A, B, ... by its
-               B: 7*2=4          label, apply it to the last result: one of 270 single-digit
-               C: 4-5=9          facts)
-               D: 9+1=0
-    answer:    The answer is 0.
+    user:      Each term is the sum of the two before it, mod 10. What is the term 4 steps on from 8 7?
+    thinking:  1: 8+7=5          (one line per new term: one single-digit addition mod 10 of
+               2: 7+5=2           the two terms the line above ends with)
+               3: 5+2=7
+               4: 2+7=9
+    answer:    The answer is 9.
 
-Difficulty is the number of operations. With the step-by-step trace every step is one of 300
-single-digit facts; answering in one shot means composing all of them in a single forward pass,
-which a small model does well for one operation and close to chance (10%) for many. So thinking
-and non-thinking answers are close on the easiest level and far apart on the hardest, and a
-thinking budget that cuts the trace short trades tokens for accuracy.
+Difficulty is `k`. With the trace, every step reads the two latest terms right before it and
+applies the 100-entry addition table. Answering in one shot means computing F(k-1) a + F(k) b
+modulo 10 (Fibonacci numbers F) for a starting pair never seen in training: a small model gets
+one step right and drifts towards chance (10%) as `k` grows. So thinking and non-thinking answers
+are close on the easiest level and far apart on the hardest, and a thinking budget that cuts the
+trace short trades tokens for accuracy.
 
-Splits are disjoint by construction: every distinct problem is assigned to train, validation or
-test by a hash of its text, before sampling. `verify` parses the final answer of a completion.
+Splits are disjoint by construction: each of the 100 starting pairs belongs to train, validation
+or test (60 / 20 / 20 by a hash), so a test problem's numbers never start a training problem at
+any difficulty; each difficulty therefore has 20 test problems. `verify` parses the final answer
+of a completion.
 
 Training samples follow the report's thinking-mode fusion (Qwen3 technical report §4.3, Table 9),
 rendered by the Qwen3 chat template: thinking samples carry the trace in the think block,
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -42,88 +41,68 @@ import numpy as np
 
 from qwen3_jax.chat import NO_THINK_FLAG, THINK_FLAG
 
-OPS = ("+", "-", "*")
 SPLITS = ("train", "validation", "test")
-QUESTION = "Start at {start}, mod 10."
-LABELS = "ABCDEFGHIJKLMNOP"  # operation labels: unique keys, so a step finds its operation by content
+MAX_DIFFICULTY = 32
+# The numbers close the question, so the reply's first line and step count sit a fixed distance
+# from what they are read from.
+QUESTION = "Each term is the sum of the two before it, mod 10. What is the term {2} steps on from {0} {1}?"
 ANSWER_RE = re.compile(r"answer is (-?\d+)")
 SYSTEM_PROMPT = "You are a careful calculator."
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    start: int  # 0-9
-    ops: tuple[tuple[str, int], ...]  # (operator, digit 1-9) applied left to right, mod 10
-
-    @property
-    def difficulty(self) -> int:
-        return len(self.ops)
+    start: tuple[int, int]  # the first two terms, digits
+    difficulty: int  # k: the term asked for is k steps after the start
 
     @property
     def question(self) -> str:
-        return QUESTION.format(start=self.start) + "".join(f"\n{LABELS[j]}: {op}{d}" for j, (op, d) in enumerate(self.ops))
+        return QUESTION.format(*self.start, self.difficulty)
 
-    def steps(self) -> list[tuple[int, str, int, int]]:
-        """(value before, operator, operand, value after) for each operation."""
-        out, value = [], self.start
-        for op, d in self.ops:
-            after = {"+": value + d, "-": value - d, "*": value * d}[op] % 10
-            out.append((value, op, d, after))
-            value = after
+    def steps(self) -> list[tuple[int, int, int]]:
+        """(t[n-2], t[n-1], t[n]) for each new term t[n], mod 10."""
+        a, b = self.start
+        out = []
+        for _ in range(self.difficulty):
+            a, b = b, (a + b) % 10
+            out.append((out[-1][1] if out else self.start[0], a, b))
         return out
 
     @property
     def answer(self) -> int:
-        return self.steps()[-1][3]
+        return self.steps()[-1][2]
 
     @property
     def trace(self) -> str:
-        """The step-by-step reasoning: one `L: a<op>b=c` line per operation L."""
-        return "\n".join(f"{LABELS[j]}: {a}{op}{d}={c}" for j, (a, op, d, c) in enumerate(self.steps()))
+        """The step-by-step reasoning: `j: a+b=c` for each new term c."""
+        return "\n".join(f"{j}: {a}+{b}={c}" for j, (a, b, c) in enumerate(self.steps(), 1))
 
     @property
     def final(self) -> str:
         return f"The answer is {self.answer}."
 
 
-def split_of(problem: Problem, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
-    """The split a problem belongs to: a hash of its question, so no problem is in two splits."""
-    h = int.from_bytes(hashlib.sha256(problem.question.encode()).digest()[:8], "little") / 2**64
-    return SPLITS[0] if h < fractions[0] else SPLITS[1] if h < fractions[0] + fractions[1] else SPLITS[2]
+STARTS = [(a, b) for a in range(10) for b in range(10)]
+# Starting pairs ranked by a hash, then cut 60 / 20 / 20: exact split sizes, no overlap.
+_RANKED = sorted(STARTS, key=lambda s: hashlib.sha256(repr(s).encode()).digest())
+_SPLIT_OF = {s: SPLITS[0] if i < 60 else SPLITS[1] if i < 80 else SPLITS[2] for i, s in enumerate(_RANKED)}
 
 
-def random_problem(rng: np.random.Generator, difficulty: int) -> Problem:
-    ops = tuple((OPS[rng.integers(len(OPS))], int(rng.integers(1, 10))) for _ in range(difficulty))
-    return Problem(int(rng.integers(10)), ops)
+def split_of(start: tuple[int, int]) -> str:
+    """The split a starting pair belongs to, for every difficulty."""
+    return _SPLIT_OF[tuple(start)]
 
 
-def problems(split: str, difficulty: int, n: int, seed: int,
-             fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[Problem]:
-    """Up to `n` distinct problems of `split` at `difficulty`, drawn with `seed` (deterministic).
-
-    Fewer than `n` only when the split holds fewer problems of that difficulty (difficulty 1 has
-    270 problems in all); every one of them is returned then.
-    """
+def problems(split: str, difficulty: int, n: int, seed: int) -> list[Problem]:
+    """Up to `n` distinct problems of `split` at `difficulty`, drawn with `seed` (deterministic):
+    the split's starting pairs in a seeded order."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not 1 <= difficulty <= len(LABELS):
-        raise ValueError(f"difficulty must be in [1, {len(LABELS)}], got {difficulty}")
+    if not 1 <= difficulty <= MAX_DIFFICULTY:
+        raise ValueError(f"difficulty must be in [1, {MAX_DIFFICULTY}], got {difficulty}")
+    mine = [s for s in STARTS if split_of(s) == split]
     rng = np.random.default_rng([seed, difficulty, SPLITS.index(split)])
-    if _space(difficulty) <= 100_000:  # small: enumerate it
-        every = [Problem(start, ops) for start in range(10)
-                 for ops in itertools.product(*[[(op, d) for op in OPS for d in range(1, 10)]] * difficulty)]
-        mine = [p for p in every if split_of(p, fractions) == split]
-        return [mine[i] for i in rng.permutation(len(mine))[:n]]
-    seen: dict[str, Problem] = {}
-    while len(seen) < n:  # a huge space: rejection sampling ends quickly
-        p = random_problem(rng, difficulty)
-        if split_of(p, fractions) == split:
-            seen.setdefault(p.question, p)
-    return list(seen.values())
-
-
-def _space(difficulty: int) -> int:
-    return 10 * (len(OPS) * 9) ** difficulty
+    return [Problem(mine[i], difficulty) for i in rng.permutation(len(mine))[:n]]
 
 
 def verify(completion_answer: str, problem: Problem) -> bool:
@@ -168,15 +147,17 @@ def thinks(flags: Sequence[str | None]) -> bool:
     return not given or given[-1] == "think"
 
 
-def fusion_conversation(rng: np.random.Generator, problems_: Sequence[Problem], mix: FusionMix) -> dict[str, Any]:
-    """One conversation whose final reply follows the last flag: {messages, mode, difficulty}.
+def fusion_conversation(rng: np.random.Generator, problems_: Sequence[Problem], mix: FusionMix,
+                        no_think_problems: Sequence[Problem] | None = None) -> dict[str, Any]:
+    """One conversation whose final reply follows the last flag: {messages, problem, mode}.
 
-    The messages end with the user question (no reply); `conversation_record` adds it.
+    The messages end with the user question (no reply); `fusion_records` adds it. The final
+    question comes from `no_think_problems` when the reply does not think (the report curates its
+    non-thinking data apart), else from `problems_`.
     """
     def flag(p_none: float) -> str | None:
         return None if rng.random() < p_none else ("think" if rng.random() < 0.5 else "no_think")
 
-    problem = problems_[rng.integers(len(problems_))]
     system = flag(1.0 - mix.system_flag)
     messages: list[dict[str, str]] = []
     if system is not None:
@@ -188,13 +169,17 @@ def fusion_conversation(rng: np.random.Generator, problems_: Sequence[Problem], 
         flags.append(flag(mix.no_flag))
         messages += [_user(earlier, flags[-1]), reply(earlier, thinks(flags))]
     flags.append(flag(mix.no_flag))
+    pool = problems_ if thinks(flags) or no_think_problems is None else no_think_problems
+    problem = pool[rng.integers(len(pool))]
     messages.append(_user(problem, flags[-1]))
     return {"messages": messages, "problem": problem, "mode": "think" if thinks(flags) else "no_think"}
 
 
-def fusion_records(rng: np.random.Generator, train: Sequence[Problem], n: int, mix: FusionMix) -> Iterator[dict[str, Any]]:
-    """`n` SFT chat records of the ground-truth fusion data over `train` problems."""
+def fusion_records(rng: np.random.Generator, train: Sequence[Problem], n: int, mix: FusionMix,
+                   no_think_train: Sequence[Problem] | None = None) -> Iterator[dict[str, Any]]:
+    """`n` SFT chat records of the ground-truth fusion data over `train` problems (non-thinking
+    replies over `no_think_train` when given)."""
     for _ in range(n):
-        c = fusion_conversation(rng, train, mix)
+        c = fusion_conversation(rng, train, mix, no_think_train)
         yield {"messages": [*c["messages"], reply(c["problem"], c["mode"] == "think")], "mode": c["mode"],
                "difficulty": c["problem"].difficulty}

@@ -1,0 +1,131 @@
+"""The miniature recipe: the whole pipeline at smoke size, resume, exports, and its config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import pytest
+
+import qwen3_jax as q
+from train import recipe
+from train.train import TrainConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config():
+    """configs/miniature.py at seconds per stage: every stage and code path, nothing learnt."""
+    c = recipe.default_config()
+    c.task.update(levels=(1, 2), sft_records=200, prompts=8, test_per_level=4,
+                  validation_per_level=2, follow_conversations=8, budgets=(0, 4))
+    c.tokenizer.update(vocab_size=320, corpus_records=200)
+    # A MoE teacher here (the default is dense): the expert-load path runs too.
+    c.teacher.preset = "tiny-moe"
+    c.teacher.overrides.update(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                               intermediate_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    c.teacher.update(steps=3, batch_size=4, seq_len=320, warmup_steps=1)
+    c.student.overrides.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                               intermediate_size=32)
+    c.student.update(off_policy_steps=2, on_policy_steps=2, batch_size=4, warmup_steps=1)
+    c.eval.update(batch_size=8, max_new_tokens=32, curve_points=2)
+    c.distill.keep_unfinished = True  # an untrained teacher rarely stops
+    c.train.update(ce_chunk_len=32, peak_flops=1e10)
+    return c
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("miniature")
+    return workdir, recipe.run(smoke_config(), str(workdir))
+
+
+def test_every_stage_runs_and_the_report_has_its_tables_and_plots(smoke_run):
+    workdir, stages = smoke_run
+    assert list(stages) == list(recipe.STAGES) and all(s["seconds"] >= 0 for s in stages.values())
+    report = (workdir / "report.md").read_text()
+    for heading in ("What the miniature shows", "Accuracy by mode and difficulty", "thinking budget",
+                    "Table 21", "Wall time of each stage", "python -m infer.chat --checkpoint"):
+        assert heading in report, heading
+    for plot in ("budget.png", "difficulty.png", "curves.png", "expert_load.png"):
+        assert (workdir / "plots" / plot).stat().st_size > 1000, plot
+    teacher = json.loads((workdir / "eval" / "teacher.json").read_text())
+    assert set(teacher["budget"]) == {"0", "4", "unlimited"} and 0 <= teacher["think_follow"] <= 1
+    load = teacher["expert_load"]  # per MoE layer, shares that sum to 1
+    assert len(load) == 2 and all(math.isclose(sum(row), 1.0, rel_tol=1e-5) for row in load)
+    curves = json.loads((workdir / "eval" / "curves.json").read_text())
+    assert [p["step"] for p in curves["distilled"]] == [p["step"] for p in curves["direct"]] == [2, 4]
+
+
+def test_exports_load_and_the_workdirs_serve_as_checkpoints(smoke_run):
+    workdir, _ = smoke_run
+    for name in ("teacher", "student_distilled", "student_direct"):
+        export = workdir / "export" / name
+        assert (export / "config.json").exists() and (export / "tokenizer.model").exists()
+        model = q.load_any(str(export))
+        assert model.cfg.vocab_size == 320
+    assert q.load_any(str(workdir / "student_distilled")).cfg.num_layers == 1
+
+
+def test_a_rerun_resumes_at_the_first_unfinished_stage(smoke_run, capsys):
+    workdir, stages = smoke_run
+    again = recipe.run(smoke_config(), str(workdir))
+    assert again == stages  # nothing ran again
+    assert capsys.readouterr().out.count("done already") == len(recipe.STAGES)
+    # A stage that did not finish runs again, the ones before it do not.
+    records = json.loads((workdir / "stages.json").read_text())
+    del records["report"]
+    (workdir / "stages.json").write_text(json.dumps(records))
+    recipe.run(smoke_config(), str(workdir))
+    assert "[8/8] report ..." in capsys.readouterr().out
+
+
+def test_a_workdir_holding_another_recipes_run_is_refused(smoke_run):
+    workdir, _ = smoke_run
+    other = smoke_config()
+    other.teacher.steps = 5
+    with pytest.raises(TrainConfigError, match=r"holds another recipe's run \(fields that differ: teacher.steps\)"):
+        recipe.run(other, str(workdir))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.student.overrides.update(hidden_size=256, num_layers=6, intermediate_size=1024),
+     r"student \([\d,]+ parameters\) is not smaller than the teacher"),
+    (lambda c: (c.tokenizer.update(kind="qwen3"), c.teacher.update(preset="qwen3-0.6b")),
+     r"teacher's vocab_size \(151936\) and the student's \(512\) differ"),
+    (lambda c: c.task.update(budgets=(0, -4, 8)), r"task.budgets must be >= 0"),
+    (lambda c: c.task.update(levels=(3, 1)), r"task.levels must be increasing"),
+    (lambda c: c.teacher.update(preset="qwen3-7b"), r"teacher: unknown preset"),
+    (lambda c: c.mesh.update(tensor=3), r"splits 3 ways"),
+])
+def test_bad_configs_are_named_before_anything_runs(change, message, tmp_path):
+    c = smoke_config()
+    change(c)
+    with pytest.raises(TrainConfigError, match=message):
+        recipe.run(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_config_scales_to_real_presets_on_an_8_device_mesh(monkeypatch):
+    """A qwen3-8b teacher and a qwen3-1.7b student with the real tokenizer validate on 8 devices."""
+    c = recipe.default_config()
+    c.teacher.preset, c.student.preset = "qwen3-8b", "qwen3-1.7b"  # what the command-line overrides set
+    c.tokenizer.kind = "qwen3"
+    c.dtype = "bfloat16"
+    c.mesh.update(fsdp=4, tensor=2)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    r = recipe.validate(c)
+    assert (r.teacher.vocab_size, r.student.vocab_size) == (151936, 151936)
+    assert q.count_params(r.teacher)[0] > 4 * q.count_params(r.student)[0]
+
+
+def test_shipped_miniature_config_validates():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("miniature", os.path.join(REPO, "configs", "miniature.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    r = recipe.validate(module.get_config())
+    assert q.count_params(r.teacher)[0] > 2 * q.count_params(r.student)[0]
