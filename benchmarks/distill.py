@@ -8,7 +8,8 @@ vocabulary) with `--layers` layers each, float32. In one run:
 
 - compiled peak memory (`memory_analysis`, nothing executed) of the update at `--memory_length`
   tokens per row: chunked (train.divergence.chunked_sums) against a naive update that holds both
-  models' [B, T, V] float32 logits, and for each signal (full, top_k, k1, k3);
+  models' [B, T, V] float32 logits, and for each signal (full, top_k, k1, k3); and the part the
+  distillation adds: temporaries above the student's own SFT update at the same shape;
 - update step time per signal at `--length`, and the full signal's MFU against the measured
   matmul peak (model FLOPs: student forward + backward, teacher forward);
 - rollout tokens/s of the student's sampling phase (DistillStep.rollout) against the decode engine
@@ -83,11 +84,20 @@ def compile_update(student, teacher, loss, mesh, objective=distill.distill_objec
     return step_lib.compile_update(fn, student, 1, OPT, mesh, step_lib.params_shardings(teacher, mesh))
 
 
-def peak_memory_mib(update, inputs, mesh) -> float:
+def memory_mib(update, inputs, mesh) -> tuple[float, float]:
+    """(compiled peak, temporaries) in MiB."""
     with jax.set_mesh(mesh):
         mem = update.jitted.lower(*inputs).compile().memory_analysis()
-    return (mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes
-            - mem.alias_size_in_bytes) / 2**20
+    peak = mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes - mem.alias_size_in_bytes
+    return peak / 2**20, mem.temp_size_in_bytes / 2**20
+
+
+def sft_update_temp_mib(student, inputs, mesh, chunk_len=256) -> float:
+    """Temporaries of the student's own SFT update at the same shape: what distillation adds to."""
+    objective = functools.partial(step_lib.lm_objective, graphdef=nnx.graphdef(abstract_model(student)), cfg=student,
+                                  step_cfg=step_lib.StepConfig(ce_chunk_len=chunk_len))
+    state, batch, _ = inputs
+    return memory_mib(step_lib.compile_update(objective, student, 1, OPT, mesh), (state, batch, None), mesh)[1]
 
 
 def main() -> None:
@@ -107,13 +117,22 @@ def main() -> None:
     }
 
     # ---- compiled memory: chunked vs naive, and per signal
+    # The peak also holds what any update of this student holds (state, activations, attention
+    # scores, optimizer temporaries); the distillation's own share is the temporaries above the
+    # student's SFT update at the same shape.
     abstract = abstract_inputs(student, teacher, args.batch, args.memory_length, mesh)
-    memory = {"naive_full_logits": peak_memory_mib(
-        compile_update(student, teacher, SIGNALS["full"], mesh, naive_objective), abstract, mesh)}
+    memory, temp = {}, {}
+    memory["naive_full_logits"], temp["naive_full_logits"] = memory_mib(
+        compile_update(student, teacher, SIGNALS["full"], mesh, naive_objective), abstract, mesh)
     for name, loss in SIGNALS.items():
-        memory[f"chunked_{name}"] = peak_memory_mib(compile_update(student, teacher, loss, mesh), abstract, mesh)
+        memory[f"chunked_{name}"], temp[f"chunked_{name}"] = memory_mib(
+            compile_update(student, teacher, loss, mesh), abstract, mesh)
+    sft_temp = sft_update_temp_mib(student, abstract, mesh)
     results["compiled_peak_memory_mib"] = memory
     results["naive_over_chunked_memory"] = memory["naive_full_logits"] / memory["chunked_full"]
+    results["student_sft_update_temp_mib"] = sft_temp
+    results["distillation_temp_above_sft_mib"] = {k: v - sft_temp for k, v in temp.items()}
+    results["naive_over_chunked_distillation_temp"] = (temp["naive_full_logits"] - sft_temp) / (temp["chunked_full"] - sft_temp)
     logits_mib = 2 * args.batch * args.memory_length * student.vocab_size * 4 / 2**20
     results["both_models_full_logits_mib"] = logits_mib
 

@@ -2,11 +2,11 @@
 
     python -m train.recipe --config configs/miniature.py --workdir runs/miniature
 
-A MoE teacher learns a verifiable arithmetic task in Qwen3's thinking-mode fusion format, is
+A dense teacher learns a verifiable arithmetic task in Qwen3's thinking-mode fusion format, is
 evaluated as the report evaluates (accuracy by mode and difficulty, ThinkFollow, the thinking
 budget curve), and is distilled off-policy then on-policy into a smaller dense student, against the
 same student trained directly on the ground truth for as many update steps. See train/recipe.py
-for the stages and WORKDIR/report.md for the results.
+for the stages, WORKDIR/report.md for the results and the README for why the teacher is dense.
 
 Scaling up is the same config with other values, e.g. a Qwen3-8B teacher and a Qwen3-1.7B student
 with the real tokenizer on a TPU slice:

@@ -13,7 +13,8 @@ and the training stages resume from their own checkpoints.
   2. tokenizer     a sentencepiece model trained on the task's rendered chats with Qwen3's control
                    tokens (`train.spm`); Qwen's stop-thinking text is tokenised with it for the
                    budget. (`tokenizer.kind='qwen3'` uses the real Qwen3 tokenizer instead.)
-  3. teacher       `train.train` on the fusion records (the flagship stand-in, a MoE by default).
+  3. teacher       `train.train` on the fusion records (the flagship stand-in; dense by default, a MoE
+                   by `teacher.preset` / `teacher.overrides`).
   4. teacher_eval  `train.evaluate` through the compiled decode engine on the test split:
                    accuracy by mode and difficulty, flag obedience (ThinkFollow), accuracy against
                    the thinking budget; per-expert load per layer for a MoE teacher.
