@@ -12,7 +12,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import matmul_peak_flops, report, timeit
 from qwen3_jax import moe as moe_lib

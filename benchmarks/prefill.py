@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch

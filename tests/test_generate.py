@@ -18,7 +18,7 @@ import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
 from infer import request as engine_request
-from infer.messages import complete, stream_text
+from infer.messages import complete
 from infer.engine import Engine, generate
 from infer.messages import chat_turn, incremental_text, stream_text
 from qwen3_jax import chat

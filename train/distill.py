@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import sys
 import time
@@ -49,9 +48,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app
 from flax import nnx
-from ml_collections import config_dict, config_flags
+from ml_collections import config_dict
 
 from infer import batch as batch_lib
 from infer.engine import Engine
@@ -565,21 +564,13 @@ USER_ERRORS = (*train_lib.USER_ERRORS, data_lib.DataConfigError, PromptError, ba
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    summary = train_lib.run_command(run, argv, USER_ERRORS)
     if summary:
         print(f"done: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} | "
               f"{summary['tokens_per_s']:,.0f} tok/s | update MFU {100 * summary['mfu']:.1f}%", flush=True)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Distillation config file (configs/distill_*.py).")
-    flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    train_lib.define_command_flags("Distillation config file (configs/distill_*.py).",
+                                   "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
     app.run(main)

@@ -42,12 +42,10 @@ import sys
 import time
 from typing import Any, Callable
 
-import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from flax import nnx
-from ml_collections import config_dict, config_flags
+from absl import app, flags
+from ml_collections import config_dict
 
 from qwen3_jax.checkpoint import load_any, trainer_steps
 from qwen3_jax.chat import render
@@ -495,20 +493,11 @@ USER_ERRORS = distill_lib.USER_ERRORS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        stages = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    stages = train_lib.run_command(run, argv, USER_ERRORS)
     total = sum(s["seconds"] for s in stages.values())
     print(f"done in {total / 60:.1f} min: {os.path.join(os.path.abspath(flags.FLAGS.workdir), 'report.md')}")
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/miniature.py).")
-    flags.DEFINE_string("workdir", None, "Where every stage writes; rerunning resumes.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    train_lib.define_command_flags("Recipe config file (configs/miniature.py).", "Where every stage writes; rerunning resumes.")
     app.run(main)

@@ -652,15 +652,30 @@ USER_ERRORS = (TrainConfigError, NonFiniteLossError, CheckpointError, Checkpoint
                FileNotFoundError)
 
 
-def main(argv: list[str]) -> None:
+def run_command(run_fn: Callable[[ml_collections.ConfigDict, str], Any], argv: list[str],
+                errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Any:
+    """What the `--config` / `--workdir` commands share: `run_fn(config, workdir)` with Orbax's
+    per-save INFO logs silenced (--verbosity=0 shows them), and a user error printed as one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
+    if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except USER_ERRORS as e:
+        return run_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+    except errors as e:
         sys.exit(f"error: {e}")
+
+
+def define_command_flags(config_help: str, workdir_help: str) -> None:
+    """`--config` (a config file, overridable field by field) and `--workdir`, both required.
+    Called under `__main__`, not at import: config files import these modules for default_config()."""
+    config_flags.DEFINE_config_file("config", None, config_help)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    summary = run_command(run, argv)
     if summary:
         print(
             f"done: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} | "
@@ -670,8 +685,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # Flags are defined here, not at import: config files import this module for default_config().
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
-    flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    define_command_flags("Experiment config file (configs/*.py).", "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
     app.run(main)
