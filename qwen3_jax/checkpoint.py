@@ -147,7 +147,7 @@ def load_any(
     if fmt == "hf":
         return from_hf(weights_dir, mesh=mesh, dtype=jnp.float32 if dtype is None else dtype, **config_overrides)
     cfg = load_any_config(weights_dir, **_dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
-    state_dir = os.path.join(weights_dir, TRAINER_STATE)
+    state_dir = os.path.abspath(os.path.join(weights_dir, TRAINER_STATE))  # Orbax takes absolute paths only
 
     def restore(target):
         # The handler's metadata: the checkpointer's would look for a step-level file in state/.

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 import qwen3_jax as q
+from qwen3_jax.tokenizer import Tokenizer
 from train import recipe
 from train.train import TrainConfigError
 
@@ -59,14 +60,19 @@ def test_every_stage_runs_and_the_report_has_its_tables_and_plots(smoke_run):
     assert [p["step"] for p in curves["distilled"]] == [p["step"] for p in curves["direct"]] == [2, 4]
 
 
-def test_exports_load_and_the_workdirs_serve_as_checkpoints(smoke_run):
+def test_exports_load_and_the_workdirs_serve_as_checkpoints(smoke_run, monkeypatch):
     workdir, _ = smoke_run
+    tokenizer = Tokenizer.from_checkpoint(str(workdir / "export" / "teacher"))
     for name in ("teacher", "student_distilled", "student_direct"):
         export = workdir / "export" / name
         assert (export / "config.json").exists() and (export / "tokenizer.model").exists()
+        config = json.loads((export / "config.json").read_text())  # Qwen's bos / eos at the task vocabulary's ids
+        assert (config["bos_token_id"], config["eos_token_id"]) == (
+            tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|im_end|>"))
         model = q.load_any(str(export))
         assert model.cfg.vocab_size == 320
-    assert q.load_any(str(workdir / "student_distilled")).cfg.num_layers == 1
+    monkeypatch.chdir(workdir)  # a relative workdir path, as a user types it
+    assert q.load_any("student_distilled").cfg.num_layers == 1
 
 
 def test_a_rerun_resumes_at_the_first_unfinished_stage(smoke_run, capsys):

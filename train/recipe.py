@@ -94,7 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Dense rather than MoE: at the same active width a MoE teacher (8 experts, top 2) took 1.14x
     # the time per step and was further from the answers after as many steps (thinking accuracy
     # 12% against 40% at step 400); measured, see the README. `preset` is any qwen3_jax preset
-    # (mini-teacher / mini-student are the miniature's shapes); `overrides` change its fields.
+    # (mini-teacher / mini-student are the miniature's shapes); `overrides` change its fields (in a
+    # config file: the command line can set only fields the config already has).
     c.teacher = ml_collections.ConfigDict({
         "preset": "mini-teacher",
         "overrides": ml_collections.ConfigDict(),
@@ -199,7 +200,7 @@ def _sft_config(r: Recipe, model: ml_collections.ConfigDict, w: "Workdir", *, st
     c = train_lib.default_config()
     c.seed = r.config.seed
     c.model.preset = model.preset
-    c.model.overrides = ml_collections.ConfigDict({**model.overrides.to_dict(), **_vocab(r)})
+    c.model.overrides = ml_collections.ConfigDict({**model.overrides.to_dict(), **_vocab(r, w)})
     c.model.dtype = r.config.dtype
     c.tokenizer = w.tokenizer
     c.mesh.update(r.config.mesh.to_dict())
@@ -214,8 +215,14 @@ def _sft_config(r: Recipe, model: ml_collections.ConfigDict, w: "Workdir", *, st
     return c
 
 
-def _vocab(r: Recipe) -> dict[str, int]:
-    return {"vocab_size": r.teacher.vocab_size} if r.config.tokenizer.kind == "sentencepiece" else {}
+def _vocab(r: Recipe, w: "Workdir") -> dict[str, int]:
+    """Model fields a task-trained tokenizer sets: its size, and Qwen's bos / eos tokens at its ids
+    (the presets carry the Qwen vocabulary's, which an exported config.json would otherwise name)."""
+    if r.config.tokenizer.kind != "sentencepiece":
+        return {}
+    tokenizer = Tokenizer.from_sentencepiece(w.tokenizer)
+    return {"vocab_size": r.teacher.vocab_size, "bos_token_id": tokenizer.token_to_id("<|endoftext|>"),
+            "eos_token_id": tokenizer.token_to_id("<|im_end|>")}
 
 
 def student_seq_len(r: Recipe) -> int:
@@ -242,7 +249,7 @@ def distill_config(r: Recipe, w: "Workdir") -> ml_collections.ConfigDict:
     c = distill_lib.default_config()
     c.seed = r.config.seed
     c.model.preset = s.preset
-    c.model.overrides = ml_collections.ConfigDict({**s.overrides.to_dict(), **_vocab(r)})
+    c.model.overrides = ml_collections.ConfigDict({**s.overrides.to_dict(), **_vocab(r, w)})
     c.model.dtype = r.config.dtype
     c.tokenizer = w.tokenizer
     c.mesh.update(r.config.mesh.to_dict())
@@ -278,6 +285,7 @@ class Workdir:
 
     def __init__(self, root: str, recipe: Recipe):
         self.root = os.path.abspath(root)
+        need(not os.path.exists(self.root) or os.path.isdir(self.root), f"--workdir {self.root} is a file, not a directory")
         os.makedirs(self.root, exist_ok=True)
         self._claim(recipe.config)
         self.tokenizer = "qwen3" if recipe.config.tokenizer.kind == "qwen3" else self.path("tokenizer", "spm.model")
@@ -493,9 +501,11 @@ USER_ERRORS = distill_lib.USER_ERRORS
 
 
 def main(argv: list[str]) -> None:
+    start = time.perf_counter()
     stages = train_lib.run_command(run, argv, USER_ERRORS)
     total = sum(s["seconds"] for s in stages.values())
-    print(f"done in {total / 60:.1f} min: {os.path.join(os.path.abspath(flags.FLAGS.workdir), 'report.md')}")
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min (all stages: {total / 60:.1f} min): "
+          f"{os.path.join(os.path.abspath(flags.FLAGS.workdir), 'report.md')}")
 
 
 if __name__ == "__main__":

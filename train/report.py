@@ -7,6 +7,7 @@ with the measured values, whether each figure the miniature is meant to show was
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -50,10 +51,15 @@ def findings(r, evals: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]
          f"{_pct(b0)}% at budget {min(r.budgets)}, {_pct(unl)}% unlimited"),
     ]
     d, s = evals["student_distilled"]["accuracy"], evals["student_direct"]["accuracy"]
+    n = sum(evals["student_direct"]["problems"].values())
+    # Binomial standard error of a difference of two accuracies over n problems each: the noise
+    # the comparison is read with (the figures themselves repeat exactly on a rerun).
+    se = math.sqrt((d["think"]["all"] * (1 - d["think"]["all"]) + s["think"]["all"] * (1 - s["think"]["all"])) / n)
     out.append(("the distilled student beats the directly trained one at equal update steps (thinking mode)",
                 d["think"]["all"] > s["think"]["all"],
-                f"{_pct(d['think']['all'])}% vs {_pct(s['think']['all'])}% (no-thinking {_pct(d['no_think']['all'])}% "
-                f"vs {_pct(s['no_think']['all'])}%)"))
+                f"{_pct(d['think']['all'])}% vs {_pct(s['think']['all'])}%, difference "
+                f"{_pct(d['think']['all'] - s['think']['all'])} points, 2 standard errors {_pct(2 * se)} points "
+                f"(no-thinking {_pct(d['no_think']['all'])}% vs {_pct(s['no_think']['all'])}%)"))
     return out
 
 
@@ -122,8 +128,10 @@ def write(r, w) -> dict[str, Any]:
               "", "## Plots", "", *[f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots],
               "", "## Try the models", "",
               f"    python -m infer.chat --checkpoint {w.path('student_distilled')}",
-              f"    python -m infer.generate --checkpoint {w.path('teacher')} --prompt \"{_example(r)}\" "
-              "--thinking_budget 8", "",
+              f"    python -m infer.generate --checkpoint {w.path('teacher')} --prompt \"{_example(r)}\"",
+              "",
+              "Add `--thinking_budget 8` to see the budget cut the trace short: the stop-thinking text is forced "
+              "and the answer comes before the arithmetic is done (the budget table's 8-token column).", "",
               f"Hugging Face exports (`to_hf`, with the tokenizer): `{w.path('export')}/{{teacher,student_distilled,"
               "student_direct}`.", ""]
     with open(w.path("report.md"), "w") as f:
@@ -154,17 +162,17 @@ def _plot_budget(r, w, evals) -> str:
         if name in evals:
             e = evals[name]
             ax.plot(xs, [100 * e["budget"][b]["all"] for b in budgets], "o-", color=color, label=label)
-            ax.axhline(100 * e["accuracy"]["no_think"]["all"], color=color, ls="--", lw=1)
+            ax.axhline(100 * e["accuracy"]["no_think"]["all"], color=color, ls="--", lw=1, label=f"{label}, non-thinking")
     ax.set_xticks(xs, budgets)
     ax.set_xlabel("thinking budget (tokens)")
     ax.set_ylabel("accuracy, all levels (%)")
     ax.set_title("Accuracy against the thinking budget (dashed: non-thinking)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _save(fig, w, "budget.png")
 
 
 def _plot_difficulty(r, w, evals) -> str:
-    names = [(n, label) for n, label in MODELS if n in evals and n != "student_off_policy"]
+    names = [(n, label) for n, label in MODELS if n in evals]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
     for ax, (name, label) in zip(axes, names):
         for mode, style in (("think", "o-"), ("no_think", "s--")):
@@ -183,7 +191,8 @@ def _plot_curves(r, w, curves) -> str:
         for mode, style in (("think", "o-"), ("no_think", "s--")):
             ax.plot([p["step"] for p in pts], [100 * p[mode] for p in pts], style, color=color, label=f"{name}, {mode}")
     ax.axvline(r.config.student.off_policy_steps, color="grey", lw=1, ls=":")
-    ax.text(r.config.student.off_policy_steps, ax.get_ylim()[1] * 0.95, " on-policy from here", fontsize=8, color="grey")
+    ax.annotate("on-policy from here", (r.config.student.off_policy_steps, 1), xycoords=("data", "axes fraction"),
+                xytext=(4, -12), textcoords="offset points", fontsize=8, color="grey")
     ax.set_xlabel("update steps")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Student learning curves: distilled against direct")
