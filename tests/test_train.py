@@ -483,14 +483,14 @@ def test_resume_on_a_2x2_mesh_with_moe_and_shuffled_chat_data_gives_identical_lo
     overrides = {
         "model.preset": "tiny-moe", "mesh.data": 2, "mesh.fsdp": 2, "data.format": "jsonl", "data.kind": "chat",
         "data.paths": str(path), "data.shuffle": True, "tokenizer": word_tokenizer, "train.steps": 8,
-        "checkpoint.every": 2, "train.peak_flops": 1e10, "optimizer.decay_steps": 100}
+        "checkpoint.every": 4, "train.peak_flops": 1e10, "optimizer.decay_steps": 100}
     workdir = tmp_path / "run"
     train_lib.run(tiny_config(**overrides), str(workdir))
     reference = losses(workdir)
     assert sorted(reference) == list(range(1, 9)) and len(set(reference.values())) == 8
     train_lib.run(tiny_config(**overrides, **{"checkpoint.restore_step": 4}), str(workdir))
     assert "resuming from step 4" in capsys.readouterr().out
-    assert sorted(os.listdir(workdir / "checkpoints.discarded" / "restore_step_4")) == ["6", "8"]
+    assert os.listdir(workdir / "checkpoints.discarded" / "restore_step_4") == ["8"]
     assert losses(workdir) == reference
 
 
