@@ -198,7 +198,10 @@ class Attention(nnx.Module):
         if T == 1:
             out_BxTxKxGxH = _single_query_attention(q_BxTxKxGxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS)
         else:
-            scores = jnp.einsum("BTKGH,BKHS->BKGTS", q_BxTxKxGxH, k_BxKxHxS, preferred_element_type=jnp.float32)
+            # Queries laid out like the scores: XLA:CPU has no kernel for a bfloat16 x bfloat16 -> float32
+            # dot whose output reorders the free dims ("Unsupported element type for DotThunk").
+            q_BxKxGxTxH = jnp.transpose(q_BxTxKxGxH, (0, 2, 3, 1, 4))
+            scores = jnp.einsum("BKGTH,BKHS->BKGTS", q_BxKxGxTxH, k_BxKxHxS, preferred_element_type=jnp.float32)
             scores = jnp.where(mask_BxTxS[:, None, None], scores * cfg.head_dim**-0.5, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             out_BxTxKxGxH = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BxKxSxH)

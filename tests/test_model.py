@@ -16,6 +16,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
+from infer.engine import Engine
 from qwen3_jax import moe as moe_lib
 from qwen3_jax.hf import SafetensorsReader, write_safetensors
 from qwen3_jax.layers import rope_inv_freq
@@ -26,6 +27,12 @@ KINDS = ("dense_tied", "dense", "moe")
 # Compiled once per model structure: eager op-by-op dispatch of a whole model is slow on CPU.
 jit_logits = nnx.jit(lambda model, tokens: model(tokens))
 jit_forward = nnx.jit(lambda model, tokens, cache, start: model.forward(tokens, cache=cache, cache_start_B=start))
+
+
+@nnx.jit
+def jit_logits_and_stats(model, tokens):
+    out = model.forward(tokens)
+    return model.logits(out.hidden_BxTxD), out.router_stats
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +133,26 @@ def test_export_round_trip_loads_in_transformers(checkpoints, kind, tmp_path):
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
 
 
+def test_moe_layer_settings_and_yarn_match_transformers_through_export(tmp_path):
+    """decoder_sparse_step=2 makes layers 1 and 3 MoE and mlp_only_layers takes layer 3 back:
+    dense, MoE, dense, dense (three layer runs); routing weights not renormalised; YaRN."""
+    hf = make_hf_model("moe", seed=7, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3],
+                       norm_topk_prob=False, max_position_embeddings=256,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    model = q.from_hf(save_hf_model(hf, tmp_path / "src"))
+    hf_moe = [isinstance(layer.mlp, transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock)
+              for layer in hf.model.layers]
+    assert [model.cfg.is_moe_layer(i) for i in range(4)] == hf_moe == [False, True, False, False]
+    tokens = _tokens(seed=15)
+    ref = _hf_logits(hf, tokens, output_router_logits=True)
+    logits, stats = jit_logits_and_stats(model, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(logits), ref.logits.numpy(), atol=1e-4)
+    assert float(moe_lib.load_balancing_loss(stats)) == pytest.approx(ref.aux_loss.item(), rel=1e-5)
+    q.to_hf(model, str(tmp_path / "out"))
+    reloaded = transformers.Qwen3MoeForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    np.testing.assert_array_equal(_hf_logits(reloaded, tokens).logits.numpy(), ref.logits.numpy())
+
+
 def test_bf16_checkpoint_loads(tmp_path):
     hf = make_hf_model("dense", seed=11).to(torch.bfloat16)
     hf.save_pretrained(tmp_path)
@@ -137,6 +164,62 @@ def test_bf16_checkpoint_loads(tmp_path):
     ref_model = transformers.Qwen3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     ref = _hf_logits(ref_model, tokens).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), ref, atol=1e-4)
+
+
+def _rms(x) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def test_bf16_forward_and_decode_err_like_transformers_bf16(checkpoints):
+    """Against transformers' float32 logits, ours in bfloat16 (a prefill forward, then one token
+    at a time through the bfloat16 cache) err no more than transformers' own bfloat16 model: the
+    same float32 islands (norm statistics, RoPE, router softmax), and attention scores kept in
+    float32 where transformers rounds them, so ours errs ~0.7x as much. The issue's bound, 1.5x,
+    would let a bfloat16 router softmax (1.14x) through. The train step's bfloat16 forward (no
+    cache) is test_train's."""
+    hf, path = checkpoints["moe"]
+    tokens = _tokens(2, 13, seed=17)
+    ref = _hf_logits(hf, tokens).logits.numpy()
+    hf_bf16 = transformers.Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    budget = _rms(_hf_logits(hf_bf16, tokens).logits.float().numpy() - ref)
+    model = q.from_hf(path, dtype=jnp.bfloat16)
+    out = jit_forward(model, jnp.asarray(tokens[:, :8]), model.init_cache(2, 16), jnp.zeros((2,), jnp.int32))
+    hidden = [out.hidden_BxTxD]
+    for t in range(8, 13):
+        out = jit_forward(model, jnp.asarray(tokens[:, t:t + 1]), out.cache, jnp.full((2,), t, jnp.int32))
+        hidden.append(out.hidden_BxTxD)
+    assert out.cache[0].k_BxKxHxS.dtype == jnp.bfloat16  # the engine's decode loop carries it unchanged
+    logits = np.asarray(model.logits(jnp.concatenate(hidden, axis=1)).astype(jnp.float32))
+    assert _rms(logits - ref) <= budget, (_rms(logits - ref), budget)
+
+
+def test_stacked_layer_decode_with_ragged_dot_matches_transformers_greedy(checkpoints, monkeypatch):
+    """What TPUs and GPUs run: the engine keeps the layers stacked (it unstacks them on CPU only)
+    and the MoE's grouped matmul is `ragged_dot`. A backend that calls itself "gpu" takes that path
+    here, end to end: prefill of rows of different lengths, then the compiled decode loop."""
+    hf, path = checkpoints["moe"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    engine = Engine(q.from_hf(path), forced_ids=[0])
+    assert not isinstance(engine.model.runs[0], nnx.List) and moe_lib.default_impl() == "ragged_dot"
+    prompts = [[5, 17, 250, 3, 99], list(range(7, 30))]
+    ours = engine.generate(prompts, max_new_tokens=8, temperature=0.0, stop_token_ids=())
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist()
+
+
+def test_ragged_dot_moe_matches_transformers_under_expert_parallelism(checkpoints):
+    """The grouped matmul TPU and GPU run, in the layout a multi-chip MoE runs: experts over
+    `expert` (each shard's rows for other shards' experts left out of its groups), the expert
+    width over `tensor`."""
+    hf, path = checkpoints["moe"]
+    tokens = _tokens(8, 12, seed=16)
+    ref = _hf_logits(hf, tokens).logits.numpy()
+    mesh = q.make_mesh(MESHES["moe"])
+    sharded = q.from_hf(path, moe_impl="ragged_dot", mesh=mesh)
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(np.asarray(jit_logits(sharded, jnp.asarray(tokens))), ref, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- sharding

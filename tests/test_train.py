@@ -20,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
+import transformers
 from flax import nnx
 
-from qwen3_jax import make_mesh, preset, to_hf
+from qwen3_jax import from_hf, make_mesh, preset, to_hf
+from qwen3_jax.hf import write_safetensors
 from qwen3_jax.model import abstract_model
 from train import data as data_lib
 from train import step as step_lib
@@ -173,6 +176,81 @@ def test_gradient_accumulation_matches_one_big_batch():
     for key in ref_metrics:
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
     assert_trees_close(params, ref_params, rtol=1e-5, atol=PARAM_ATOL)
+
+
+def unpacked_batch(vocab: int) -> dict[str, np.ndarray]:
+    """A batch as transformers sees one: a document per row from position 0, rows right-padded
+    to different lengths, the first targets of some rows untrained (a prompt)."""
+    rng = np.random.default_rng(5)
+    lengths, prompts = rng.integers(SEQ // 2, SEQ + 1, BATCH), rng.integers(0, 6, BATCH)
+    t = np.arange(SEQ)
+    real = t < lengths[:, None]
+    tokens = np.where(real, rng.integers(0, vocab, (BATCH, SEQ)), 0).astype(np.int32)
+    return dict(tokens=tokens, targets=np.concatenate([tokens[:, 1:], np.zeros((BATCH, 1), np.int32)], axis=1),
+                loss_mask=((t >= prompts[:, None]) & (t < lengths[:, None] - 1)).astype(np.float32),
+                segment_ids=real.astype(np.int32), positions=np.broadcast_to(t, (BATCH, SEQ)).astype(np.int32))
+
+
+def hf_loss_and_grads(hf, batch) -> tuple[float, dict[str, np.ndarray]]:
+    """transformers' `labels=` loss (+ router_aux_loss_coef x aux for MoE) and torch autograd's
+    gradients, by parameter name."""
+    labels = np.full(batch["tokens"].shape, -100)
+    labels[:, 1:] = np.where(batch["loss_mask"][:, :-1] > 0, batch["tokens"][:, 1:], -100)  # transformers shifts
+    hf.zero_grad()
+    out = hf(torch.tensor(batch["tokens"], dtype=torch.long), attention_mask=torch.tensor(batch["segment_ids"]),
+             labels=torch.tensor(labels), output_router_logits=hf.config.model_type == "qwen3_moe")
+    out.loss.backward()
+    return out.loss.item(), {name: p.grad.float().numpy() for name, p in hf.named_parameters()}
+
+
+@functools.cache
+def first_adamw_update(name: str):
+    """(params, grads) -> params after the first AdamW update of OPT, jitted: eager, each op
+    would compile on its own."""
+    tx = step_lib.make_optimizer(OPT, preset(name))
+    return jax.jit(lambda params, grads: optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0]))
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("tiny-dense", "float32"), ("tiny-moe", "float32"), ("tiny-dense", "bfloat16"),
+])
+def test_step_zero_matches_transformers_loss_and_gradients(name, dtype, tmp_path):
+    """The train step on an unpacked batch against transformers (tied head: tiny-dense; untied
+    with the aux loss: tiny-moe): the loss, the gradient norm, and the parameters after AdamW
+    applies torch autograd's gradients, read into our layout by the checkpoint loader. In bfloat16
+    (float32 master weights) that update errs by at most ~1.5x what transformers' own bfloat16
+    gradients give."""
+    cfg = preset(name, dtype=dtype)
+    start = jax.device_get(initial_state(name).params)
+    to_hf(nnx.merge(nnx.graphdef(abstract_model(cfg)), start), str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    batch = unpacked_batch(cfg.vocab_size)
+    metrics, params = one_step(cfg, single_device(), initial_state(name), batch)
+    assert metrics["loss_tokens"] == batch["loss_mask"].sum()
+
+    def adamw_step(torch_grads):  # our params after AdamW applies these gradients
+        os.makedirs(tmp_path / "grads", exist_ok=True)
+        write_safetensors(str(tmp_path / "grads" / "model.safetensors"), torch_grads)
+        shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "grads")
+        return first_adamw_update(name)(start, nnx.to_pure_dict(nnx.state(from_hf(str(tmp_path / "grads")))))
+
+    ref_loss, ref_grads = hf_loss_and_grads(hf, batch)
+    expected = adamw_step(ref_grads)
+    if dtype == "float32":
+        loss = metrics["loss"] + cfg.router_aux_loss_coef * metrics.get("aux_loss", 0.0)
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        grad_norm = math.sqrt(sum(np.sum(g * g) for g in ref_grads.values()))
+        assert metrics["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+        assert_trees_close(params, expected, rtol=1e-5, atol=PARAM_ATOL)
+        return
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.bfloat16).eval()
+    bf16_expected = adamw_step(hf_loss_and_grads(hf_bf16, batch)[1])
+
+    def error(tree):
+        return math.sqrt(sum(np.sum(np.square(a - b, dtype=np.float64)) for a, b in
+                             zip(jax.tree.leaves(tree), jax.tree.leaves(expected))))
+
+    assert error(params) <= 1.5 * error(bf16_expected)
 
 
 def test_microbatches_are_strided_rows():
@@ -340,12 +418,16 @@ def test_resuming_another_model_is_named_before_any_training(saved_run, tmp_path
 
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory) -> str:
-    """tokenizer.json of a word-level vocabulary: "w0" ... "w99" and <|endoftext|>."""
+    """tokenizer.json of a word-level vocabulary: "w0" ... "w99", <|endoftext|>, and the chat
+    template's role words and control tokens (added tokens, split out of the text as Qwen3's are)."""
     import tokenizers
 
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-        {"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(100)}}, unk_token="<|endoftext|>"))
+    control = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    words = ["<|endoftext|>", *(f"w{i}" for i in range(100)), "user", "assistant", *control]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
+                                                           unk_token="<|endoftext|>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(control)
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     tok.save(str(path))
     return str(path)
@@ -380,6 +462,36 @@ def test_skipped_records_are_counted_and_changed_data_files_are_named_on_resume(
             r".*a.jsonl changed size \(\d+ -> \d+ bytes\).*set data.allow_changed_data=True")):
         train_lib.run(tiny_config(**overrides, **{"train.steps": 4}), str(tmp_path / "run"))
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2  # no step trained
+
+
+def test_resume_on_a_2x2_mesh_with_moe_and_shuffled_chat_data_gives_identical_losses(
+        tmp_path, word_tokenizer, capsys):
+    """Exact resume where more can go wrong than in the SIGKILL tests' run: a data x fsdp mesh
+    (sharded state and batch), the MoE model, and SFT records from a shuffled JSONL file read for
+    several epochs (each reshuffled), packed whole, with loss masks. In-process, `restore_step`
+    standing in for the kill (the SIGKILL tests cover the kill itself): three training
+    subprocesses would cost ~40 s of imports and compiling."""
+    rng = np.random.default_rng(0)
+
+    def words():
+        return " ".join(f"w{i}" for i in rng.integers(0, 100, rng.integers(1, 6)))
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": words()},
+                                                     {"role": "assistant", "content": words()}]}) + "\n"
+                            for _ in range(12)))
+    overrides = {
+        "model.preset": "tiny-moe", "mesh.data": 2, "mesh.fsdp": 2, "data.format": "jsonl", "data.kind": "chat",
+        "data.paths": str(path), "data.shuffle": True, "tokenizer": word_tokenizer, "train.steps": 8,
+        "checkpoint.every": 4, "train.peak_flops": 1e10, "optimizer.decay_steps": 100}
+    workdir = tmp_path / "run"
+    train_lib.run(tiny_config(**overrides), str(workdir))
+    reference = losses(workdir)
+    assert sorted(reference) == list(range(1, 9)) and len(set(reference.values())) == 8
+    train_lib.run(tiny_config(**overrides, **{"checkpoint.restore_step": 4}), str(workdir))
+    assert "resuming from step 4" in capsys.readouterr().out
+    assert os.listdir(workdir / "checkpoints.discarded" / "restore_step_4") == ["8"]
+    assert losses(workdir) == reference
 
 
 # ---------------------------------------------------------------------------------- errors
