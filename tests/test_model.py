@@ -286,7 +286,10 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     full = np.asarray(jit_logits(model, tokens))
     cache = model.init_cache(batch=2, max_len=16)
     lengths = np.array([5, 8])  # rows prefilled to different lengths, padded to 8
-    out = jit_forward(model, tokens[:, :8], cache, jnp.zeros((2,), jnp.int32))
+    # Row 0's padding holds other tokens than its next ones, so a decode step that reads a stale
+    # cache entry instead of the one it writes gives other logits.
+    prefill = tokens[:, :8].at[0, 5:].set((tokens[0, 5:8] + 1) % 512)
+    out = jit_forward(model, prefill, cache, jnp.zeros((2,), jnp.int32))
     cache = out.cache
     logits = np.asarray(model.logits(out.hidden_BxTxD))
     np.testing.assert_allclose(logits[0, :5], full[0, :5], atol=1e-5)
