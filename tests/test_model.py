@@ -18,7 +18,7 @@ import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
 from qwen3_jax import moe as moe_lib
 from qwen3_jax.hf import SafetensorsReader, write_safetensors
-from qwen3_jax.layers import rope_inv_freq
+from qwen3_jax.layers import RMSNorm, rope_inv_freq
 from qwen3_jax.model import unstack_layers
 
 KINDS = ("dense_tied", "dense", "moe")
@@ -56,6 +56,21 @@ def test_logits_and_greedy_match_transformers(checkpoints, kind):
     assert ours.shape == ref.shape == (2, 13, 300)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_rms_norm_matches_transformers_with_a_large_eps():
+    """eps sits inside the square root; with the fixtures' eps of 1e-6 the logits cannot tell."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    x_BxTxD = np.random.RandomState(3).standard_normal((2, 5, 16)).astype(np.float32) * 0.3
+    ref = Qwen3RMSNorm(16, eps=0.5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    ours = RMSNorm(16, 0.5, ("norm",), param_dtype=jnp.float32)
+    ours.weight[...] = jnp.asarray(ref.weight.detach().numpy())
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x_BxTxD)).numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x_BxTxD))), want, rtol=1e-6, atol=1e-6)
 
 
 def test_moe_aux_loss_matches_transformers(checkpoints):

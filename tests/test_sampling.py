@@ -170,19 +170,17 @@ def _hf_top_k_top_p(logits_BxV: np.ndarray, top_k: int, top_p: float, stable: bo
 # tokens tied at the top-k cutoff, which top-k keeps).
 @pytest.mark.parametrize("top_k", [0, 12])
 def test_top_p_cuts_tied_logits_as_transformers_does(top_k):
-    """Issue 16: [2, 1, 1, 1, 0] with top_p 0.6 keeps 2 tokens in transformers, and so here,
-    also for bf16 logits (rounded, so ties at the top-p boundary are common)."""
-    issue_V = np.array([[2.0, 1.0, 1.0, 1.0, 0.0]], np.float32)
-    issue_params = SamplingParams.make(1, top_k=top_k, top_p=0.6)
-    got = np.asarray(kept_mask(issue_V, issue_params, max_candidates=NUM_CANDS))
-    np.testing.assert_array_equal(got, [[True, False, False, True, False]])
-    np.testing.assert_array_equal(got, _hf_top_k_top_p(issue_V, top_k, 0.6, stable=False))
-
-    rng = np.random.default_rng(5)
-    top_ps = [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99] * 3
-    logits_BxV = jnp.asarray(rng.standard_normal((len(top_ps), 300)) * 0.5, jnp.bfloat16)
+    """Issue 16: [2, 1, 1, 1, 0] with top_p 0.6 keeps 2 tokens in transformers, and so here (row 0,
+    padded with logits too small to matter); also for bf16 logits (rounded, so ties at the top-p
+    boundary are common)."""
+    rng = np.random.default_rng(2)
+    top_ps = [0.6] + [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99] * 3
+    logits_BxV = rng.standard_normal((len(top_ps), 300)) * 0.5
+    logits_BxV[0] = [2.0, 1.0, 1.0, 1.0, 0.0] + [-30.0] * 295
+    logits_BxV = jnp.asarray(logits_BxV, jnp.bfloat16)
     params = SamplingParams.make(len(top_ps), top_k=top_k, top_p=top_ps)
     got = np.asarray(jax.jit(partial(kept_mask, max_candidates=NUM_CANDS))(logits_BxV, params))
+    assert np.flatnonzero(got[0]).tolist() == [0, 3]
     z_BxV = np.asarray(logits_BxV.astype(jnp.float32))
     cut_ties = 0
     for b, top_p in enumerate(top_ps):
@@ -190,8 +188,9 @@ def test_top_p_cuts_tied_logits_as_transformers_does(top_k):
         np.testing.assert_array_equal(got[b], want, err_msg=f"row {b}, top_p {top_p}")
         # The count does not depend on torch's order among ties.
         assert got[b].sum() == _hf_top_k_top_p(z_BxV[b : b + 1], top_k, top_p, stable=False).sum()
-        cut_ties += (z_BxV[b] == z_BxV[b][got[b]].min()).sum() > (z_BxV[b] == z_BxV[b][got[b]].min())[got[b]].sum()
-    assert cut_ties >= 3  # rows where top-p cut through a run of ties
+        tied_B = z_BxV[b] == z_BxV[b][got[b]].min()
+        cut_ties += tied_B.sum() > tied_B[got[b]].sum()
+    assert cut_ties >= 4  # rows where top-p cut through a run of ties, the issue's included
     # The draw stays inside the kept set.
     for seed in range(3):
         tokens = np.asarray(draw(logits_BxV, params, _keys(seed, len(top_ps))))
