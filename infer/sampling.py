@@ -266,7 +266,7 @@ def _prefix_cutoff(
     cut_m_B = sorted_BxN[:, 0] + jnp.log(params.min_p)
     cutoff_B = jnp.maximum(jnp.maximum(cut_k_B, cut_p_B), cut_m_B)
     # top-k and min-p keep every token tied at their cutoff (id 0 and up); top-p may not.
-    tie_id_B = jnp.where(cut_p_B == cutoff_B, tie_id_p_B, 0)
+    tie_id_B = jnp.where((params.top_p < 1) & (cut_p_B == cutoff_B), tie_id_p_B, 0)
     return cutoff_B, tie_id_B
 
 
