@@ -130,6 +130,8 @@ FAULTS = (
     # ---- tokenizer and chat template
     Fault("tokenizer_regex_groups_digits", "qwen3_jax/tokenizer.py",
           r'\p{L}+|\p{N}|"""', r'\p{L}+|\p{N}+|"""', TOKENIZER),
+    Fault("tokenizer_contractions_case_sensitive", "qwen3_jax/tokenizer.py",
+          "(?i:'s|'t|'re", "(?:'s|'t|'re", TOKENIZER),
     Fault("think_tag_marked_special", "qwen3_jax/tokenizer.py",
           '(151667, "<think>", False),', '(151667, "<think>", True),', TOKENIZER),
     Fault("earlier_turns_keep_their_thinking", "qwen3_jax/chat.py",

@@ -49,12 +49,14 @@ ROUND_TRIP_TEXTS = [
 
 TIKTOKEN_CORPUS = ROUND_TRIP_TEXTS + [
     "I'm sure they'll say it's THE END'S start, we've seen it, you'd know.",
+    "USER'Data and IT'Test",  # contractions match in any case: "'D" + "ata", not "'" + "Data"
     "Привет, мир! Γειά σου Κόσμε! مرحبا بالعالم שלום עולם",
     "tabs\tand\t\tnewlines\n\n\n  \n mixed \u00a0nbsp\u3000ideographic space",
     "x = [i**2 for i in range(10) if i % 2 == 0]  # list comp; s = 'a\\nb'",
     "<div class=\"a\">&amp; &lt;tag&gt;</div> https://example.com/path?q=1&r=2#frag",
     "e\u0301 vs é, Å vs A\u030a (NFC composes both)",
     "1234567890 ١٢٣ ४५६ ⅷ ² ₃",
+    "２０２５年１０月",  # fullwidth "１０" and "２０" are the vocabulary's only multi-digit tokens: digits split anyway
     "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>",
     "!!!???...,,,;;;:::'''\"\"\"```~~~",
 ]
