@@ -6,9 +6,16 @@ recompiles; only `max_candidates` and the length of the forced stop-thinking ids
 static.
 
 Sampling order follows Hugging Face: presence penalty, temperature, top-k, top-p,
-min-p, then a categorical draw. Every filter keeps a prefix of the tokens sorted by
-logit, so a row's kept set is "all tokens whose tempered logit >= a per-row cutoff";
-ties at the cutoff are all kept (as HF does for top-k).
+min-p, then a categorical draw. Every filter keeps a prefix of the tokens ranked by
+tempered logit, ties ranked by larger token id first, so a row's kept set is "all
+tokens ranked at or above a per-row (cutoff logit, tie id)".
+
+Ties, as Hugging Face's warpers treat them: top-k and min-p compare values, so they
+keep every token tied at their cutoff. Top-p keeps a count, as TopPLogitsWarper does:
+the fewest top-ranked tokens whose mass reaches top_p, cutting through a run of equal
+logits (bf16 logits tie often). Logits [2, 1, 1, 1, 0] with top_p 0.6 keep 2 tokens,
+not 4. Which of the tied tokens survive is the larger ids, the order a stable
+ascending sort (HF's `torch.sort`, stable on small inputs) leaves them in.
 """
 
 from __future__ import annotations
@@ -135,13 +142,14 @@ def sample(
     run only when some row needs them (top_k == 0 or top_k > max_candidates), under
     `lax.cond`. Do not `vmap` this function: that turns the cond into a select and the
     sort would always run. (A candidate-path row whose cutoff value ties past position
-    max_candidates draws only among the candidates.)
+    max_candidates draws only among the candidates, which hold the lower tied ids.)
     """
     s = _support(logits_BxV, params, seen_BxV, max_candidates)
     # Gumbel-max with noise indexed by (row key, token id): both paths give the same
     # token for a row with the same kept set, whatever the candidate count.
     noise_BxK = jax.vmap(_gumbel_at)(keys_B, s.cand_ids_BxK)
-    cand_BxK = jnp.where(s.cand_logits_BxK >= s.cutoff_B[:, None], s.cand_logits_BxK + noise_BxK, -jnp.inf)
+    kept_BxK = _ranked_at_or_above(s.cand_logits_BxK, s.cand_ids_BxK, s.cutoff_B, s.tie_id_B)
+    cand_BxK = jnp.where(kept_BxK, s.cand_logits_BxK + noise_BxK, -jnp.inf)
     cand_tokens_B = jnp.take_along_axis(s.cand_ids_BxK, jnp.argmax(cand_BxK, axis=-1)[:, None], axis=-1)[:, 0]
     full_tokens_B = jax.lax.cond(
         jnp.any(s.needs_full_B),
@@ -149,6 +157,7 @@ def sample(
         lambda *_: jnp.zeros_like(cand_tokens_B),
         s.logits_BxV,
         s.cutoff_B,
+        s.tie_id_B,
         keys_B,
     )
     sampled_B = jnp.where(s.needs_full_B, full_tokens_B, cand_tokens_B)
@@ -170,7 +179,8 @@ def kept_mask(
     s = _support(logits_BxV, params, seen_BxV, max_candidates)
     vocab = logits_BxV.shape[-1]
     greedy_BxV = jax.nn.one_hot(jnp.argmax(s.logits_BxV, axis=-1), vocab, dtype=jnp.bool_)
-    sampled_BxV = s.logits_BxV >= s.cutoff_B[:, None]
+    ids_BxV = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), s.logits_BxV.shape)
+    sampled_BxV = _ranked_at_or_above(s.logits_BxV, ids_BxV, s.cutoff_B, s.tie_id_B)
     return jnp.where((params.temperature > 0)[:, None], sampled_BxV, greedy_BxV)
 
 
@@ -179,7 +189,9 @@ class _Support:
     logits_BxV: jax.Array  # penalised, tempered f32 logits (only penalised for greedy rows)
     cand_logits_BxK: jax.Array  # the K largest of logits_BxV, descending
     cand_ids_BxK: jax.Array
-    cutoff_B: jax.Array  # kept set = {v : logits_BxV[v] >= cutoff_B}
+    # kept set = {v : logits_BxV[v] > cutoff_B, or == cutoff_B with v >= tie_id_B}
+    cutoff_B: jax.Array
+    tie_id_B: jax.Array
     needs_full_B: jax.Array  # sampled row whose kept set may extend past the candidates
 
 
@@ -197,27 +209,38 @@ def _support(
     # values feed several slices (measured 265 ms -> 2 ms at B=8, V=151,936).
     cand_logits_BxK, cand_ids_BxK = jax.lax.optimization_barrier(jax.lax.top_k(logits_BxV, num_cands))
     needs_full_B = ~greedy_B & ((params.top_k <= 0) | (params.top_k > num_cands))
-    cutoff_B = jnp.where(
-        needs_full_B,
-        jax.lax.cond(
-            jnp.any(needs_full_B),
-            _full_cutoff,
-            lambda x, _: jnp.zeros(x.shape[:1], x.dtype),
-            logits_BxV,
-            params,
-        ),
-        _prefix_cutoff(cand_logits_BxK, params),
+    full_cutoff_B, full_tie_id_B = jax.lax.cond(
+        jnp.any(needs_full_B),
+        _full_cutoff,
+        lambda x, _: (jnp.zeros(x.shape[:1], x.dtype), jnp.zeros(x.shape[:1], jnp.int32)),
+        logits_BxV,
+        params,
     )
-    return _Support(logits_BxV, cand_logits_BxK, cand_ids_BxK, cutoff_B, needs_full_B)
+    cand_cutoff_B, cand_tie_id_B = _prefix_cutoff(cand_logits_BxK, cand_ids_BxK, params)
+    cutoff_B = jnp.where(needs_full_B, full_cutoff_B, cand_cutoff_B)
+    tie_id_B = jnp.where(needs_full_B, full_tie_id_B, cand_tie_id_B)
+    return _Support(logits_BxV, cand_logits_BxK, cand_ids_BxK, cutoff_B, tie_id_B, needs_full_B)
 
 
-def _full_cutoff(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
-    return _prefix_cutoff(jnp.sort(logits_BxV, axis=-1, descending=True), params)
+def _ranked_at_or_above(logits: jax.Array, ids: jax.Array, cutoff_B: jax.Array, tie_id_B: jax.Array) -> jax.Array:
+    """Tokens ranked at or above (cutoff, tie id): a larger logit, or the same with an id >= it."""
+    cutoff, tie_id = cutoff_B[:, None], tie_id_B[:, None]
+    return (logits > cutoff) | ((logits == cutoff) & (ids >= tie_id))
 
 
-def _prefix_cutoff(sorted_BxN: jax.Array, params: SamplingParams) -> jax.Array:
-    """Lowest kept logit after top-k, top-p, min-p, given each row's N largest logits
-    in descending order; exact when the row's kept set lies within those N."""
+def _full_cutoff(logits_BxV: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    ids_BxV = jnp.broadcast_to(jnp.arange(logits_BxV.shape[-1], dtype=jnp.int32), logits_BxV.shape)
+    # Stable sort on the negated logits: descending, ties in ascending id order, as lax.top_k gives.
+    neg_sorted_BxV, sorted_ids_BxV = jax.lax.sort((-logits_BxV, ids_BxV), num_keys=1, is_stable=True)
+    return _prefix_cutoff(-neg_sorted_BxV, sorted_ids_BxV, params)
+
+
+def _prefix_cutoff(
+    sorted_BxN: jax.Array, ids_BxN: jax.Array, params: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
+    """(cutoff logit, tie id) of the lowest-ranked kept token after top-k, top-p, min-p,
+    given each row's N largest logits in descending order with ties in ascending id
+    order (as lax.top_k gives them); exact when the row's kept set lies within those N."""
     n = sorted_BxN.shape[-1]
     k_B = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, n), n)
     cut_k_B = jnp.take_along_axis(sorted_BxN, (k_B - 1)[:, None], axis=-1)[:, 0]
@@ -227,14 +250,24 @@ def _prefix_cutoff(sorted_BxN: jax.Array, params: SamplingParams) -> jax.Array:
     probs_BxN = jax.nn.softmax(jnp.where(sorted_BxN >= cut_k_B[:, None], sorted_BxN, -jnp.inf), axis=-1)
     # Shifted cumsum, not "cumsum - probs", which rounding can make non-monotone.
     mass_above_BxN = jnp.pad(jnp.cumsum(probs_BxN, axis=-1)[:, :-1], ((0, 0), (1, 0)))
-    num_p_B = jnp.sum(mass_above_BxN < params.top_p[:, None], axis=-1)
-    cut_p_B = jnp.take_along_axis(sorted_BxN, (jnp.maximum(num_p_B, 1) - 1)[:, None], axis=-1)[:, 0]
+    num_p_B = jnp.maximum(jnp.sum(mass_above_BxN < params.top_p[:, None], axis=-1), 1)
+    cut_p_B = jnp.take_along_axis(sorted_BxN, (num_p_B - 1)[:, None], axis=-1)[:, 0]
+    # top-p keeps num_p tokens even when that cuts a run of ties: of the tokens tied at
+    # cut_p (ascending ids at positions [num_above, num_at_or_above)), the ones with the
+    # largest ids, from position num_at_or_above - (num_p - num_above) on.
+    num_above_B = jnp.sum(sorted_BxN > cut_p_B[:, None], axis=-1)
+    num_at_or_above_B = jnp.sum(sorted_BxN >= cut_p_B[:, None], axis=-1)
+    first_tied_kept_B = num_at_or_above_B - (num_p_B - num_above_B)
+    tie_id_p_B = jnp.take_along_axis(ids_BxN, first_tied_kept_B[:, None], axis=-1)[:, 0]
     cut_p_B = jnp.where(params.top_p < 1, cut_p_B, -jnp.inf)
 
     # min-p: p < min_p * p_max  <=>  logit < max_logit + log(min_p); renormalising by
     # the earlier filters does not change the ratio. log(0) = -inf turns it off.
     cut_m_B = sorted_BxN[:, 0] + jnp.log(params.min_p)
-    return jnp.maximum(jnp.maximum(cut_k_B, cut_p_B), cut_m_B)
+    cutoff_B = jnp.maximum(jnp.maximum(cut_k_B, cut_p_B), cut_m_B)
+    # top-k and min-p keep every token tied at their cutoff (id 0 and up); top-p may not.
+    tie_id_B = jnp.where((params.top_p < 1) & (cut_p_B == cutoff_B), tie_id_p_B, 0)
+    return cutoff_B, tie_id_B
 
 
 def _gumbel_at(key: jax.Array, ids_N: jax.Array) -> jax.Array:
@@ -242,10 +275,11 @@ def _gumbel_at(key: jax.Array, ids_N: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i)))(ids_N)
 
 
-def _draw_full(logits_BxV: jax.Array, cutoff_B: jax.Array, keys_B: jax.Array) -> jax.Array:
+def _draw_full(logits_BxV: jax.Array, cutoff_B: jax.Array, tie_id_B: jax.Array, keys_B: jax.Array) -> jax.Array:
     ids_V = jnp.arange(logits_BxV.shape[-1], dtype=jnp.int32)
     noise_BxV = jax.vmap(_gumbel_at, in_axes=(0, None))(keys_B, ids_V)
-    scores_BxV = jnp.where(logits_BxV >= cutoff_B[:, None], logits_BxV + noise_BxV, -jnp.inf)
+    kept_BxV = _ranked_at_or_above(logits_BxV, ids_V[None, :], cutoff_B, tie_id_B)
+    scores_BxV = jnp.where(kept_BxV, logits_BxV + noise_BxV, -jnp.inf)
     return jnp.argmax(scores_BxV, axis=-1).astype(jnp.int32)
 
 

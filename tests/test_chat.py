@@ -3,18 +3,25 @@
 tests/data/qwen3_chat_template.jinja is the hybrid Qwen3 `chat_template` string of the Qwen3
 tokenizer_config.json, verbatim (the revision with `message.content is string` guards; public
 copies of it and of the April 2025 original, e.g. llama.cpp's models/templates/Qwen-Qwen3-0.6B.jinja,
-differ only in those guards). It is rendered with transformers' own jinja set-up as the reference.
+differ only in those guards). Its sha256 is pinned; it is rendered with jinja2 directly, set up as
+transformers' `apply_chat_template` sets it up, as the reference.
 """
 
+import hashlib
+import json
 from pathlib import Path
 
+import jinja2.ext
+import jinja2.sandbox
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from qwen3_jax.chat import parse_completion, parse_completion_ids, render, render_for_training
 from qwen3_jax.tokenizer import END_THINK_ID, IM_END_ID, Tokenizer
 
-TEMPLATE = (Path(__file__).parent / "data" / "qwen3_chat_template.jinja").read_text()
+TEMPLATE_PATH = Path(__file__).parent / "data" / "qwen3_chat_template.jinja"
+TEMPLATE = TEMPLATE_PATH.read_text()
+TEMPLATE_SHA256 = "a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8"
 
 WEATHER_TOOL = {
     "type": "function",
@@ -151,15 +158,27 @@ CASES = [
 ]
 
 
+def test_template_file_is_the_pinned_one():
+    assert hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest() == TEMPLATE_SHA256
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
 @pytest.fixture(scope="session")
 def official():
-    template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    """The official template under transformers' jinja set-up: a sandbox with trimmed blocks,
+    loop controls, a tojson that keeps non-ASCII text, and raise_exception."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    template = env.from_string(TEMPLATE)
 
     def render_official(messages, tools=None, **kwargs):
-        rendered, _ = template_utils.render_jinja_template(
-            conversations=[messages], tools=tools, chat_template=TEMPLATE, **kwargs
-        )
-        return rendered[0]
+        return template.render(messages=messages, tools=tools, **kwargs)
 
     return render_official
 

@@ -142,6 +142,18 @@ def test_packing_rows(text_jsonl, packing):
     assert triples == expected
 
 
+def test_first_fit_cuts_only_documents_longer_than_a_row(text_jsonl):
+    """The module doc's promise: a document (with its separator) of at most L tokens lands whole in
+    one row; a longer one is cut into L-token pieces."""
+    out = batches(config(paths=text_jsonl, packing="first_fit"), WordIdTokenizer())
+    pieces = sorted(tokens.tolist() for row in rows(out) for tokens, *_ in segments(row))
+    expected = []
+    for d, n in enumerate(DOC_LENGTHS):
+        ids = doc_ids(d + 1, n) + [SEP]
+        expected += [ids[i : i + 8] for i in range(0, len(ids), 8)]
+    assert pieces == sorted(expected)
+
+
 def test_concat_then_split_keeps_stream_order(text_jsonl):
     out = batches(config(paths=text_jsonl, packing="concat_then_split"), WordIdTokenizer())
     stream = np.concatenate([r["tokens"][r["segment_ids"] > 0] for r in rows(out)]).tolist()
@@ -175,8 +187,9 @@ def test_synthetic_source_is_learnable():
     for row in rows(batches(cfg, None, limit=4)):
         assert row["tokens"].max() < 64
         for tokens, targets, mask, _ in segments(row):
+            assert mask[:-1].all()  # every token but a document's last is trained
             steps = (targets[mask > 0] - tokens[mask > 0]) % 64
-            assert len(set(steps.tolist())) <= 1  # one arithmetic progression per document
+            assert len(set(steps.tolist())) == int(mask.any())  # one arithmetic progression per document
     with pytest.raises(data.DataConfigError, match="synthetic_vocab_size"):
         batches(config(format="synthetic"), None)
 

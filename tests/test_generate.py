@@ -18,12 +18,11 @@ import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
 from infer import request as engine_request
-from infer.messages import complete
 from infer.engine import Engine, generate
-from infer.messages import chat_turn, incremental_text, stream_text
+from infer.messages import chat_turn, complete, incremental_text, last_soft_switch, sampling_defaults, stream_text
 from qwen3_jax import chat
 from qwen3_jax.tokenizer import (
-    END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, THINK_ID, Tokenizer, _byte_alphabet,
+    END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, STOP_THINKING_TEXT, THINK_ID, Tokenizer, _byte_alphabet,
 )
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(7, 30)), [5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
@@ -109,16 +108,18 @@ def test_thinking_budgets_force_the_stop_text_per_row(qwen3_vocab_model, forced_
         return_forced=True)
     assert out == generate(qwen3_vocab_model, prompts, max_new_tokens=32, temperature=1.0, top_k=50,
                            stop_token_ids=(), thinking_budget=budgets, seed=4)
+    free = generate(qwen3_vocab_model, prompts, max_new_tokens=32, temperature=1.0, top_k=50, stop_token_ids=(),
+                    seed=4)
     forced = list(forced_ids)
     assert len(forced) == 24 and END_THINK_ID in forced
-    for row, flags, n in zip(out[:3], was_forced[:3], budgets[:3]):
-        assert END_THINK_ID not in row[:n]
+    for row, free_row, flags, n in zip(out[:3], free[:3], was_forced[:3], budgets[:3]):
+        assert row[:n] == free_row[:n]  # the budget changes nothing before it runs out
         assert row[n: n + 24] == forced, n
         assert len(row) == 32  # sampling resumes after the forced text
         assert flags == [False] * n + [True] * 24 + [False] * (32 - n - 24)  # exactly the forced ids are marked
     assert not any(was_forced[3]) and not any(was_forced[4])
-    assert out[3][:24] != forced[:24] and END_THINK_ID not in out[3]  # unlimited: never forced
-    assert forced[:5] != out[4][:5]  # thinking off: budget 0 forces nothing
+    assert out[3] == free[3]  # unlimited: never forced
+    assert out[4] == free[4]  # thinking off: budget 0 forces nothing
     # A prompt whose thinking is already closed by the model is never forced either.
     closed = open_think + [100, 200, END_THINK_ID, 271]
     again = generate(qwen3_vocab_model, [closed], max_new_tokens=30, temperature=1.0, top_k=50, stop_token_ids=(),
@@ -426,15 +427,92 @@ def test_issue_case_and_chat_history_keep_the_whole_reply(qwen3_tokenizer, scrip
     assert message == {"role": "assistant", "content": "Hello world \ufffd", "reasoning_content": ""}
 
 
+# ----------------------------------------------------------------------------- message layer
+
+
+class _RecordingEngine:
+    """Stands in for Engine: records each call's prompts and settings and replies `reply` to every
+    prompt (in chunks of `chunk` when streaming), so the message layer is tested on its own."""
+
+    def __init__(self, reply):
+        self.reply, self.calls = list(reply), []
+
+    def generate(self, prompts, **settings):
+        self.calls.append((prompts, settings))
+        return [list(self.reply) for _ in prompts]
+
+    def stream(self, prompts, *, chunk, **settings):
+        self.calls.append((prompts, {"chunk": chunk, **settings}))
+        for at in range(0, len(self.reply), chunk):
+            yield [self.reply[at: at + chunk] for _ in prompts]
+
+
+# Qwen's recommended settings (Qwen3 model cards, "Best Practices"), written out here.
+QWEN_THINKING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
+QWEN_NON_THINKING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+@pytest.mark.parametrize("messages, flag", [
+    ([], None),
+    ([_user("hi"), {"role": "user", "content": None}], None),
+    ([_user("explain /think")], "/think"),
+    ([_user("/think first, then /no_think")], "/no_think"),
+    ([_user("/no_think first, then /think")], "/think"),
+    ([_user("a /no_think"), _user("b /think")], "/think"),  # the latest message with a flag wins
+    ([_user("a /think"), _user("b")], "/think"),  # a message without one leaves the earlier flag
+    ([{"role": "system", "content": "/no_think"}, _user("hi")], "/no_think"),
+    ([_user("/no_think"), {"role": "assistant", "content": "/think"}], "/no_think"),  # the model's text is not read
+])
+def test_last_soft_switch(messages, flag):
+    assert last_soft_switch(messages) == flag
+
+
+def test_sampling_defaults_follow_the_hard_and_soft_switches():
+    assert sampling_defaults([_user("hi")], enable_thinking=True) == QWEN_THINKING
+    assert sampling_defaults([_user("hi /no_think")], enable_thinking=True) == QWEN_NON_THINKING
+    assert sampling_defaults([_user("hi /no_think"), _user("now /think")], enable_thinking=True) == QWEN_THINKING
+    assert sampling_defaults([_user("hi /think")], enable_thinking=False) == QWEN_NON_THINKING  # the hard switch wins
+
+
+def test_complete_renders_each_conversation_and_parses_the_reply(qwen3_tokenizer):
+    tok = qwen3_tokenizer
+    reply = tok.encode("<think>\nhmm\n</think>\n\nok") + [IM_END_ID]
+    engine = _RecordingEngine(reply)
+    conversations = [[_user("hi")], [_user("and you? /no_think")]]
+    results = complete(engine, tok, conversations, max_new_tokens=5)
+    assert results == [("hmm", "ok", reply)] * 2
+    (prompts, settings), = engine.calls
+    assert prompts == [tok.encode(chat.render(c, add_generation_prompt=True)) for c in conversations]
+    # The first conversation's mode sets the defaults; the tokenizer's stop ids end every reply.
+    assert settings == {"max_new_tokens": 5, **QWEN_THINKING, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+
+    engine = _RecordingEngine(reply)
+    complete(engine, tok, conversations[::-1], max_new_tokens=5, enable_thinking=False, temperature=0.0,
+             thinking_budget=3)
+    (prompts, settings), = engine.calls
+    assert prompts[0][-4:] == [THINK_ID, 271, END_THINK_ID, 271]  # the empty think block: thinking off
+    assert settings == {"max_new_tokens": 5, **QWEN_NON_THINKING, "temperature": 0.0, "thinking_budget": 3,
+                        "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+
+
+def test_stream_text_yields_the_decoded_reply_in_pieces(qwen3_tokenizer):
+    tok = qwen3_tokenizer
+    reply = tok.encode("<think>\nhmm\n</think>\n\nok 😀") + [IM_END_ID]
+    engine = _RecordingEngine(reply)
+    messages = [_user("hi /no_think")]
+    pieces = list(stream_text(engine, tok, messages, max_new_tokens=9, chunk=3, top_k=5))
+    assert len(pieces) > 1 and "".join(pieces) == "<think>\nhmm\n</think>\n\nok 😀"
+    (prompts, settings), = engine.calls
+    assert prompts == [tok.encode(chat.render(messages, add_generation_prompt=True))]
+    assert settings == {"chunk": 3, "max_new_tokens": 9, **QWEN_NON_THINKING, "top_k": 5,
+                        "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+
+
 # ----------------------------------------------------------------------------- command lines
-
-
-@pytest.fixture(scope="module")
-def cli_checkpoint(tmp_path_factory, qwen3_vocab_model):
-    path = str(tmp_path_factory.mktemp("cli"))
-    q.to_hf(qwen3_vocab_model, path)
-    Tokenizer.qwen3().save(path)
-    return path
 
 
 def _run(args, stdin=None):
@@ -443,18 +521,34 @@ def _run(args, stdin=None):
                           env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
-def test_generate_cli_prints_thinking_and_answer(cli_checkpoint):
-    r = _run(["infer.generate", "--checkpoint", cli_checkpoint, "--prompt", "Hello /no_think", "--max_new_tokens", "6",
+@pytest.fixture(scope="module")
+def thinker_checkpoint(tmp_path_factory):
+    """A scripted model that opens <think> after the generation prompt and thinks forever; after the
+    stop-thinking text (which ends in "\n\n") it answers "Hello world " and ends its turn."""
+    script = {NL: THINK_ID, THINK_ID: A1, A1: A1, NLNL: HELLO_WORLD[0], HELLO_WORLD[0]: HELLO_WORLD[1],
+              HELLO_WORLD[1]: HELLO_WORLD[2], HELLO_WORLD[2]: IM_END_ID}
+    path = str(tmp_path_factory.mktemp("thinker"))
+    q.to_hf(scripted_model(script, Z), path)
+    Tokenizer.qwen3().save(path)
+    return path
+
+
+def test_generate_cli_prints_thinking_and_answer(thinker_checkpoint):
+    """The budget is live: the reply opens <think> itself, and 3 thinking tokens in, the stop text
+    is forced (without a budget this model never answers)."""
+    r = _run(["infer.generate", "--checkpoint", thinker_checkpoint, "--prompt", "Hello", "--max_new_tokens", "40",
               "--thinking_budget", "3", "--temperature", "0"])
     assert r.returncode == 0, r.stderr
-    assert "=== thinking ===" in r.stdout and "=== answer ===" in r.stdout
-    assert "(6 tokens)" in r.stderr
-    bad = _run(["infer.generate", "--checkpoint", cli_checkpoint, "--prompt", "x", "--top_p", "1.5"])
+    tok = Tokenizer.qwen3()
+    thinking = (tok.decode([A1] * 3) + STOP_THINKING_TEXT).split("</think>")[0].strip()
+    assert r.stdout == f"=== thinking ===\n{thinking}\n=== answer ===\nHello world \n"
+    assert "(32 tokens)" in r.stderr  # <think>, 3 thinking tokens, 24 forced, 3 of answer, <|im_end|>
+    bad = _run(["infer.generate", "--checkpoint", thinker_checkpoint, "--prompt", "x", "--top_p", "1.5"])
     assert bad.returncode != 0 and "top_p must be in (0, 1]" in bad.stderr
 
 
-def test_chat_cli_streams_multi_turn(cli_checkpoint):
-    r = _run(["infer.chat", "--checkpoint", cli_checkpoint, "--max_new_tokens", "5", "--no_thinking"],
+def test_chat_cli_streams_multi_turn(thinker_checkpoint):
+    r = _run(["infer.chat", "--checkpoint", thinker_checkpoint, "--max_new_tokens", "5", "--no_thinking"],
              stdin="first question /think\nsecond\n/exit\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("assistant> ") == 2
+    assert r.stdout.count("assistant> ") == 2 and r.stdout.count("Hello world") == 2

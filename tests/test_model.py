@@ -19,7 +19,7 @@ from hf_fixtures import make_hf_model, save_hf_model
 from infer.engine import Engine
 from qwen3_jax import moe as moe_lib
 from qwen3_jax.hf import SafetensorsReader, write_safetensors
-from qwen3_jax.layers import rope_inv_freq
+from qwen3_jax.layers import RMSNorm, rope_inv_freq
 from qwen3_jax.model import unstack_layers
 
 KINDS = ("dense_tied", "dense", "moe")
@@ -63,6 +63,21 @@ def test_logits_and_greedy_match_transformers(checkpoints, kind):
     assert ours.shape == ref.shape == (2, 13, 300)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_rms_norm_matches_transformers_with_a_large_eps():
+    """eps sits inside the square root; with the fixtures' eps of 1e-6 the logits cannot tell."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    x_BxTxD = np.random.RandomState(3).standard_normal((2, 5, 16)).astype(np.float32) * 0.3
+    ref = Qwen3RMSNorm(16, eps=0.5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    ours = RMSNorm(16, 0.5, ("norm",), param_dtype=jnp.float32)
+    ours.weight[...] = jnp.asarray(ref.weight.detach().numpy())
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x_BxTxD)).numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x_BxTxD))), want, rtol=1e-6, atol=1e-6)
 
 
 def test_moe_aux_loss_matches_transformers(checkpoints):
@@ -369,7 +384,10 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     full = np.asarray(jit_logits(model, tokens))
     cache = model.init_cache(batch=2, max_len=16)
     lengths = np.array([5, 8])  # rows prefilled to different lengths, padded to 8
-    out = jit_forward(model, tokens[:, :8], cache, jnp.zeros((2,), jnp.int32))
+    # Row 0's padding holds other tokens than its next ones, so a decode step that reads a stale
+    # cache entry instead of the one it writes gives other logits.
+    prefill = tokens[:, :8].at[0, 5:].set((tokens[0, 5:8] + 1) % 512)
+    out = jit_forward(model, prefill, cache, jnp.zeros((2,), jnp.int32))
     cache = out.cache
     logits = np.asarray(model.logits(out.hidden_BxTxD))
     np.testing.assert_allclose(logits[0, :5], full[0, :5], atol=1e-5)

@@ -55,7 +55,7 @@ def ref_kept(z: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarra
     if top_k > 0:
         keep &= z >= np.sort(z)[::-1][min(top_k, z.size) - 1]
     if top_p < 1:
-        order = np.argsort(np.where(keep, z, -np.inf))  # ascending
+        order = np.argsort(np.where(keep, z, -np.inf), kind="stable")  # ascending; tied ids ascending
         remove = np.cumsum(_softmax(np.where(keep, z, -np.inf)[order])) <= 1 - top_p
         remove[-1] = False
         keep[order[remove]] = False
@@ -147,6 +147,54 @@ def test_sample_draws_from_reference_kept_set():
             else:
                 z = penalised[b] / np.float32(temps[b])
                 assert got[b] == ref_draw(z, ref_kept(z.astype(np.float64), k, p, m), keys[b]), (seed, b)
+
+
+def _hf_top_k_top_p(logits_BxV: np.ndarray, top_k: int, top_p: float, stable: bool) -> np.ndarray:
+    """Kept mask of transformers' TopK then TopP warpers; `stable` runs them under a stable
+    torch.sort, whose order among tied logits (ascending ids) the sampler documents."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    sort = torch.sort
+    if stable:
+        torch.sort = partial(sort, stable=True)
+    try:
+        scores = torch.tensor(logits_BxV, dtype=torch.float32)
+        scores = TopKLogitsWarper(top_k)(None, scores) if top_k else scores
+        return torch.isfinite(TopPLogitsWarper(top_p)(None, scores)).numpy()
+    finally:
+        torch.sort = sort
+
+
+# top_k 0 takes the full-sort path, 12 the candidate path (room left below NUM_CANDS for the
+# tokens tied at the top-k cutoff, which top-k keeps).
+@pytest.mark.parametrize("top_k", [0, 12])
+def test_top_p_cuts_tied_logits_as_transformers_does(top_k):
+    """Issue 16: [2, 1, 1, 1, 0] with top_p 0.6 keeps 2 tokens in transformers, and so here (row 0,
+    padded with logits too small to matter); also for bf16 logits (rounded, so ties at the top-p
+    boundary are common)."""
+    rng = np.random.default_rng(2)
+    top_ps = [0.6] + [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99] * 3
+    logits_BxV = rng.standard_normal((len(top_ps), 300)) * 0.5
+    logits_BxV[0] = [2.0, 1.0, 1.0, 1.0, 0.0] + [-30.0] * 295
+    logits_BxV = jnp.asarray(logits_BxV, jnp.bfloat16)
+    params = SamplingParams.make(len(top_ps), top_k=top_k, top_p=top_ps)
+    got = np.asarray(jax.jit(partial(kept_mask, max_candidates=NUM_CANDS))(logits_BxV, params))
+    assert np.flatnonzero(got[0]).tolist() == [0, 3]
+    z_BxV = np.asarray(logits_BxV.astype(jnp.float32))
+    cut_ties = 0
+    for b, top_p in enumerate(top_ps):
+        want = _hf_top_k_top_p(z_BxV[b : b + 1], top_k, top_p, stable=True)[0]
+        np.testing.assert_array_equal(got[b], want, err_msg=f"row {b}, top_p {top_p}")
+        # The count does not depend on torch's order among ties.
+        assert got[b].sum() == _hf_top_k_top_p(z_BxV[b : b + 1], top_k, top_p, stable=False).sum()
+        tied_B = z_BxV[b] == z_BxV[b][got[b]].min()
+        cut_ties += tied_B.sum() > tied_B[got[b]].sum()
+    assert cut_ties >= 4  # rows where top-p cut through a run of ties, the issue's included
+    # The draw stays inside the kept set.
+    for seed in range(3):
+        tokens = np.asarray(draw(logits_BxV, params, _keys(seed, len(top_ps))))
+        assert got[np.arange(len(top_ps)), tokens].all()
 
 
 def test_candidate_and_full_paths_draw_the_same_token():

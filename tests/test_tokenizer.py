@@ -18,11 +18,22 @@ from qwen3_jax.tokenizer import (
     ENDOFTEXT_ID,
     IM_END_ID,
     IM_START_ID,
-    QWEN_PATTERN,
     STOP_THINKING_TEXT,
     THINK_ID,
     Tokenizer,
 )
+
+# The reference below is written out from the official Qwen2/Qwen3 tokenizer.json, not taken from
+# the code: its pre-tokenizer Split regex, and its added tokens in id order from 151643 (the first
+# 14 special); the normalizer (NFC) is applied with unicodedata.
+OFFICIAL_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+OFFICIAL_ADDED = (
+    "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> <|box_end|> "
+    "<|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|> "
+    "<tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|> "
+    "<tool_response> </tool_response> <think> </think>"
+).split()
+OFFICIAL_NUM_SPECIAL = 14
 
 ROUND_TRIP_TEXTS = [
     "Hello, world!",
@@ -38,20 +49,32 @@ ROUND_TRIP_TEXTS = [
 
 TIKTOKEN_CORPUS = ROUND_TRIP_TEXTS + [
     "I'm sure they'll say it's THE END'S start, we've seen it, you'd know.",
+    "USER'Data and IT'Test",  # contractions match in any case: "'D" + "ata", not "'" + "Data"
     "Привет, мир! Γειά σου Κόσμε! مرحبا بالعالم שלום עולם",
     "tabs\tand\t\tnewlines\n\n\n  \n mixed \u00a0nbsp\u3000ideographic space",
     "x = [i**2 for i in range(10) if i % 2 == 0]  # list comp; s = 'a\\nb'",
     "<div class=\"a\">&amp; &lt;tag&gt;</div> https://example.com/path?q=1&r=2#frag",
     "e\u0301 vs é, Å vs A\u030a (NFC composes both)",
     "1234567890 ١٢٣ ४५६ ⅷ ² ₃",
+    "２０２５年１０月",  # fullwidth "１０" and "２０" are the vocabulary's only multi-digit tokens: digits split anyway
     "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>",
     "!!!???...,,,;;;:::'''\"\"\"```~~~",
 ]
 
 
 @pytest.fixture(scope="session")
-def qwen3() -> Tokenizer:
-    return Tokenizer.qwen3()
+def qwen3(tmp_path_factory) -> Tokenizer:
+    """Built from the ranks in an empty cache directory, so these tests exercise the build, not a
+    tokenizer.json cached by an earlier (possibly different) build."""
+    return Tokenizer.qwen3(cache_dir=tmp_path_factory.mktemp("qwen3-tokenizer-cache"))
+
+
+def test_default_cache_holds_what_the_build_gives(qwen3):
+    """A cached tokenizer.json from an older build with the same version key would be used
+    everywhere else (tests included); bump _BUILD_VERSION when the build changes."""
+    cached = Tokenizer.qwen3()
+    for text in TIKTOKEN_CORPUS:
+        assert cached.encode(text) == qwen3.encode(text), text
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +103,9 @@ def test_ids_and_attributes(qwen3):
 
 
 def test_added_tokens_are_single_ids(qwen3):
-    assert len(ADDED_TOKENS) == 26
-    assert [i for i, _, _ in ADDED_TOKENS] == list(range(151643, 151669))
+    assert ADDED_TOKENS == tuple(
+        (151643 + k, content, k < OFFICIAL_NUM_SPECIAL) for k, content in enumerate(OFFICIAL_ADDED)
+    )
     for i, content, special in ADDED_TOKENS:
         assert qwen3.encode(content) == [i]
         assert qwen3.encode(f"a{content}b")[1] == i
@@ -107,8 +131,7 @@ def test_nfc_normalization(qwen3):
     assert qwen3.decode(qwen3.encode("Cafe\u0301")) == "Café"
 
 
-ADDED = [content for _, content, _ in ADDED_TOKENS]
-_ADDED_RE = re.compile("|".join(map(re.escape, sorted(ADDED, key=len, reverse=True))))
+_ADDED_RE = re.compile("|".join(map(re.escape, sorted(OFFICIAL_ADDED, key=len, reverse=True))))
 
 
 def expected_round_trip(text: str) -> str:
@@ -122,7 +145,7 @@ def expected_round_trip(text: str) -> str:
     return "".join(out) + unicodedata.normalize("NFC", text[start:])
 
 
-TEXT_WITH_SPECIALS = st.lists(st.text(max_size=12) | st.sampled_from(ADDED), max_size=8).map("".join)
+TEXT_WITH_SPECIALS = st.lists(st.text(max_size=12) | st.sampled_from(OFFICIAL_ADDED), max_size=8).map("".join)
 
 
 @settings(max_examples=300, deadline=None)
@@ -146,12 +169,13 @@ def test_decode_names_ids_that_are_not_token_ids(qwen3, ids):
 
 
 def test_matches_tiktoken(qwen3, ranks):
-    """Same ranks, regex and added tokens through tiktoken give identical ids."""
+    """The same ranks with the official regex, added tokens and NFC through tiktoken give
+    identical ids (with and without add_special_tokens: Qwen3 has no BOS)."""
     enc = tiktoken.Encoding(
         "qwen3-reference",
-        pat_str=QWEN_PATTERN,
+        pat_str=OFFICIAL_PATTERN,
         mergeable_ranks=ranks,
-        special_tokens={content: i for i, content, _ in ADDED_TOKENS},
+        special_tokens={content: 151643 + k for k, content in enumerate(OFFICIAL_ADDED)},
     )
     rng = random.Random(0)
     vocab = list(ranks)
@@ -163,6 +187,7 @@ def test_matches_tiktoken(qwen3, ranks):
     for text in TIKTOKEN_CORPUS + random_texts:
         expected = enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
         assert qwen3.encode(text) == expected, text
+        assert qwen3._backend.encode(text, add_special_tokens=True).ids == expected, text
 
 
 def test_qwen3_cache(tmp_path, monkeypatch, qwen3):
@@ -212,7 +237,8 @@ def test_saved_directory_loads_in_transformers(qwen3, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for text in TIKTOKEN_CORPUS:
         assert hf.encode(text, add_special_tokens=False) == qwen3.encode(text), text
-    assert hf.eos_token_id == IM_END_ID
+        assert hf.encode(text, add_special_tokens=True) == qwen3.encode(text), text  # no BOS
+    assert hf.eos_token_id == IM_END_ID and hf.bos_token_id is None
 
 
 def test_load_errors(tmp_path):

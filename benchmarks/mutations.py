@@ -1,0 +1,235 @@
+"""Mutation check: deliberate faults, applied one at a time to a copy of the project, must each make
+the tests meant to catch them fail.
+
+    python -m benchmarks.mutations [--only NAME ...] [--timeout SECONDS] [--no-baseline]
+
+Each fault is a small exact text replacement in one file plus the pytest arguments of the tests
+that should catch it. The text must occur exactly once in the file, otherwise the fault is reported
+"stale" (the code moved on: rewrite the fault). The project is copied to a temporary directory; for
+each fault its tests run there (`pytest -x -q`, with a timeout) with the fault applied, and the file
+is restored afterwards. A fault is "caught" when its tests fail, "survived" when they pass: then add
+or strengthen a test until it is caught. First, each distinct test selection runs once without any
+fault ("baseline"): a selection that fails on its own would make every fault look caught.
+
+Writes benchmarks/results/mutations.json and prints the table; exits 1 unless every fault is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "mutations.json"
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    path: str  # relative to the project root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+
+
+MODEL_PARITY = ("tests/test_model.py", "-k", "logits_and_greedy or rms_norm")
+GENERATE_PARITY = ("tests/test_generate.py", "-k", "greedy_matches_transformers")
+SAMPLING = ("tests/test_sampling.py",)
+BUDGET = ("tests/test_sampling.py", "-k", "budget or think")
+TOKENIZER = ("tests/test_tokenizer.py",)
+
+FAULTS = (
+    # ---- the two faults issue 16 named
+    Fault("tokenizer_normalizer_nfkc", "qwen3_jax/tokenizer.py",
+          "tok.normalizer = normalizers.NFC()", "tok.normalizer = normalizers.NFKC()", TOKENIZER),
+    Fault("first_fit_packing_replaced_by_concat_then_split", "train/data.py",
+          "        it_ds = grain_exp.FirstFitPackIterDataset(\n"
+          "            it_ds, length_struct=lengths, num_packing_bins=data_cfg.packing_bins, shuffle_bins=False\n"
+          "        )",
+          "        it_ds = grain_exp.ConcatThenSplitIterDataset(it_ds, length_struct=lengths)",
+          ("tests/test_data.py", "-k", "packing or first_fit or chunks")),
+    # ---- model
+    Fault("rmsnorm_eps_outside_the_square_root", "qwen3_jax/layers.py",
+          "x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)",
+          "x32 * (jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)) + self.eps)", MODEL_PARITY),
+    Fault("rmsnorm_scales_by_one_plus_w", "qwen3_jax/layers.py",
+          "return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)",
+          "return (1 + self.weight[...]).astype(x.dtype) * normed.astype(x.dtype)", MODEL_PARITY),
+    Fault("rope_interleaved_instead_of_half_split", "qwen3_jax/layers.py",
+          "rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)",
+          "rotated = jnp.stack([-x_BxTxNxH[..., 1::2], x_BxTxNxH[..., ::2]], axis=-1).reshape(x_BxTxNxH.shape)",
+          MODEL_PARITY),
+    Fault("qk_norm_after_rope", "qwen3_jax/layers.py",
+          "q = apply_rope(self.q_norm(q), ctx.cos_BxTxH, ctx.sin_BxTxH)",
+          "q = self.q_norm(apply_rope(q, ctx.cos_BxTxH, ctx.sin_BxTxH))", MODEL_PARITY),
+    Fault("gqa_query_head_n_reads_kv_head_n_mod_k", "qwen3_jax/layers.py",
+          "q_BxTxKxGxH = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)",
+          "q_BxTxKxGxH = q.reshape(B, T, G, cfg.num_kv_heads, cfg.head_dim).swapaxes(2, 3)", MODEL_PARITY),
+    Fault("causal_mask_excludes_the_diagonal", "qwen3_jax/layers.py",
+          "mask_BxTxS = jnp.arange(S)[None, None, :] <= ctx.q_slots_BxT[:, :, None]",
+          "mask_BxTxS = jnp.arange(S)[None, None, :] < ctx.q_slots_BxT[:, :, None]", MODEL_PARITY),
+    Fault("packed_documents_attend_across_segments", "qwen3_jax/layers.py",
+          "mask_BxTxS &= seg[:, :, None] == seg[:, None, :]",
+          "mask_BxTxS &= seg[:, :, None] == seg[:, :, None]",
+          ("tests/test_model.py", "-k", "packed_segments")),
+    Fault("decode_step_does_not_write_the_cache", "qwen3_jax/layers.py",
+          "slots_BxT = start_B[:, None] + jnp.arange(T)[None, :]",
+          "slots_BxT = start_B[:, None] + jnp.arange(T)[None, :] + (T == 1) * 2**30",
+          ("tests/test_model.py", "-k", "kv_cache")),
+    Fault("moe_top_k_weights_not_renormalised", "qwen3_jax/moe.py",
+          "    if normalize:\n", "    if not normalize:\n",
+          ("tests/test_model.py", "-k", "logits_and_greedy and moe")),
+    # ---- loss and data
+    Fault("cross_entropy_ignores_the_loss_mask", "train/step.py",
+          "return jnp.sum(m_BxC * (lse_BxC - target_BxC))", "return jnp.sum(lse_BxC - target_BxC)",
+          ("tests/test_train.py", "-k", "chunked_cross_entropy")),
+    Fault("targets_not_shifted", "train/data.py",
+          "targets_n[:-1] = tokens_n[1:]", "targets_n[:-1] = tokens_n[:-1]",
+          ("tests/test_data.py", "-k", "packing_rows")),
+    Fault("loss_mask_follows_the_input_token_not_the_target", "train/data.py",
+          "loss_mask_n[:-1] = trained_n[1:]", "loss_mask_n[:-1] = trained_n[:-1]",
+          ("tests/test_data.py", "-k", "sft or chat")),
+    # ---- sampling
+    Fault("temperature_multiplies", "infer/sampling.py",
+          "logits_BxV = logits_BxV / jnp.where(greedy_B, 1.0, params.temperature)[:, None]",
+          "logits_BxV = logits_BxV * jnp.where(greedy_B, 1.0, params.temperature)[:, None]", SAMPLING),
+    Fault("top_k_keeps_one_more", "infer/sampling.py",
+          "k_B = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, n), n)",
+          "k_B = jnp.where(params.top_k > 0, jnp.minimum(params.top_k + 1, n), n)", SAMPLING),
+    Fault("top_p_keeps_every_tied_token", "infer/sampling.py",
+          "tie_id_B = jnp.where((params.top_p < 1) & (cut_p_B == cutoff_B), tie_id_p_B, 0)",
+          "tie_id_B = jnp.zeros_like(tie_id_p_B)",
+          SAMPLING),
+    Fault("min_p_threshold_halved_in_log_space", "infer/sampling.py",
+          "cut_m_B = sorted_BxN[:, 0] + jnp.log(params.min_p)",
+          "cut_m_B = sorted_BxN[:, 0] + jnp.log(params.min_p) / 2", SAMPLING),
+    Fault("presence_penalty_rewards_seen_tokens", "infer/sampling.py",
+          "logits_BxV = logits_BxV - jnp.where(seen_BxV", "logits_BxV = logits_BxV + jnp.where(seen_BxV", SAMPLING),
+    Fault("qwen_thinking_temperature_changed", "infer/sampling.py",
+          '{"temperature": 0.6, "top_p": 0.95', '{"temperature": 0.7, "top_p": 0.95',
+          ("tests/test_generate.py", "-k", "sampling_defaults or complete_renders")),
+    Fault("soft_switch_ignored", "infer/messages.py",
+          'thinking = enable_thinking and last_soft_switch(messages) != "/no_think"', "thinking = enable_thinking",
+          ("tests/test_generate.py", "-k", "sampling_defaults or complete_renders or stream_text_yields")),
+    # ---- thinking budget
+    Fault("budget_counts_forced_tokens", "infer/sampling.py",
+          "count_B = state.count + (state.in_think & ~forcing_B).astype(jnp.int32)",
+          "count_B = state.count + state.in_think.astype(jnp.int32)", BUDGET),
+    Fault("budget_spent_one_token_late", "infer/sampling.py",
+          "return (budget_B >= 0) & (count_B >= budget_B)", "return (budget_B >= 0) & (count_B > budget_B)", BUDGET),
+    Fault("think_open_read_from_the_whole_prompt", "infer/sampling.py",
+          "turn = ids[turns[-1] + 1:] if turns.size else ids", "turn = ids", BUDGET),
+    # ---- tokenizer and chat template
+    Fault("tokenizer_regex_groups_digits", "qwen3_jax/tokenizer.py",
+          r'\p{L}+|\p{N}|"""', r'\p{L}+|\p{N}+|"""', TOKENIZER),
+    Fault("tokenizer_contractions_case_sensitive", "qwen3_jax/tokenizer.py",
+          "(?i:'s|'t|'re", "(?:'s|'t|'re", TOKENIZER),
+    Fault("think_tag_marked_special", "qwen3_jax/tokenizer.py",
+          '(151667, "<think>", False),', '(151667, "<think>", True),', TOKENIZER),
+    Fault("earlier_turns_keep_their_thinking", "qwen3_jax/chat.py",
+          "if after_query and (is_last or reasoning):", "if is_last or reasoning:",
+          ("tests/test_chat.py", "-k", "official")),
+    # ---- checkpoints
+    Fault("hf_q_norm_read_from_k_norm", "qwen3_jax/hf.py",
+          '("attn", "q_norm", "weight"): ("self_attn.q_norm.weight", None),',
+          '("attn", "q_norm", "weight"): ("self_attn.k_norm.weight", None),', MODEL_PARITY),
+    Fault("hf_export_kernels_not_transposed", "qwen3_jax/hf.py",
+          "return ours.reshape(math.prod(ours.shape[: self.n_in]), -1).T",
+          "return ours.reshape(-1, math.prod(ours.shape[: self.n_in]))",
+          ("tests/test_model.py", "-k", "export_round_trip")),
+    Fault("checkpoint_manifest_hash_not_checked", "train/checkpoint.py",
+          "if actual[name][1] != digest:", "if False:",
+          ("tests/test_train.py", "-k", "corrupt_step")),
+)
+
+
+def _copy_project(dest: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", ".hypothesis", "results", "*.egg-info")
+    shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
+
+
+def _run_tests(project: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+    """('passed' | 'failed' | 'timeout' | 'error', seconds, the first failure line or the output tail)."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - start, ""
+    seconds = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    detail = failures[0] if failures else out.strip().splitlines()[-1] if out.strip() else ""
+    # pytest exit codes: 0 all passed, 1 some test failed, anything else is not a test verdict
+    # (5: no test selected, 2: collection error or interrupt).
+    return {0: "passed", 1: "failed"}.get(proc.returncode, "error"), seconds, detail
+
+
+def _apply(project: Path, fault: Fault) -> str | None:
+    """Applies `fault` in the copy and returns the original text, or None if the fault is stale."""
+    path = project / fault.path
+    text = path.read_text()
+    if text.count(fault.old) != 1:
+        return None
+    path.write_text(text.replace(fault.old, fault.new))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="names of the faults to try (default: all)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the fault-free runs")
+    args = parser.parse_args(argv)
+    faults = [f for f in FAULTS if not args.only or f.name in args.only]
+    if args.only and len(faults) != len(set(args.only)):
+        parser.error(f"unknown faults: {sorted(set(args.only) - {f.name for f in faults})}")
+
+    results, baseline = [], {}
+    with tempfile.TemporaryDirectory(prefix="qwen3-mutations-") as tmp:
+        project = Path(tmp)
+        _copy_project(project)
+        if not args.no_baseline:
+            for tests in dict.fromkeys(f.tests for f in faults):
+                status, seconds, detail = _run_tests(project, tests, args.timeout)
+                baseline[tests] = status
+                print(f"baseline {' '.join(tests)}: {status} ({seconds:.0f} s) {detail if status != 'passed' else ''}",
+                      flush=True)
+        for fault in faults:
+            original = _apply(project, fault)
+            if original is None:
+                status, seconds, detail = "stale", 0.0, "the text to replace does not occur exactly once"
+            elif baseline.get(fault.tests, "passed") != "passed":
+                (project / fault.path).write_text(original)
+                status, seconds, detail = "untested", 0.0, "its tests fail without the fault"
+            else:
+                try:
+                    verdict, seconds, detail = _run_tests(project, fault.tests, args.timeout)
+                finally:
+                    (project / fault.path).write_text(original)
+                status = {"failed": "caught", "passed": "survived"}.get(verdict, verdict)
+            results.append({"fault": fault.name, "file": fault.path, "tests": " ".join(fault.tests),
+                            "status": status, "seconds": round(seconds, 1), "detail": detail})
+            print(f"{fault.name}: {status} ({seconds:.0f} s) {detail}", flush=True)
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"faults": results}, indent=1) + "\n")
+    print("\n| fault | file | tests | caught |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['fault']} | {r['file']} | {r['tests']} | {'yes' if r['status'] == 'caught' else r['status']} |")
+    missed = [r["fault"] for r in results if r["status"] != "caught"]
+    print(f"\n{len(results) - len(missed)}/{len(results)} caught" + (f"; not caught: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
