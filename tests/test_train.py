@@ -464,13 +464,11 @@ def test_skipped_records_are_counted_and_changed_data_files_are_named_on_resume(
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2  # no step trained
 
 
-def test_resume_on_a_2x2_mesh_with_moe_and_shuffled_chat_data_gives_identical_losses(
-        tmp_path, word_tokenizer, capsys):
-    """Exact resume where more can go wrong than in the SIGKILL tests' run: a data x fsdp mesh
+def test_sigkill_on_a_2x2_mesh_with_moe_and_shuffled_chat_data_resumes_to_identical_losses(
+        tmp_path, word_tokenizer, cli_env):
+    """The SIGKILL test where more can go wrong than in its single-device run: a data x fsdp mesh
     (sharded state and batch), the MoE model, and SFT records from a shuffled JSONL file read for
-    several epochs (each reshuffled), packed whole, with loss masks. In-process, `restore_step`
-    standing in for the kill (the SIGKILL tests cover the kill itself): three training
-    subprocesses would cost ~40 s of imports and compiling."""
+    several epochs (each reshuffled), packed whole, with loss masks."""
     rng = np.random.default_rng(0)
 
     def words():
@@ -480,18 +478,20 @@ def test_resume_on_a_2x2_mesh_with_moe_and_shuffled_chat_data_gives_identical_lo
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": words()},
                                                      {"role": "assistant", "content": words()}]}) + "\n"
                             for _ in range(12)))
-    overrides = {
-        "model.preset": "tiny-moe", "mesh.data": 2, "mesh.fsdp": 2, "data.format": "jsonl", "data.kind": "chat",
-        "data.paths": str(path), "data.shuffle": True, "tokenizer": word_tokenizer, "train.steps": 8,
-        "checkpoint.every": 4, "train.peak_flops": 1e10, "optimizer.decay_steps": 100}
-    workdir = tmp_path / "run"
-    train_lib.run(tiny_config(**overrides), str(workdir))
-    reference = losses(workdir)
-    assert sorted(reference) == list(range(1, 9)) and len(set(reference.values())) == 8
-    train_lib.run(tiny_config(**overrides, **{"checkpoint.restore_step": 4}), str(workdir))
-    assert "resuming from step 4" in capsys.readouterr().out
-    assert os.listdir(workdir / "checkpoints.discarded" / "restore_step_4") == ["8"]
-    assert losses(workdir) == reference
+    overrides = ("--config.model.preset=tiny-moe", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                 "--config.data.format=jsonl", "--config.data.kind=chat", f"--config.data.paths={path}",
+                 "--config.data.shuffle=True", f"--config.tokenizer={word_tokenizer}", *STEPS_16)
+    finish(cli(cli_env, tmp_path / "reference", *overrides))
+    reference = losses(tmp_path / "reference")
+    assert sorted(reference) == list(range(1, 17)) and len(set(reference.values())) == 16
+
+    killed = cli(cli_env, tmp_path / "run", *overrides)
+    wait_until(lambda: latest_checkpoint(tmp_path / "run") and max(losses(tmp_path / "run"), default=0) >= 6, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert max(losses(tmp_path / "run")) < 16
+    assert "resuming from step" in finish(cli(cli_env, tmp_path / "run", *overrides))
+    assert losses(tmp_path / "run") == reference  # bit-identical
 
 
 # ---------------------------------------------------------------------------------- errors
