@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 import jax.numpy as jnp
-from absl import flags, logging
+from absl import flags
 
 from infer.engine import Engine
-from qwen3_jax.checkpoint import load_any
+from qwen3_jax.checkpoint import load_any, quiet_orbax_logs
 from qwen3_jax.tokenizer import Tokenizer
 
 CHECKPOINT = flags.DEFINE_string(
@@ -31,8 +31,7 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramete
 def load() -> tuple[Engine, Tokenizer]:
     """The engine and tokenizer of --checkpoint (and --step); exits naming the problem if either
     cannot be loaded."""
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every restore at INFO; --verbosity=0 shows it
-        logging.set_verbosity(logging.WARNING)
+    quiet_orbax_logs()
     try:
         tokenizer = Tokenizer.from_checkpoint(CHECKPOINT.value)  # first: it fails fast, the model load does not
         model = load_any(CHECKPOINT.value, step=STEP.value, dtype=jnp.dtype(DTYPE.value))

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import flags, logging
 from flax import nnx
 
 from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
@@ -299,3 +300,10 @@ def _check_shapes(saved_tree, target, where: str) -> None:
                 f"parameter {name} has shape {list(saved[name].shape)} in {where} but the config needs "
                 f"{list(want.shape)}"
             )
+
+
+def quiet_orbax_logs() -> None:
+    """For command lines: Orbax logs every save and restore at absl INFO; show warnings only,
+    unless the user asked for a level with --verbosity (--verbosity=0 shows them)."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)

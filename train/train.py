@@ -51,12 +51,12 @@ import ml_collections
 import numpy as np
 import tensorboardX
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_dict, config_flags
 
-from qwen3_jax.checkpoint import TRAINER_CHECKPOINTS
+from qwen3_jax.checkpoint import TRAINER_CHECKPOINTS, quiet_orbax_logs
 from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.model import abstract_model, count_params
@@ -655,11 +655,10 @@ USER_ERRORS = (TrainConfigError, NonFiniteLossError, CheckpointError, Checkpoint
 def run_command(run_fn: Callable[[ml_collections.ConfigDict, str], Any], argv: list[str],
                 errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Any:
     """What the `--config` / `--workdir` commands share: `run_fn(config, workdir)` with Orbax's
-    per-save INFO logs silenced (--verbosity=0 shows them), and a user error printed as one line."""
+    per-save INFO logs silenced (`quiet_orbax_logs`), and a user error printed as one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    quiet_orbax_logs()
     try:
         return run_fn(flags.FLAGS.config, flags.FLAGS.workdir)
     except errors as e:
