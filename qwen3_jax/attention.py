@@ -100,8 +100,19 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
 
 def _tile_scores(q_BxKxGxTxH, k_BxKxHxS, visible_BxTxS, scale):
     """Scaled float32 scores of one tile, -inf-like where masked: [B, K, G, bq, bk]."""
-    s = jnp.einsum("BKGTH,BKHS->BKGTS", q_BxKxGxTxH, k_BxKxHxS, preferred_element_type=_F32) * scale
-    return jnp.where(visible_BxTxS[:, None, None], s, _MASKED)
+    if q_BxKxGxTxH.shape[3] == 1:  # decode: T out of the contraction, as in einsum_attention
+        s = jnp.einsum("BKGH,BKHS->BKGS", q_BxKxGxTxH[:, :, :, 0], k_BxKxHxS, preferred_element_type=_F32)[:, :, :, None]
+    else:
+        s = jnp.einsum("BKGTH,BKHS->BKGTS", q_BxKxGxTxH, k_BxKxHxS, preferred_element_type=_F32)
+    return jnp.where(visible_BxTxS[:, None, None], s * scale, _MASKED)
+
+
+def _tile_values(p_BxKxGxTxS, v_BxKxSxH):
+    """Probability-weighted values of one tile, float32: [B, K, G, bq, H]."""
+    p = p_BxKxGxTxS.astype(v_BxKxSxH.dtype)
+    if p.shape[3] == 1:
+        return jnp.einsum("BKGS,BKSH->BKGH", p[:, :, :, 0], v_BxKxSxH, preferred_element_type=_F32)[:, :, :, None]
+    return jnp.einsum("BKGTS,BKSH->BKGTH", p, v_BxKxSxH, preferred_element_type=_F32)
 
 
 def _tiles(mask: Mask, bq: int, bk: int, nk: int):
@@ -131,8 +142,7 @@ def _flash_forward(q_BxKxGxTxH, k_BxKxHxS, v_BxKxSxH, mask: Mask, bq: int, bk: i
                 p = jnp.where(visible[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
                 correction = jnp.exp(m - m_new)
                 l = l * correction + jnp.sum(p, axis=-1)
-                pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v, preferred_element_type=_F32)
-                return m_new, l, acc * correction[..., None] + pv
+                return m_new, l, acc * correction[..., None] + _tile_values(p, v)
 
             return jax.lax.cond(j < needed_nq[i], update, lambda c: c, carry), None
 
