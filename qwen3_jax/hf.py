@@ -531,6 +531,7 @@ def write_hf(cfg: Qwen3Config, read: Callable[[tuple, tuple[slice, ...]], np.nda
             for _, path_, ix, _, rank in shard:
                 block = read(path_, tuple(slice(i, i + 1) for i in ix) + (slice(None),) * (rank - len(ix)))
                 _write_rows(f, _hf_tensor(path_, cfg).to_hf(block.reshape(block.shape[len(ix):])), out_dtype)
+                del block  # before the next read, or two tensors are held at once
         if progress is not None:
             progress(fname)
     if len(files) > 1:
