@@ -14,23 +14,37 @@ Tensors are stored whole (Orbax records only how they were sharded), and each on
 straight into the shards of its target sharding, so a checkpoint written on 8 devices loads on any
 mesh, or on one device, without a host copy of the model. Training state (optimizer, data
 iterator, step) lives in the trainer's own checkpoints; `load_any` restores only their params.
+
+Storage chunks never span two layers or two experts (nor exceed `CHUNK_BYTES`), so a checkpoint
+can also be read and written a block at a time without the model in host memory: `save_streamed`
+writes one from a block reader (the converter's path, for models larger than host memory), and
+`open_params` reads any of the three formats a block at a time through TensorStore. Both use
+Orbax's own TensorStore specs, so what `save_streamed` writes is an ordinary Orbax checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from absl import flags, logging
+from etils import epath
 from flax import nnx
+# Orbax's own spec builder and metadata store, so streamed arrays are stored as Orbax stores
+# arrays; neither has a public path in the pinned orbax-checkpoint (tests/test_convert.py checks).
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
-from qwen3_jax.hf import CheckpointError, from_hf
+from qwen3_jax.hf import CheckpointError, from_hf, hf_param_readers, stacked_dims
 from qwen3_jax.model import Qwen3, abstract_model
 from qwen3_jax.sharding import auto_mesh, state_shardings
 
@@ -48,6 +62,8 @@ FORMAT_HELP = (
     f"a Hugging Face checkpoint (config.json + *.safetensors), a qwen3-jax checkpoint ({MARKER} + "
     f"{PARAMS_DIR}/) or a trainer checkpoint (a workdir, its {TRAINER_CHECKPOINTS}/ directory or one step folder)"
 )
+CHUNK_BYTES = 256 << 20  # storage chunk limit: the unit of block-wise reads and writes
+Reader = Callable[[tuple, tuple[slice, ...]], np.ndarray]  # (param path, one slice per dim) -> block
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -72,14 +88,93 @@ def save_model(model: Qwen3, path: str | os.PathLike) -> None:
     if os.path.exists(os.path.join(path, PARAMS_DIR)) or os.path.exists(os.path.join(path, MARKER)):
         raise FileExistsError(f"{path} already holds a checkpoint; save to a new directory")
     os.makedirs(path, exist_ok=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        ckptr.save(os.path.join(path, PARAMS_DIR), params, save_args=_save_args(model.cfg, params))
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        cfg = model.cfg
-        _write_json(os.path.join(path, "config.json"), to_hf_config(cfg))
-        runtime = {name: getattr(cfg, name) for name in RUNTIME_FIELDS}
-        _write_json(os.path.join(path, MARKER), {"format_version": FORMAT_VERSION, "runtime": runtime})
+        _write_model_files(model.cfg, path)
+
+
+def save_streamed(cfg: Qwen3Config, read: Reader, path: str | os.PathLike) -> None:
+    """Writes the checkpoint `save_model` would write for a model of `cfg` whose parameters
+    `read(param_path, index)` returns block by block (in `cfg.param_dtype`), without the model.
+
+    Each storage chunk is read, written and dropped in turn, so host memory stays about one chunk
+    (at most CHUNK_BYTES, and one layer or expert of a stacked parameter) plus what `read` holds.
+    Single-process only. Raises FileExistsError if `path` already holds a checkpoint.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, PARAMS_DIR)) or os.path.exists(os.path.join(path, MARKER)):
+        raise FileExistsError(f"{path} already holds a checkpoint; save to a new directory")
+    os.makedirs(path, exist_ok=True)
+    flat = {
+        tuple(p): _Streamed(tuple(v.shape), np.dtype(v.dtype), lambda index, p=tuple(p): read(p, index))
+        for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))
+    }
+    params = nnx.to_pure_dict(nnx.from_flat_state(flat))
+    # Orbax takes the ArrayMetadata store (write shapes in _METADATA) from the jax.Array handler.
+    store = array_metadata_store.Store()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=store)), (_Streamed, _StreamedHandler(store)))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+        ckptr.save(os.path.join(path, PARAMS_DIR), args=ocp.args.PyTreeSave(params, _save_args(cfg, params)))
+    _write_model_files(cfg, path)
+
+
+def _save_args(cfg: Qwen3Config, params: dict) -> dict:
+    """Per parameter, chunks of one layer (and one expert) of a stacked parameter, each at most
+    CHUNK_BYTES, so that block-wise readers (`open_params`) read each chunk once."""
+    def args(keypath, _):
+        path = tuple(k.key for k in keypath)
+        return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=tuple(range(stacked_dims(path, cfg))))
+
+    return jax.tree_util.tree_map_with_path(args, params)
+
+
+def _write_model_files(cfg: Qwen3Config, path: str) -> None:
+    _write_json(os.path.join(path, "config.json"), to_hf_config(cfg))
+    runtime = {name: getattr(cfg, name) for name in RUNTIME_FIELDS}
+    _write_json(os.path.join(path, MARKER), {"format_version": FORMAT_VERSION, "runtime": runtime})
+
+
+class _Streamed:
+    """A parameter `save_streamed` writes block by block: `read(index)` gives the block at `index`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, read: Callable[[tuple[slice, ...]], np.ndarray]):
+        self.shape, self.dtype, self.read = shape, dtype, read
+
+
+class _StreamedHandler(ocp.type_handlers.ArrayHandler):
+    """Writes `_Streamed` leaves exactly as Orbax writes a one-device jax.Array of that shape and
+    dtype (same TensorStore spec, chunk shape and metadata, recorded as a jax.Array so the plain
+    ArrayHandler restores it), but one chunk at a time, each written before the next is read."""
+
+    def __init__(self, store: array_metadata_store.Store):
+        super().__init__(enable_write_sharding_file=False, array_metadata_store=store)
+
+    async def serialize(self, values: Sequence[_Streamed], infos: Sequence[ocp.type_handlers.ParamInfo],
+                        args: Sequence[ocp.SaveArgs] | None = None) -> list:
+        args = args or [ocp.SaveArgs()] * len(values)
+        metadatas = []
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info, arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
+            )
+            store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+            chunk = spec.metadata.chunk_shape
+            for pos in np.ndindex(*(-(-n // c) for n, c in zip(value.shape, chunk))):
+                index = tuple(slice(p * c, min((p + 1) * c, n)) for p, c, n in zip(pos, chunk, value.shape))
+                block = value.read(index)
+                if block.shape != tuple(s.stop - s.start for s in index) or block.dtype != value.dtype:
+                    raise ValueError(f"{info.name}: the reader gave {block.dtype}{list(block.shape)} for block {index}")
+                await store[index].write(block)
+            metadatas.append(spec.metadata)
+        await self._array_metadata_store.write(
+            checkpoint_dir=infos[0].parent_dir, array_metadatas=metadatas, process_index=jax.process_index())
+        return []
 
 
 def load_config(path: str | os.PathLike, **config_overrides: Any) -> Qwen3Config:
@@ -118,8 +213,8 @@ def load_model(
     params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
 
     def restore(target):
+        _check_shapes(_saved_params("orbax", params_dir), target, params_dir)
         with ocp.StandardCheckpointer() as ckptr:
-            _check_shapes(ckptr.metadata(params_dir).item_metadata, target, params_dir)
             return ckptr.restore(params_dir, target)
 
     return _restore_model(cfg, mesh, restore)
@@ -152,9 +247,7 @@ def load_any(
     state_dir = os.path.abspath(os.path.join(weights_dir, TRAINER_STATE))  # Orbax takes absolute paths only
 
     def restore(target):
-        # The handler's metadata: the checkpointer's would look for a step-level file in state/.
-        saved = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(state_dir)).tree["params"]
-        _check_shapes(saved, target, state_dir)
+        _check_shapes(_saved_params("trainer", state_dir), target, state_dir)
         return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
             item={"params": target},
             restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
@@ -162,6 +255,57 @@ def load_any(
         ))["params"]
 
     return _restore_model(cfg, mesh, restore)
+
+
+def open_params(
+    path: str | os.PathLike, *, step: int | None = None, dtype=None, **config_overrides: Any,
+) -> tuple[str, Qwen3Config, Reader]:
+    """Opens the checkpoint at `path` (any format, as `load_any`) for reading a block at a time.
+
+    Returns the format ("hf", "orbax" or "trainer"), the config (dtypes as `load_any` gives them)
+    and `read(param_path, index)`: the block of that parameter at `index` (one slice per dim) as a
+    host array in our layout and `cfg.param_dtype`. Only the tensors (HF) or storage chunks
+    (Orbax, through TensorStore with no data cache) that the block overlaps are read, so host
+    memory stays about one block plus one chunk. Raises what `load_any` raises for a checkpoint
+    that does not match its config, before anything is read.
+    """
+    fmt, weights_dir = locate_checkpoint(path, step=step)
+    if fmt == "hf":
+        cfg = from_hf_config(weights_dir, **_dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
+        cfg, reads = hf_param_readers(weights_dir, cfg)
+        return fmt, cfg, lambda param, index: reads[param](index)
+    if fmt == "orbax":
+        cfg = load_config(weights_dir, **_dtype_overrides(dtype, config_overrides))
+        directory, prefix = os.path.join(os.path.abspath(weights_dir), PARAMS_DIR), ()
+    else:
+        cfg = load_any_config(weights_dir, **_dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
+        directory, prefix = os.path.join(os.path.abspath(weights_dir), TRAINER_STATE), ("params",)
+    abstract = nnx.state(abstract_model(cfg), nnx.Param)
+    _check_shapes(_saved_params(fmt, directory), nnx.to_pure_dict(abstract), directory)
+    with open(os.path.join(directory, "_METADATA")) as f:  # how Orbax stored the arrays
+        use_zarr3 = json.load(f).get("use_zarr3", False)
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(directory))
+    context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+    dtypes = {tuple(p): np.dtype(v.dtype) for p, v in nnx.to_flat_state(abstract)}
+    stores: dict[tuple, ts.TensorStore] = {}
+
+    def read(param: tuple, index: tuple[slice, ...]) -> np.ndarray:
+        if param not in stores:  # Orbax names an array by its tree path joined with dots
+            spec = ts_utils.ArrayReadSpec(directory, ".".join(map(str, prefix + param)), use_zarr3, use_ocdbt=use_ocdbt)
+            stores[param] = ts.open(ts.Spec(spec.json), open=True, context=context).result()
+        return stores[param][index].read().result().astype(dtypes[param], copy=False)
+
+    return fmt, cfg, read
+
+
+def _saved_params(fmt: str, directory: str):
+    """The tree of parameter metadata (shapes) an Orbax `directory` holds: a qwen3-jax params/
+    directory, or a trainer's state/ (whose params subtree it is)."""
+    if fmt == "orbax":
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.metadata(directory).item_metadata
+    # The handler's metadata: the checkpointer's would look for a step-level file in state/.
+    return ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(directory)).tree["params"]
 
 
 def load_any_config(path: str | os.PathLike, *, step: int | None = None, **config_overrides: Any) -> Qwen3Config:

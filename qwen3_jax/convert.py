@@ -10,8 +10,11 @@ folder). The direction defaults to "the other format" (HF for a trainer checkpoi
 source's own format re-writes it (for example to change the dtype or the shard size). The dtype
 defaults to the source's (float32 for a trainer checkpoint: its master weights). Tokenizer files
 are copied along (from a trainer's workdir), so the result serves decoding and fine-tuning as is.
-The model passes through the default device once: with JAX_PLATFORMS=cpu it is converted in host
-memory.
+
+The model never sits in memory: parameters stream from source to destination a block at a time
+(one HF tensor, or one storage chunk of at most 256 MiB that never spans two layers or experts),
+so host memory stays about the largest such block whatever the model's size (measured on
+Qwen3-235B-A22B shapes by benchmarks/convert_memory.py). Single-process; no accelerator is used.
 """
 
 from __future__ import annotations
@@ -22,14 +25,13 @@ import os
 import shutil
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-from qwen3_jax.checkpoint import load_any, locate_checkpoint, save_model
-from qwen3_jax.config import DTYPES, from_hf_config
-from qwen3_jax.hf import CheckpointError, from_hf, to_hf
+from qwen3_jax.checkpoint import locate_checkpoint, open_params, save_streamed
+from qwen3_jax.config import DTYPES
+from qwen3_jax.hf import CheckpointError, write_hf
 from qwen3_jax.model import abstract_model
 from qwen3_jax.tokenizer import tokenizer_dir
 
@@ -82,21 +84,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif os.path.exists(dst) and not os.path.isdir(dst):
         parser.error(f"--dst {args.dst} exists and is not a directory")
 
-    if src_format == "hf":
-        dtype = args.dtype or _hf_dtype(src)
-        cfg = from_hf_config(src)
-        with tqdm(total=len(jax.tree.leaves(nnx.state(abstract_model(cfg)))), desc="load", unit="param") as bar:
-            model = from_hf(src, dtype=jnp.dtype(dtype), progress=lambda _: bar.update())
-    else:
-        model = load_any(weights_dir, dtype=args.dtype)
-        dtype = model.cfg.param_dtype
+    # The source's dtype unless --dtype says otherwise (float32 for a trainer's master weights).
+    dtype = args.dtype or (_hf_dtype(src) if src_format == "hf" else None)
+    _, cfg, read = open_params(weights_dir, dtype=dtype)
+    dtype = cfg.param_dtype
+    params = [tuple(p) for p, _ in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))]
+    with tqdm(total=len(params), desc="convert", unit="param") as bar:
+        done: set[tuple] = set()
 
-    if dst_format == "orbax":
-        save_model(model, dst)
-    else:
-        with tqdm(desc="write", unit="file") as bar:
-            to_hf(model, dst, dtype=jnp.dtype(dtype), max_shard_bytes=int(args.max_shard_gb * 2**30),
-                  progress=lambda _: bar.update())
+        def read_counted(param, index):
+            if param not in done:
+                done.add(param)
+                bar.update()
+            return read(param, index)
+
+        if dst_format == "orbax":
+            save_streamed(cfg, read_counted, dst)
+        else:
+            write_hf(cfg, read_counted, dst, dtype=jnp.dtype(dtype), max_shard_bytes=int(args.max_shard_gb * 2**30))
     files_dir = tokenizer_dir(src) or src  # a trainer checkpoint's tokenizer is in its workdir
     copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(files_dir, n))]
     for name in copied:

@@ -4,7 +4,10 @@ One table (`_hf_tensor`) maps each parameter of the abstract model to its Huggin
 the abstract model supplies shapes, logical axes and shardings, so loading, exporting and shape
 checks all follow from the same description. Loading memory-maps the safetensors files and builds
 each device shard with `jax.make_array_from_callback`, reading only the tensors (and rows) that
-shard needs: host memory stays around one checkpoint tensor, never the model.
+shard needs: host memory stays around one checkpoint tensor, never the model. Each read maps only
+its own tensor and unmaps it when the result is dropped, so pages read stay resident only as long
+as the block that needs them. Export (`write_hf`) streams the other way: it plans the shard files
+from shapes, writes each file's header first and then each tensor as it is read, in blocks of rows.
 
 MoE experts load from either layout transformers writes: one tensor per expert and projection
 (`mlp.experts.{e}.gate_proj.weight`, the released checkpoints' layout, which `to_hf` writes) or,
@@ -73,7 +76,7 @@ class SafetensorsReader:
             files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"no .safetensors files in {path}")
-        self._entries: dict[str, tuple[np.memmap, str, list[int], int, int]] = {}
+        self._entries: dict[str, tuple[str, str, list[int], int, int]] = {}
         found_in: dict[str, str] = {}
         for name in files:
             fpath = _shard_path(path, name, index)
@@ -93,10 +96,14 @@ class SafetensorsReader:
         return tuple(self._entries[name][2])
 
     def get(self, name: str) -> np.ndarray:
+        """A read-only memory map of tensor `name` alone: its pages are read when touched and
+        unmapped once the array and its views are dropped."""
         if name not in self._entries:
             raise CheckpointError(f"missing tensor {name} in {self.path}")
-        mm, dtype, shape, begin, end = self._entries[name]
-        return mm[begin:end].view(_ST_DTYPES[dtype]).reshape(shape)
+        fpath, dtype, shape, begin, end = self._entries[name]
+        if end == begin:  # mmap refuses empty ranges
+            return np.empty(shape, _ST_DTYPES[dtype])
+        return np.memmap(fpath, dtype=_ST_DTYPES[dtype], mode="r", offset=begin, shape=tuple(shape))
 
 
 def _read_index(index: str) -> dict[str, str]:
@@ -123,8 +130,8 @@ def _shard_path(path: str, name: str, index: str) -> str:
     return resolved
 
 
-def _read_header(fpath: str) -> dict[str, tuple[np.memmap, str, list[int], int, int]]:
-    """(memmap, dtype, shape, begin, end) per tensor of one safetensors file, every claim checked."""
+def _read_header(fpath: str) -> dict[str, tuple[str, str, list[int], int, int]]:
+    """(file, dtype, shape, begin, end) per tensor of one safetensors file, every claim checked."""
     size = os.path.getsize(fpath)
     with open(fpath, "rb") as f:
         prefix = f.read(8)
@@ -143,7 +150,6 @@ def _read_header(fpath: str) -> dict[str, tuple[np.memmap, str, list[int], int, 
     if not isinstance(header, dict):
         raise CheckpointError(f"{fpath}: the safetensors header is a JSON {type(header).__name__}, not an object")
     data_bytes = size - 8 - header_len
-    mm = np.memmap(fpath, dtype=np.uint8, mode="r")
     entries, spans = {}, []
     for key, meta in header.items():
         if key == "__metadata__":
@@ -166,7 +172,7 @@ def _read_header(fpath: str) -> dict[str, tuple[np.memmap, str, list[int], int, 
         if end - begin != needed:
             raise CheckpointError(
                 f"{where}: data_offsets span {end - begin} bytes, but {dtype} of shape {shape} is {needed} bytes")
-        entries[key] = (mm, dtype, shape, 8 + header_len + begin, 8 + header_len + end)
+        entries[key] = (fpath, dtype, shape, 8 + header_len + begin, 8 + header_len + end)
         if end > begin:
             spans.append((begin, end, key))
     spans.sort()
@@ -180,19 +186,38 @@ def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+def _safetensors_header(tensors: list[tuple[str, np.dtype, tuple[int, ...]]]) -> bytes:
+    """The length prefix and JSON header of a file holding `tensors` (name, dtype, shape) in order."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, arr in tensors.items():
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(_safetensors_header([(name, arr.dtype, arr.shape) for name, arr in tensors.items()]))
         for arr in tensors.values():
             f.write(np.ascontiguousarray(arr).tobytes())
+
+
+_WRITE_BLOCK_BYTES = 64 << 20
+
+
+def _write_rows(f, arr: np.ndarray, dtype: np.dtype) -> None:
+    """Writes `arr` (any strides) as C-order `dtype` bytes, converting a block of rows at a time so
+    a transposed view costs one block of extra memory, not a second copy of the tensor."""
+    if arr.ndim == 0 or arr.size == 0:
+        f.write(np.ascontiguousarray(arr, dtype).tobytes())
+        return
+    rows = max(1, _WRITE_BLOCK_BYTES // max(1, arr[0].size * dtype.itemsize))
+    for i in range(0, arr.shape[0], rows):
+        f.write(np.ascontiguousarray(arr[i: i + rows], dtype).view(np.uint8).data)
 
 
 # ------------------------------------------------------------------------- name mapping
@@ -368,21 +393,43 @@ def from_hf(
         "dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(param_dtype or dtype).name, **config_overrides,
     }
     mesh = auto_mesh(mesh)
-    cfg = from_hf_config(path, **overrides)
-    reader = SafetensorsReader(path)
-    cfg = _tie_like_transformers(cfg, reader, path)
-    fused_layers = _fused_layers(reader.keys(), cfg) if cfg.is_moe else set()
+    cfg, reads = hf_param_readers(path, from_hf_config(path, **overrides))
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = (
         state_shardings(state, mesh, cfg.rules) if mesh is not None else None
     )
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    used: set[str] = set()
     flat = []
     for path_, var in nnx.to_flat_state(state):
         path_ = tuple(path_)
+        sharding = flat_shardings.get(path_, single)
+        if isinstance(sharding, nnx.Variable):
+            sharding = sharding.get_value()
+        value = jax.make_array_from_callback(tuple(var.shape), sharding, reads[path_])
+        flat.append((path_, var.replace(value)))
+        if progress is not None:
+            progress("/".join(map(str, path_)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def hf_param_readers(
+    path: str, cfg: Qwen3Config,
+) -> tuple[Qwen3Config, dict[tuple, Callable[[tuple[slice, ...]], np.ndarray]]]:
+    """Checks the checkpoint at `path` against `cfg` and says how to read each parameter.
+
+    Returns `cfg` with its word embeddings tied as transformers ties them (see `from_hf`) and, per
+    parameter path of `abstract_model(cfg)`, a function from an index (one slice per dim, as
+    `jax.make_array_from_callback` passes) to that block of the parameter, in our layout and
+    `cfg.param_dtype`; it reads only the tensors (and rows) the block needs. Raises CheckpointError
+    naming a missing, misshapen or unexpected tensor before anything is read.
+    """
+    reader = SafetensorsReader(path)
+    cfg = _tie_like_transformers(cfg, reader, path)
+    fused_layers = _fused_layers(reader.keys(), cfg) if cfg.is_moe else set()
+    used: set[str] = set()
+    reads = {}
+    for path_, var in _params(abstract_model(cfg)):
         spec = _hf_tensor(path_, cfg)
         shape = tuple(var.shape)
         stacked, inner = shape[: spec.stacked], shape[spec.stacked:]
@@ -404,25 +451,18 @@ def from_hf(
                     f"needs {list(src.shape)}"
                 )
         used.update(src.name for src in sources.values())
-        target = np.dtype(var.dtype)
 
-        def read(index, spec=spec, sources=sources, stacked=stacked, inner=inner, target=target):
+        def read(index, spec=spec, sources=sources, stacked=stacked, inner=inner, target=np.dtype(var.dtype)):
             outer = [range(n)[s] for s, n in zip(index[: len(stacked)], stacked)]
             rest = index[len(stacked):]
             out = np.empty([len(r) for r in outer] + [len(range(n)[s]) for s, n in zip(rest, inner)], target)
             for pos in np.ndindex(*[len(r) for r in outer]):
                 src = sources[tuple(r[p] for r, p in zip(outer, pos))]
-                # Views of the memory map down to `rest`: only this shard's rows are read.
+                # Views of the memory map down to `rest`: only this block's rows are read.
                 out[pos] = spec.to_ours(src.view(reader.get(src.name)), inner)[rest].astype(target)
             return out
 
-        sharding = flat_shardings.get(path_, single)
-        if isinstance(sharding, nnx.Variable):
-            sharding = sharding.get_value()
-        value = jax.make_array_from_callback(shape, sharding, read)
-        flat.append((path_, var.replace(value)))
-        if progress is not None:
-            progress("/".join(map(str, path_)))
+        reads[path_] = read
 
     unexpected = reader.keys() - used
     if cfg.tie_word_embeddings:
@@ -430,64 +470,73 @@ def from_hf(
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
     if unexpected:
         raise CheckpointError(f"unexpected tensors in {path}: {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return cfg, reads
 
 
 # ------------------------------------------------------------------------------- export
 
 
-def hf_tensors(model: Qwen3, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) in Hugging Face layout, one tensor at a time (host memory: one tensor)."""
-    cfg = model.cfg
-    for path_, var in _params(model):
-        spec = _hf_tensor(path_, cfg)
-        arr = var.get_value()
-        for ix in np.ndindex(*arr.shape[: spec.stacked]):
-            host = np.asarray(jax.device_get(arr[ix] if ix else arr))
-            if dtype is not None:
-                host = host.astype(dtype)
-            yield spec.name(ix), np.ascontiguousarray(spec.to_hf(host))
+def stacked_dims(path: tuple, cfg: Qwen3Config) -> int:
+    """How many leading dims of parameter `path` index separate HF tensors: 0, 1 (layers) or 2
+    (layers, experts)."""
+    return _hf_tensor(path, cfg).stacked
 
 
 def to_hf(model: Qwen3, path: str, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
           progress: Callable[[str], None] | None = None) -> None:
-    """Writes config.json and safetensors (sharded with an index above `max_shard_bytes`)."""
-    cfg = model.cfg
+    """Writes config.json and safetensors (sharded with an index above `max_shard_bytes`) of
+    `model`, one HF tensor at a time (see `write_hf`)."""
+    params = dict(_params(model))
+
+    def read(path_, index):
+        return np.asarray(jax.device_get(params[path_].get_value()[index]))
+
+    write_hf(model.cfg, read, path, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def write_hf(cfg: Qwen3Config, read: Callable[[tuple, tuple[slice, ...]], np.ndarray], path: str, *,
+             dtype=None, max_shard_bytes: int = 5 * 2**30, progress: Callable[[str], None] | None = None) -> None:
+    """Writes config.json and the safetensors of the model `cfg` describes, reading its parameters
+    through `read(param_path, index)`: the block at `index` (one slice per dim) in our layout.
+
+    Files are planned from shapes (sharded, with an index, above `max_shard_bytes`), then each is
+    written header first and tensor by tensor, each read as one HF tensor (one layer, or one
+    layer's expert) and converted to `dtype` (default `cfg.param_dtype`) a block of rows at a
+    time: host memory stays about one HF tensor. `progress` is called with each file written.
+    """
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     os.makedirs(path, exist_ok=True)
-    # Plan shards from shapes first, so file names can carry the shard count.
-    sizes: list[tuple[str, int]] = []
+    tensors = []  # (name, param path, stacked index, HF shape, rank of the parameter), in file order
     for path_, var in _params(abstract_model(cfg)):
         spec = _hf_tensor(path_, cfg)
         shape = tuple(var.shape)
-        nbytes = math.prod(shape[spec.stacked:]) * out_dtype.itemsize
-        sizes += [(spec.name(ix), nbytes) for ix in np.ndindex(*shape[: spec.stacked])]
-    shards: list[list[str]] = [[]]
+        for ix in np.ndindex(*shape[: spec.stacked]):
+            tensors.append((spec.name(ix), path_, ix, spec.hf_shape(shape[spec.stacked:]), len(shape)))
+    shards: list[list[tuple]] = [[]]
     acc = 0
-    for name, nbytes in sizes:
+    for t in tensors:
+        nbytes = math.prod(t[3]) * out_dtype.itemsize
         if shards[-1] and acc + nbytes > max_shard_bytes:
             shards.append([])
             acc = 0
-        shards[-1].append(name)
+        shards[-1].append(t)
         acc += nbytes
     files = (
         ["model.safetensors"] if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    file_of = {n: files[i] for i, names in enumerate(shards) for n in names}
-
-    pending: dict[str, dict[str, np.ndarray]] = {f: {} for f in files}
-    remaining = {f: len(names) for f, names in zip(files, shards)}
-    for name, arr in hf_tensors(model, out_dtype):
-        f = file_of[name]
-        pending[f][name] = arr
-        remaining[f] -= 1
-        if remaining[f] == 0:
-            write_safetensors(os.path.join(path, f), pending.pop(f))
-            if progress is not None:
-                progress(f)
+    for fname, shard in zip(files, shards):
+        with open(os.path.join(path, fname), "wb") as f:
+            f.write(_safetensors_header([(name, out_dtype, hf_shape) for name, _, _, hf_shape, _ in shard]))
+            for _, path_, ix, _, rank in shard:
+                block = read(path_, tuple(slice(i, i + 1) for i in ix) + (slice(None),) * (rank - len(ix)))
+                _write_rows(f, _hf_tensor(path_, cfg).to_hf(block.reshape(block.shape[len(ix):])), out_dtype)
+                del block  # before the next read, or two tensors are held at once
+        if progress is not None:
+            progress(fname)
     if len(files) > 1:
-        total = sum(n for _, n in sizes)
+        total = sum(math.prod(t[3]) for t in tensors) * out_dtype.itemsize
+        file_of = {t[0]: fname for fname, shard in zip(files, shards) for t in shard}
         with open(os.path.join(path, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": file_of}, f, indent=2)
     hf_cfg = to_hf_config(cfg)

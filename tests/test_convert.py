@@ -23,7 +23,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 import qwen3_jax as q
 from hf_fixtures import make_hf_model, save_hf_model
 from qwen3_jax import convert
-from qwen3_jax.checkpoint import is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, save_model
+from qwen3_jax.checkpoint import (
+    CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, open_params, save_model,
+)
+from qwen3_jax.hf import SafetensorsReader, stacked_dims
 from qwen3_jax.sharding import state_shardings
 
 KINDS = ("dense_tied", "moe")
@@ -119,6 +122,73 @@ def test_cli_subprocess_casts_to_bfloat16(checkpoints, tmp_path):
     for name, value in _params(restored).items():
         assert value.dtype == jnp.bfloat16, name
         np.testing.assert_array_equal(np.asarray(value), np.asarray(ref[name].astype(jnp.bfloat16)), err_msg=name)
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+@pytest.fixture(scope="module")
+def multi_shard(checkpoints, tmp_path_factory):
+    """The fixtures as transformers saves them in several safetensors files with an index; the MoE
+    one also with fused experts (experts.gate_up_proj / experts.down_proj per layer)."""
+    out = {}
+    for kind, (hf, _), fused in (("dense_tied", checkpoints["dense_tied"], False), ("moe", checkpoints["moe"], False),
+                                 ("moe_fused", checkpoints["moe"], True)):
+        path = str(tmp_path_factory.mktemp(kind))
+        hf.save_pretrained(path, max_shard_size="100KB", save_original_format=not fused)
+        assert len([n for n in os.listdir(path) if n.endswith(".safetensors")]) > 2, kind
+        assert fused == ("model.layers.0.mlp.experts.gate_up_proj" in SafetensorsReader(path).keys())
+        out[kind] = path
+    return out
+
+
+def _files(path) -> dict[str, bytes]:
+    return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path))}
+
+
+@pytest.mark.parametrize("kind", ["dense_tied", "moe", "moe_fused"])
+def test_streamed_conversion_equals_in_memory(multi_shard, kind, tmp_path):
+    """The converter (which streams) writes what save_model / to_hf write from the loaded model."""
+    src = multi_shard[kind]
+    streamed, in_memory = str(tmp_path / "streamed"), str(tmp_path / "in_memory")
+    convert.main(["--src", src, "--dst", streamed])
+    save_model(q.from_hf(src), in_memory)
+    ref = load_model(in_memory)
+    for name, value in _params(load_model(streamed)).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(_params(ref)[name]), err_msg=name)
+    meta = "params/array_metadatas/process_0"  # write and chunk shapes of every array
+    assert open(os.path.join(streamed, meta)).read() == open(os.path.join(in_memory, meta)).read()
+
+    hf_streamed, hf_in_memory = str(tmp_path / "hf_streamed"), str(tmp_path / "hf_in_memory")
+    convert.main(["--src", streamed, "--dst", hf_streamed, "--max_shard_gb", "0.0001"])  # ~107 KB files
+    q.to_hf(ref, hf_in_memory, max_shard_bytes=int(0.0001 * 2**30))
+    out, want = _files(hf_streamed), _files(hf_in_memory)
+    assert len([n for n in out if n.endswith(".safetensors")]) > 2
+    assert {n: b for n, b in out.items() if n not in convert.TOKENIZER_FILES} == want  # weights, index, config
+
+
+def test_converter_reads_one_layer_or_expert_at_a_time(multi_shard, tmp_path, monkeypatch):
+    """Host memory stays one block: no read spans two layers (or experts) of a stacked parameter
+    or more than CHUNK_BYTES, in either direction, so the peak does not grow with the model."""
+    blocks = []
+
+    def recording(*args, **kwargs):
+        fmt, cfg, read = open_params(*args, **kwargs)
+
+        def read_recorded(param, index):
+            block = read(param, index)
+            blocks.append((param, block.shape, block.nbytes, stacked_dims(param, cfg)))
+            return block
+
+        return fmt, cfg, read_recorded
+
+    monkeypatch.setattr(convert, "open_params", recording)
+    convert.main(["--src", multi_shard["moe_fused"], "--dst", str(tmp_path / "orbax")])
+    convert.main(["--src", str(tmp_path / "orbax"), "--dst", str(tmp_path / "hf")])
+    assert {param for param, *_ in blocks} >= {("runs", 0, "mlp", "gate_proj"), ("runs", 0, "attn", "q_proj")}
+    for param, shape, _, n in blocks:
+        assert shape[:n] == (1,) * n, (param, shape)
+    assert max(nbytes for _, _, nbytes, _ in blocks) <= CHUNK_BYTES
 
 
 # ----------------------------------------------------------------------------- resharding
