@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.sharding import current_mesh_axes
+from qwen3_jax.sharding import current_mesh_axes, target_platform
 
 IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn")
 
@@ -302,10 +302,10 @@ def cudnn_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg: Qwen3Config) -> jax.Ar
 
 
 def choose(cfg: Qwen3Config, *, cached: bool, packed: bool, backend: str | None = None) -> str:
-    """The implementation a call runs: `cfg.attention`, with `auto` resolved for `backend`
-    (default: `jax.default_backend()`; pass the target platform when compiling ahead of time for
-    another one). Raises ValueError for an explicit choice that cannot run the call."""
-    backend = backend or jax.default_backend()
+    """The implementation a call runs: `cfg.attention`, with `auto` resolved for `backend` (default:
+    `target_platform()`, the installed mesh's platform). Raises ValueError for an explicit choice that
+    cannot run the call."""
+    backend = backend or target_platform()
     impl = cfg.attention
     if impl == "auto":
         if not cached and backend == "tpu":

@@ -129,6 +129,14 @@ def current_mesh_axes() -> tuple[str, ...]:
     return tuple(mesh.axis_names)
 
 
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") the code being traced will run on: that of the mesh installed
+    with `jax.set_mesh` (so compiling ahead of time for a TPU slice from a CPU host picks TPU kernels),
+    else `jax.default_backend()`."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical: Logical, rules: ShardingRules) -> jax.Array:
     """Pins an activation's sharding by logical names; identity with no mesh installed."""
     names = current_mesh_axes()

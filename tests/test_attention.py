@@ -197,7 +197,7 @@ def test_bad_attention_config_is_named(field, value, message):
 
 def test_splash_model_compiles_for_a_tpu_topology():
     """The real train-shaped call (forward + gradient, packed rows) through the splash kernel, lowered
-    and compiled for a v5p slice from this CPU host."""
+    and compiled for a v5p slice from this CPU host: `auto` reads the platform off the mesh."""
     pytest.importorskip("libtpu", reason="needs jax[tpu] (libtpu) to compile for a TPU topology")
     from jax.experimental import topologies
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -207,7 +207,7 @@ def test_splash_model_compiles_for_a_tpu_topology():
 
     topo = topologies.get_topology_desc("v5p:2x2x1", platform="tpu")
     mesh = Mesh(np.asarray(topo.devices).reshape(2, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
-    cfg = q.preset("tiny-dense", head_dim=128, num_heads=4, num_kv_heads=2, dtype="bfloat16", attention="splash",
+    cfg = q.preset("tiny-dense", head_dim=128, num_heads=4, num_kv_heads=2, dtype="bfloat16",
                    attention_block_q=128, attention_block_kv=128)
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = state_shardings(state, mesh, cfg.rules)
