@@ -2,7 +2,7 @@
 gradient) from 2K to 32K tokens, their step times where einsum fits, and a decode step over a long
 KV cache, in one run.
 
-    python -m benchmarks.attention [--lengths 2048,8192,32768] [--time_lengths 2048,4096]
+    python -m benchmarks.attention [--lengths 2048,4096,8192,32768] [--time_lengths 2048,4096]
 
 One layer's attention core at Qwen3-0.6B / 1.7B head shapes (16 query heads, 8 kv heads, head_dim
 128), batch 1, float32, causal; the projections are not included. Einsum materialises [N, T, T]
@@ -57,7 +57,7 @@ def _decode_fn(impl: str, S: int, block_kv: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", default="2048,8192,32768", help="compiled-memory lengths")
+    parser.add_argument("--lengths", default="2048,4096,8192,32768", help="compiled-memory lengths")
     parser.add_argument("--time_lengths", default="2048,4096", help="lengths timed for both implementations")
     parser.add_argument("--blockwise_time_lengths", default="8192", help="lengths timed for blockwise only")
     parser.add_argument("--decode_slots", type=int, default=32768)
