@@ -29,7 +29,7 @@ from infer.sampling import (
 )
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
-from qwen3_jax.sharding import ShardingRules, auto_mesh
+from qwen3_jax.sharding import ShardingRules, auto_mesh, to_host
 from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT, Tokenizer
 
 DEFAULT_STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
@@ -289,12 +289,15 @@ class Engine:
             steps = jnp.asarray(chunk or max_new_tokens, jnp.int32)
             while True:
                 state = _decode(self.graphdef, self.params, state, rows, steps, self.max_candidates)
-                counts = np.asarray(state.num_generated_B)[:n]
-                out, forced = np.asarray(state.out_BxN)[:n], np.asarray(state.forced_BxN)[:n]
+                # Rows are sharded over the data axes, across processes on a multi-host mesh: every
+                # process gathers them all, and every process yields the whole batch.
+                counts, out, forced, done = to_host((state.num_generated_B, state.out_BxN, state.forced_BxN,
+                                                     state.done_B))
+                counts, out, forced = counts[:n], out[:n], forced[:n]
                 yield ([out[i, emitted[i]: counts[i]].tolist() for i in range(n)],
                        [forced[i, emitted[i]: counts[i]].tolist() for i in range(n)])
                 emitted = counts
-                if bool(np.all(np.asarray(state.done_B))):
+                if bool(np.all(done)):
                     return
 
     def _init_cache(self, batch: int, slots: int):

@@ -203,10 +203,25 @@ def unstack_layers(model: Qwen3) -> Qwen3:
     runs = []
     for run in model.runs:
         run_def, run_state = nnx.split(run)
-        n = jax.tree.leaves(run_state)[0].shape[0]
-        runs.append(nnx.List([nnx.merge(run_def, jax.tree.map(lambda a: a[i], run_state)) for i in range(n)]))
+        runs.append(nnx.List([nnx.merge(run_def, layer) for layer in _unstack(run_state)]))
     split.runs = nnx.List(runs)
     return split
+
+
+def _unstack(stacked):
+    """[the i-th slice of every leaf of `stacked` for i in range(layers)], each laid out as its
+    stack minus the leading layers axis; one compiled program (slicing each leaf eagerly would
+    compile one per leaf and layer)."""
+    n = jax.tree.leaves(stacked)[0].shape[0]
+
+    def layer_sharding(a: jax.Array) -> jax.sharding.Sharding:
+        s = a.sharding
+        if isinstance(s, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
+        return s
+
+    shardings = jax.tree.map(layer_sharding, stacked)
+    return jax.jit(lambda t: [jax.tree.map(lambda a: a[i], t) for i in range(n)], out_shardings=[shardings] * n)(stacked)
 
 
 def _check_token_range(tokens, vocab_size: int) -> None:

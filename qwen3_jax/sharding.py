@@ -24,7 +24,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -182,8 +182,33 @@ def make_mesh(shape: dict[str, int] | Mesh, devices: Sequence[jax.Device] | None
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """Multi-host start-up (TPU pods, multi-node GPU). On TPU all arguments are discovered."""
+    """Joins this process to a multi-process job (`jax.distributed.initialize`); a no-op when it
+    has joined already, so nested entry points (distillation's SFT phase) may each call it.
+
+    On Cloud TPU, SLURM and Open MPI every argument is discovered; elsewhere (a GPU cluster, or
+    several CPU processes on one machine) give `coordinator_address` ('host:port' where process
+    0 listens), `num_processes` and this process's `process_id` in [0, num_processes). Must run
+    before anything touches the devices; CPU processes exchange collectives over gloo (jax's
+    default `jax_cpu_collectives_implementation`).
+    """
+    if jax.distributed.is_initialized():
+        return
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def to_host(tree):
+    """Every array of `tree` whole, as numpy, on every process.
+
+    An array sharded over several processes (not fully addressable) cannot be read with
+    `np.asarray`; it is all-gathered with `multihost_utils.process_allgather`, a collective that
+    every process must call, in the same order. Fully addressable arrays are copied locally.
+    """
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules):

@@ -307,9 +307,23 @@ def test_process_shards_are_disjoint_and_cover_the_data(text_jsonl):
         batches(config(paths=text_jsonl, batch_size=4), WordIdTokenizer(), 0, 3)
 
 
-@pytest.mark.parametrize("packing", data.PACKINGS)
-def test_iterator_state_restores_the_exact_stream(text_jsonl, packing):
-    cfg = config(paths=text_jsonl, shuffle=True, seed=3, num_epochs=None, packing=packing)
+def test_fixed_shards_give_the_same_global_batches_on_any_number_of_processes(text_jsonl):
+    cfg = config(paths=text_jsonl, shuffle=True, num_epochs=None, batch_size=4, shards=4)
+    one = batches(cfg, WordIdTokenizer(), 0, 1, limit=3)
+    for count in (2, 4):
+        per_process = [batches(cfg, WordIdTokenizer(), p, count, limit=3) for p in range(count)]
+        for step, want in enumerate(one):
+            for k in data.ROW_FEATURES:  # process 0's rows first, as global_batch assembles them
+                np.testing.assert_array_equal(np.concatenate([b[step][k] for b in per_process]), want[k])
+    with pytest.raises(data.DataConfigError, match=r"data.shards=3 is not a multiple of process_count=2"):
+        batches(config(paths=text_jsonl, batch_size=6, shards=3), WordIdTokenizer(), 0, 2)
+    with pytest.raises(data.DataConfigError, match=r"data.batch_size=4 is not divisible by data.shards=8"):
+        batches(config(paths=text_jsonl, batch_size=4, shards=8), WordIdTokenizer(), 0, 1)
+
+
+@pytest.mark.parametrize("packing, shards", [*((p, None) for p in data.PACKINGS), ("first_fit", 2)])
+def test_iterator_state_restores_the_exact_stream(text_jsonl, packing, shards):
+    cfg = config(paths=text_jsonl, shuffle=True, seed=3, num_epochs=None, packing=packing, shards=shards)
     it = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
     for _ in range(5):
         next(it)

@@ -550,13 +550,11 @@ def test_shipped_configs_validate(path, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory) -> dict[str, str]:
+def cli_env(tmp_path_factory, no_torch) -> dict[str, str]:
     """Environment of the training subprocesses: a shared persistent compilation cache, and torch
-    hidden (it is a test-only reference; tensorboardX would otherwise import it, ~2 s per run)."""
-    no_torch = tmp_path_factory.mktemp("no_torch")
-    (no_torch / "torch.py").write_text("raise ImportError('torch is not part of the training stack')\n")
+    hidden (`no_torch`)."""
     return dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(no_torch), REPO]),
+        os.environ, PYTHONPATH=os.pathsep.join([no_torch, REPO]),
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )

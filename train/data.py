@@ -14,6 +14,8 @@ returns every field with its default; unknown fields are rejected so typos fail 
   text_field   name of the text field of 'text' records (default 'text').
   seq_len      L, the length of every packed row.
   batch_size   global batch; each process yields batch_size // process_count rows.
+  shards       independent pipelines the records are split into (see below); None: one per
+               process. A multiple of the process count that divides batch_size.
   seed         seeds the shuffle (reshuffled every epoch) and the synthetic documents.
   shuffle      shuffle each process's shard of records (default True).
   num_epochs   passes over the data; None repeats forever.
@@ -62,12 +64,15 @@ Rows (each a [L] array; batched to [per_process_batch, L]):
 A final partial batch (finite num_epochs only) is padded with empty rows (loss_mask 0), so shapes
 never change.
 
-Sharding and resuming. Every process builds the same index over all records, takes the
-`process_index`-th of `process_count` contiguous blocks of it (so a process touches only its own
-part of the files and row groups), and shuffles that shard with `seed`, in a new order every
-epoch. Shards differ by at most one record, but packing makes the number of batches per epoch
-differ between processes: with a finite num_epochs, train for a fixed number of steps rather
-than to the end of the data.
+Sharding and resuming. Every process builds the same index over all records, which is cut into
+`shards` contiguous blocks; a shard's records are shuffled with `seed` (in a new order every
+epoch), packed and batched by their own pipeline, `batch_size // shards` rows per step. Process
+p of P runs shards p * shards/P ... (p + 1) * shards/P - 1 (so it touches only its own part of the
+files and row groups) and yields their rows in shard order; the global batch, process 0's rows
+first, is therefore shard 0's rows, then shard 1's, and so on, whatever the number of processes:
+with `shards` fixed, 1 process and 8 train on the same batches. Shards differ by at most one
+record, but packing makes the number of batches per epoch differ between them: with a finite
+num_epochs, train for a fixed number of steps rather than to the end of the data.
 
 The returned grain iterator is checkpointable: `get_state()` is a small JSON-able dict
 (`iterator_state` / `restore_iterator_state` turn it into bytes and back), and
@@ -161,6 +166,7 @@ def default_config() -> ml_collections.ConfigDict:
             "shuffle": True,
             "num_epochs": None,
             "packing": "first_fit",
+            "shards": None,
             "packing_bins": 32,
             "num_threads": 4,
             "synthetic_num_docs": 4096,
@@ -183,6 +189,7 @@ class DataConfig:
     seed: int
     shuffle: bool
     num_epochs: int | None
+    shards: int | None
     packing: str
     packing_bins: int
     num_threads: int
@@ -248,6 +255,7 @@ class DataConfig:
             seed=integer("seed", 0),
             shuffle=values["shuffle"],
             num_epochs=optional_integer("num_epochs", 1),
+            shards=optional_integer("shards", 1),
             packing=choice("packing", PACKINGS),
             packing_bins=integer("packing_bins", 1),
             num_threads=integer("num_threads", 1),
@@ -463,24 +471,20 @@ def file_source(
     return source
 
 
-def process_records(
-    source: Sequence[Any], *, process_index: int, process_count: int, shuffle: bool, seed: int,
-    num_epochs: int | None,
+def shard_records(
+    source: Sequence[Any], *, shard: int, num_shards: int, shuffle: bool, seed: int, num_epochs: int | None,
 ) -> grain.MapDataset:
-    """This process's contiguous block of `source`, shuffled per epoch, repeated `num_epochs`
-    times (None: forever). Raises ValueError for an empty source or fewer records than processes."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index} is not in [0, process_count={process_count})"
-        )
+    """The `shard`-th of `num_shards` contiguous blocks of `source`, shuffled per epoch, repeated
+    `num_epochs` times (None: forever). Raises ValueError for an empty source or fewer records
+    than shards."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
     n = len(source)
     if not n:
         raise ValueError("the data source has no records")
-    if n < process_count:
-        raise ValueError(f"{n} records cannot be sharded over {process_count} processes")
-    ds = grain.MapDataset.source(source)[
-        n * process_index // process_count : n * (process_index + 1) // process_count
-    ]
+    if n < num_shards:
+        raise ValueError(f"{n} records cannot be split into {num_shards} shards")
+    ds = grain.MapDataset.source(source)[n * shard // num_shards : n * (shard + 1) // num_shards]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     return ds.repeat(num_epochs)
@@ -712,6 +716,20 @@ def per_process_batch_size(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
+def process_shards(batch_size: int, shards: int | None, process_index: int, process_count: int) -> range:
+    """The shards process `process_index` of `process_count` runs (`shards` None: one per
+    process). Raises DataConfigError unless the shards split evenly over the processes and
+    `batch_size` evenly over the shards."""
+    per_process_batch_size(batch_size, process_count)
+    shards = process_count if shards is None else shards
+    if shards % process_count:
+        raise DataConfigError(f"data.shards={shards} is not a multiple of process_count={process_count}")
+    if batch_size % shards:
+        raise DataConfigError(f"data.batch_size={batch_size} is not divisible by data.shards={shards}")
+    per_process = shards // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)
+
+
 def make_iter_dataset(
     cfg: Any,
     tokenizer: Tokenizer | None,
@@ -724,14 +742,18 @@ def make_iter_dataset(
 
     process_index / process_count default to jax.process_index() / jax.process_count().
     `bad_records` applies the section's `on_bad_record` policy and counts what it skips (a fresh
-    one when None). Raises DataError for an empty file or a source without records, and, under
-    on_bad_record='error', at the `next()` that reaches a bad record.
+    one when None). Raises DataConfigError for shards that do not split evenly (`process_shards`),
+    DataError for an empty file or a source without records, and, under on_bad_record='error',
+    at the `next()` that reaches a bad record.
     """
     data_cfg = DataConfig.from_config(cfg)
     bad_records = BadRecords(data_cfg.on_bad_record) if bad_records is None else bad_records
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    batch_size = per_process_batch_size(data_cfg.batch_size, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    shards = process_shards(data_cfg.batch_size, data_cfg.shards, process_index, process_count)
+    num_shards = data_cfg.shards or process_count
     to_document: Callable[[Any], dict[str, np.ndarray]]
     if data_cfg.format == "synthetic":
         to_document = _document
@@ -745,13 +767,32 @@ def make_iter_dataset(
     source = _make_source(data_cfg, tokenizer, bad_records)
     if not len(source):
         raise DataError(f"no records in data.paths {list(data_cfg.paths)}")
-    ds = process_records(
-        source, process_index=process_index, process_count=process_count, shuffle=data_cfg.shuffle,
-        seed=data_cfg.seed, num_epochs=data_cfg.num_epochs,
-    )
+    rows = data_cfg.batch_size // num_shards
     log.info(
-        "data: %d records, process %d/%d, %d rows of %d tokens per batch",
-        len(source), process_index, process_count, batch_size, data_cfg.seq_len,
+        "data: %d records, process %d/%d runs shards %d-%d of %d, %d rows of %d tokens each per batch",
+        len(source), process_index, process_count, shards[0], shards[-1], num_shards, rows, data_cfg.seq_len,
+    )
+    pipelines = [_shard_pipeline(data_cfg, source, to_document, bad_records, k, num_shards) for k in shards]
+    if len(pipelines) == 1:
+        return pipelines[0]
+    # strict=False: a finite epoch ends with the shortest shard (see the module docstring).
+    return grain_exp.ZipIterDataset(pipelines, strict=False).map(_concat_rows)
+
+
+def _concat_rows(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Shards' batches, in shard order, as one [sum of rows, L] batch per feature."""
+    return {name: np.concatenate([b[name] for b in batches]) for name in ROW_FEATURES}
+
+
+def _shard_pipeline(
+    data_cfg: DataConfig, source: Sequence[Any], to_document: Callable[[Any], dict[str, np.ndarray]],
+    bad_records: BadRecords, shard: int, num_shards: int,
+) -> grain.IterDataset:
+    """Shard `shard` of `num_shards`: its records, shuffled, as packed [batch_size // num_shards, L] batches."""
+    batch_size = data_cfg.batch_size // num_shards
+    ds = shard_records(
+        source, shard=shard, num_shards=num_shards, shuffle=data_cfg.shuffle, seed=data_cfg.seed,
+        num_epochs=data_cfg.num_epochs,
     )
     ds = ds.map(_Checked(to_document))
     threads = data_cfg.num_threads
@@ -866,9 +907,9 @@ def make_prompt_dataset(
             check(record)
         return record
 
-    ds = process_records(
-        file_source(values["format"], values["paths"], "chat", bad_records), process_index=process_index,
-        process_count=process_count, shuffle=values["shuffle"], seed=values["seed"], num_epochs=values["num_epochs"],
+    ds = shard_records(
+        file_source(values["format"], values["paths"], "chat", bad_records), shard=process_index,
+        num_shards=process_count, shuffle=values["shuffle"], seed=values["seed"], num_epochs=values["num_epochs"],
     ).map(_Checked(convert))
     threads = values["num_threads"]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads))

@@ -61,7 +61,7 @@ from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.model import Qwen3, abstract_model
 from qwen3_jax.moe import load_balancing_loss
-from qwen3_jax.sharding import initialize_distributed, make_mesh
+from qwen3_jax.sharding import make_mesh
 from qwen3_jax.tokenizer import Tokenizer
 from train import data as data_lib
 from train import train as train_lib
@@ -175,7 +175,9 @@ def off_policy_config(config: ml_collections.ConfigDict, tokenizer: str, respons
     c = train_lib.default_config()
     for section in ("model", "mesh", "optimizer", "checkpoint"):
         c[section] = ml_collections.ConfigDict(config[section].to_dict())
-    c.seed, c.distributed, c.tokenizer = config.seed, config.distributed, tokenizer
+    c.seed, c.tokenizer = config.seed, tokenizer
+    for field in ("distributed", "coordinator_address", "num_processes", "process_id"):
+        c[field] = config[field]
     c.optimizer.decay_steps = None
     if o.learning_rate is not None:
         c.optimizer.learning_rate = o.learning_rate
@@ -524,13 +526,13 @@ def run_off_policy(config: ml_collections.ConfigDict, exp: DistillExperiment, te
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Distils (or resumes distilling) into the student in `workdir`; returns a summary of the
     on-policy phase. With `off_policy.steps` > 0, phase 1 runs first in WORKDIR/off_policy."""
-    if config.distributed:
-        initialize_distributed()
+    train_lib.start_distributed(config)
     exp = validate(config)
     if jax.process_count() > 1:
         raise TrainConfigError(
-            "on-policy rollouts run in one process for now (the decode engine gathers prompts on one host); "
-            "run train.distill with distributed=False on a single host"
+            "on-policy rollouts run in one process for now (each process reads its own prompts, and the decode "
+            "engine takes the same prompts on every process); run train.distill with distributed=False on a "
+            "single host"
         )
     mesh = make_mesh(exp.train.mesh)
     tokenizer = train_lib.tokenizer_from_spec(exp.tokenizer, exp.train.model)

@@ -90,7 +90,12 @@ def default_config() -> ml_collections.ConfigDict:
     placeholders, so they can still be set from the command line."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init (dropout-free model: the only randomness besides data.seed)
-    c.distributed = False  # multi-host (TPU pod slices): call jax.distributed.initialize() first
+    c.distributed = False  # several processes (TPU pod slices): call jax.distributed.initialize() first
+    # Where discovery fails (GPU clusters, CPU processes; TPU, SLURM and Open MPI are discovered):
+    # 'host:port' of process 0's coordinator, the number of processes and this one's index.
+    c.coordinator_address = config_dict.placeholder(str)
+    c.num_processes = config_dict.placeholder(int)
+    c.process_id = config_dict.placeholder(int)
     c.model = ml_collections.ConfigDict({
         "preset": config_dict.placeholder(str),  # qwen3_jax.config.PRESETS name ...
         "init_from": config_dict.placeholder(str),  # ... or an HF / Orbax checkpoint directory
@@ -108,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Typed placeholders instead of data.py's plain None defaults, which the command line cannot set.
     c.data.paths = config_dict.placeholder(object)  # a path / glob, or a list of them
     c.data.num_epochs = config_dict.placeholder(int)
+    c.data.shards = config_dict.placeholder(int)
     c.data.synthetic_vocab_size = config_dict.placeholder(int)
     c.mesh = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})  # one axis may be -1: the rest
     c.optimizer = ml_collections.ConfigDict({
@@ -231,6 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
     check_shardable(model, mesh)
     try:
         data_cfg = data_lib.DataConfig.from_config(config.data)
+        data_lib.process_shards(data_cfg.batch_size, data_cfg.shards, jax.process_index(), jax.process_count())
     except data_lib.DataConfigError as e:
         raise TrainConfigError(str(e)) from e
     data = ml_collections.ConfigDict(config.data.to_dict())
@@ -456,6 +463,13 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def start_distributed(config: ml_collections.ConfigDict) -> None:
+    """Joins the multi-process job when `config.distributed` (before anything touches the devices),
+    with the config's coordinator_address / num_processes / process_id (None: discovered)."""
+    if config.distributed:
+        initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+
+
 def global_batch(host: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows assembled into global [batch, ...] arrays."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
@@ -463,8 +477,7 @@ def global_batch(host: dict[str, np.ndarray], sharding: NamedSharding) -> dict[s
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the experiment in `workdir`; returns a summary of this invocation."""
-    if config.distributed:
-        initialize_distributed()  # before anything touches the devices
+    start_distributed(config)
     exp = validate(config)
     cfg = exp.model
     mesh = make_mesh(exp.mesh)
