@@ -45,6 +45,7 @@ GENERATE_PARITY = ("tests/test_generate.py", "-k", "greedy_matches_transformers"
 SAMPLING = ("tests/test_sampling.py",)
 BUDGET = ("tests/test_sampling.py", "-k", "budget or think")
 TOKENIZER = ("tests/test_tokenizer.py",)
+ATTENTION = ("tests/test_attention.py", "-k", "blockwise_equals")
 
 FAULTS = (
     # ---- the two faults issue 16 named
@@ -71,15 +72,24 @@ FAULTS = (
           "q = apply_rope(self.q_norm(q), ctx.cos_BxTxH, ctx.sin_BxTxH)",
           "q = self.q_norm(apply_rope(q, ctx.cos_BxTxH, ctx.sin_BxTxH))", MODEL_PARITY),
     Fault("gqa_query_head_n_reads_kv_head_n_mod_k", "qwen3_jax/layers.py",
-          "q_BxTxKxGxH = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)",
-          "q_BxTxKxGxH = q.reshape(B, T, G, cfg.num_kv_heads, cfg.head_dim).swapaxes(2, 3)", MODEL_PARITY),
-    Fault("causal_mask_excludes_the_diagonal", "qwen3_jax/layers.py",
-          "mask_BxTxS = jnp.arange(S)[None, None, :] <= ctx.q_slots_BxT[:, :, None]",
-          "mask_BxTxS = jnp.arange(S)[None, None, :] < ctx.q_slots_BxT[:, :, None]", MODEL_PARITY),
-    Fault("packed_documents_attend_across_segments", "qwen3_jax/layers.py",
-          "mask_BxTxS &= seg[:, :, None] == seg[:, None, :]",
-          "mask_BxTxS &= seg[:, :, None] == seg[:, :, None]",
+          "q_BxTxKxGxH = q.reshape(B, T, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)",
+          "q_BxTxKxGxH = q.reshape(B, T, cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim)"
+          ".swapaxes(2, 3)", MODEL_PARITY),
+    Fault("causal_mask_excludes_the_diagonal", "qwen3_jax/attention.py",
+          "visible = k_lo + jnp.arange(bk)[None, None, :] <= q_slots[:, :, None]",
+          "visible = k_lo + jnp.arange(bk)[None, None, :] < q_slots[:, :, None]", MODEL_PARITY),
+    Fault("packed_documents_attend_across_segments", "qwen3_jax/attention.py",
+          "visible &= q_seg[:, :, None] == k_seg[:, None, :]",
+          "visible &= q_seg[:, :, None] == q_seg[:, :, None]",
           ("tests/test_model.py", "-k", "packed_segments")),
+    # ---- blockwise (flash) attention
+    Fault("online_softmax_without_the_rescale", "qwen3_jax/attention.py",
+          "return m_new, l, acc * correction[..., None] + _tile_values(p, v)",
+          "return m_new, l, acc + _tile_values(p, v)", ATTENTION),
+    Fault("flash_backward_without_the_delta_term", "qwen3_jax/attention.py",
+          "ds = p * (dp - delta_i[..., None]) * scale", "ds = p * dp * scale", ATTENTION),
+    Fault("flash_skips_the_diagonal_key_tile", "qwen3_jax/attention.py",
+          "return jnp.minimum(last_slot_nq // bk + 1, nk)", "return jnp.minimum(last_slot_nq // bk, nk)", ATTENTION),
     Fault("decode_step_does_not_write_the_cache", "qwen3_jax/layers.py",
           "slots_BxT = start_B[:, None] + jnp.arange(T)[None, :]",
           "slots_BxT = start_B[:, None] + jnp.arange(T)[None, :] + (T == 1) * 2**30",
