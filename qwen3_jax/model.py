@@ -7,6 +7,8 @@ compiles one layer body and checkpoints have one layout either way.
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import jax
@@ -204,9 +206,17 @@ def unstack_layers(model: Qwen3) -> Qwen3:
     for run in model.runs:
         run_def, run_state = nnx.split(run)
         n = jax.tree.leaves(run_state)[0].shape[0]
-        runs.append(nnx.List([nnx.merge(run_def, jax.tree.map(lambda a: a[i], run_state)) for i in range(n)]))
+        runs.append(nnx.List([nnx.merge(run_def, jax.tree.map(functools.partial(_layer, i=i), run_state))
+                              for i in range(n)]))
     split.runs = nnx.List(runs)
     return split
+
+
+def _layer(a, *, i: int):
+    """Layer i of a stacked weight; of an abstract one (`abstract_model`), its shape."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+    return a[i]
 
 
 def _check_token_range(tokens, vocab_size: int) -> None:
