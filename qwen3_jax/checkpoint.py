@@ -8,7 +8,7 @@ A qwen3-jax checkpoint directory holds:
 
     params/          Orbax (OCDBT) tree of the parameters, the nested dict of `nnx.state(model, nnx.Param)`
     config.json      the architecture in Hugging Face form, so one config reader serves both formats
-    qwen3_jax.json   runtime fields HF config.json has no place for (dtypes, scan, remat, MoE kernel)
+    qwen3_jax.json   runtime fields HF config.json has no place for (dtypes, scan, remat, MoE and attention kernels)
 
 Tensors are stored whole (Orbax records only how they were sharded), and each one is restored
 straight into the shards of its target sharding, so a checkpoint written on 8 devices loads on any
@@ -37,7 +37,8 @@ from qwen3_jax.sharding import auto_mesh, state_shardings
 PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
 FORMAT_VERSION = 1
-RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "dtype", "param_dtype")
+RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "dtype", "param_dtype", "attention", "attention_block_q",
+                  "attention_block_kv")
 # The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,data_info,model_config} (train/checkpoint.py).
 TRAINER_CHECKPOINTS = "checkpoints"
 TRAINER_STATE, TRAINER_DATA, TRAINER_MODEL_CONFIG = "state", "data", "model_config"

@@ -17,6 +17,7 @@ from qwen3_jax.sharding import ShardingRules
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked")
+ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn")  # see qwen3_jax.attention
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,10 @@ class Qwen3Config:
     scan_layers: bool = True  # one compiled layer body per run of identical layers
     remat: str = "none"
     moe_impl: str = "auto"  # grouped matmul: auto = ragged_dot on TPU/GPU, blocked on CPU
+    # auto = splash on TPU, cuDNN on GPU (bf16, unpacked), blockwise otherwise and over a KV cache.
+    attention: str = "auto"
+    attention_block_q: int = 512  # query / key tile of blockwise and splash attention
+    attention_block_kv: int = 1024
     rules: ShardingRules = ShardingRules()
 
     def __post_init__(self):
@@ -140,6 +145,10 @@ class Qwen3Config:
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.param_dtype in DTYPES, f"param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
         need(self.moe_impl in MOE_IMPLS, f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        need(self.attention in ATTENTION_IMPLS,
+             f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        for name in ("attention_block_q", "attention_block_kv"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.num_experts > 0:
             need(

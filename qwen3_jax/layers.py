@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen3_jax import attention
 from qwen3_jax.config import Qwen3Config, YarnScaling
 from qwen3_jax.sharding import constrain
 
@@ -140,20 +141,6 @@ def _write_cache(cache: KVCache, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, sta
     return KVCache(k, v)
 
 
-def _single_query_attention(q_BxTxKxGxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS):
-    """Attention of one query per row (decode), with T squeezed out of the contractions.
-
-    With T left in the contractions, XLA:CPU adds transposes and copies around both dots:
-    3.5x (128 slots) to 11x (1K slots) slower at batch 8.
-    """
-    f32 = jnp.float32
-    q_BxKxGxH = q_BxTxKxGxH[:, 0]
-    scores_BxKxGxS = jnp.einsum("BKGH,BKHS->BKGS", q_BxKxGxH, k_BxKxHxS, preferred_element_type=f32)
-    scores_BxKxGxS = jnp.where(mask_BxTxS[:, None], scores_BxKxGxS * q_BxKxGxH.shape[-1] ** -0.5, jnp.finfo(f32).min)
-    probs_BxKxGxS = jax.nn.softmax(scores_BxKxGxS, axis=-1).astype(v_BxKxSxH.dtype)
-    return jnp.einsum("BKGS,BKSH->BKGH", probs_BxKxGxS, v_BxKxSxH)[:, None]
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -182,33 +169,30 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "seq", "act_kv_heads", None), rules)
 
         B, T = x_BxTxD.shape[:2]
-        if cache is None:
-            k_BxKxHxS, v_BxKxSxH = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
+        cached, packed = cache is not None or ctx.cache_start_B is not None, ctx.segment_ids_BxT is not None
+        impl = attention.choose(cfg, cached=cached, packed=packed)
+        if impl == "splash":
+            out_BxTxNxH = attention.splash_attention(q, k, v, ctx.segment_ids_BxT, cfg)
+        elif impl == "cudnn":
+            out_BxTxNxH = attention.cudnn_attention(q, k, v, cfg)
         else:
-            cache = _write_cache(cache, k, v, ctx.cache_start_B)
-            k_BxKxHxS, v_BxKxSxH = cache.k_BxKxHxS.astype(dtype), cache.v_BxKxSxH.astype(dtype)
-        S = v_BxKxSxH.shape[2]
-        mask_BxTxS = jnp.arange(S)[None, None, :] <= ctx.q_slots_BxT[:, :, None]
-        if ctx.segment_ids_BxT is not None:
-            seg = ctx.segment_ids_BxT
-            mask_BxTxS &= seg[:, :, None] == seg[:, None, :]
-
-        G = cfg.num_heads // cfg.num_kv_heads
-        q_BxTxKxGxH = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
-        if T == 1:
-            out_BxTxKxGxH = _single_query_attention(q_BxTxKxGxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS)
-        else:
-            # Queries laid out like the scores: XLA:CPU has no kernel for a bfloat16 x bfloat16 -> float32
-            # dot whose output reorders the free dims ("Unsupported element type for DotThunk").
-            q_BxKxGxTxH = jnp.transpose(q_BxTxKxGxH, (0, 2, 3, 1, 4))
-            scores = jnp.einsum("BKGTH,BKHS->BKGTS", q_BxKxGxTxH, k_BxKxHxS, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask_BxTxS[:, None, None], scores * cfg.head_dim**-0.5, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out_BxTxKxGxH = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BxKxSxH)
+            if cache is None:
+                k_BxKxHxS, v_BxKxSxH = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
+            else:
+                cache = _write_cache(cache, k, v, ctx.cache_start_B)
+                k_BxKxHxS, v_BxKxSxH = cache.k_BxKxHxS.astype(dtype), cache.v_BxKxSxH.astype(dtype)
+            q_BxTxKxGxH = q.reshape(B, T, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+            mask = attention.Mask(ctx.q_slots_BxT, ctx.segment_ids_BxT)
+            if impl == "einsum":
+                out_BxTxKxGxH = attention.einsum_attention(q_BxTxKxGxH, k_BxKxHxS, v_BxKxSxH, mask)
+            else:
+                out_BxTxKxGxH = attention.blockwise_attention(q_BxTxKxGxH, k_BxKxHxS, v_BxKxSxH, mask,
+                                                              cfg.attention_block_q, cfg.attention_block_kv)
+            out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, cfg.num_heads, cfg.head_dim)
         # One flat contraction over N*H: with a two-dim contraction XLA:CPU transposes the
         # o_proj weight on every call instead of the small activation.
         NH = cfg.num_heads * cfg.head_dim
-        out_BxTxNH = out_BxTxKxGxH.reshape(B, T, NH)
+        out_BxTxNH = out_BxTxNxH.reshape(B, T, NH)
         out = jnp.einsum("BTF,FD->BTD", out_BxTxNH, self.o_proj[...].astype(dtype).reshape(NH, -1))
         return out, cache
 

@@ -98,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
         "init_from": config_dict.placeholder(str),  # HF / qwen3-jax checkpoint, or a workdir
         "dtype": "float32",  # parameters and compute; bfloat16 halves a big teacher's memory
         "moe_impl": "auto",
+        "attention": "auto",
     })
     c.rollout = ml_collections.ConfigDict({
         "max_prompt_len": 256,  # longer prompts are an error, never truncated
@@ -232,7 +233,7 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     need(t.dtype in DTYPES, f"teacher.dtype must be one of {DTYPES}, got {t.dtype!r}")
     try:
         teacher = init_from_config(t.init_from, dtype=t.dtype, param_dtype=t.dtype, moe_impl=t.moe_impl,
-                                   scan_layers=True, remat="none")
+                                   attention=t.attention, scan_layers=True, remat="none")
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         raise TrainConfigError(f"teacher: {e}") from e
     need(
@@ -493,7 +494,7 @@ def load_teacher(exp: DistillExperiment, mesh: jax.sharding.Mesh) -> Qwen3:
     """The teacher in its dtype, each parameter loaded straight into its sharding on `mesh`."""
     t = exp.teacher
     model = load_any(exp.teacher_init_from, mesh=mesh, dtype=jnp.dtype(t.dtype), moe_impl=t.moe_impl,
-                     scan_layers=True, remat="none")
+                     attention=t.attention, scan_layers=True, remat="none")
     if model.cfg != t:
         raise TrainConfigError(f"the teacher loaded from {exp.teacher_init_from} is not the one validated")
     return model

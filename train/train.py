@@ -102,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
         "remat": "none",
         "scan_layers": True,
         "moe_impl": "auto",
+        "attention": "auto",  # qwen3_jax.attention: auto, einsum, blockwise, splash, cudnn
         # Other Qwen3Config fields (architecture of a preset, router_aux_loss_coef, ...).
         "overrides": ml_collections.ConfigDict(),
     })
@@ -184,7 +185,7 @@ def model_config(model: ml_collections.ConfigDict) -> Qwen3Config:
     need("param_dtype" not in overrides, "master params are float32; set model.dtype for the compute dtype")
     overrides.update(
         dtype=model.dtype, param_dtype="float32", remat=model.remat, scan_layers=model.scan_layers,
-        moe_impl=model.moe_impl,
+        moe_impl=model.moe_impl, attention=model.attention,
     )
     try:
         if model.preset is not None:
