@@ -58,7 +58,10 @@ def _trip_count(cond: ir.Region) -> int | None:
 
 def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, float]:
     """{'flops': matmul FLOPs of `module`'s main function, loops weighted by trip count, global
-    (all devices together); 'loops_without_trip_count': how many `while` loops counted once}.
+    (all devices together); 'loops_without_trip_count': how many `while` loops counted once;
+    'kernels_without_cost_estimate': Pallas TPU kernels (splash attention) whose FLOPs are not
+    counted, as they carry no cost estimate}. A conditional counts its costliest branch, so the
+    causal tiles blockwise attention skips count as computed.
 
     dot_general: 2 x result elements x contracted elements. ragged_dot: the same, divided by the
     group count when the ragged dimension is contracted (each group contracts only its own rows).
@@ -67,7 +70,7 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     funcs = {op.attributes["sym_name"].value: op for op in module.body.operations
              if "sym_name" in op.attributes}
     memo: dict[str, float] = {}
-    unknown = [0]
+    unknown, opaque = [0], [0]
 
     def region(r: ir.Region) -> float:
         return sum(operation(op.operation) for block in r.blocks for op in block.operations)
@@ -97,6 +100,12 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
             if callee not in memo:
                 memo[callee] = region(funcs[callee].regions[0])
             return memo[callee]
+        if name == "stablehlo.custom_call" and "tpu_custom_call" in str(op.attributes["call_target_name"]):
+            # A Pallas kernel: its FLOPs are those of the cost estimate it was lowered with, if any.
+            estimate = re.search(r'cost_estimate\\?": ?\{[^}]*?flops\\?": ?(\d+)', str(op.attributes["backend_config"]))
+            if estimate is None:
+                opaque[0] += 1
+            return float(estimate.group(1)) if estimate else 0.0
         if name in ("stablehlo.case", "stablehlo.if"):  # one branch runs: count the costliest
             return max((region(r) for r in op.regions), default=0.0)
         inner = sum(region(r) for r in op.regions)
@@ -106,7 +115,7 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
         return inner
 
     flops = region(funcs["main"].regions[0])
-    return {"flops": flops, "loops_without_trip_count": unknown[0]}
+    return {"flops": flops, "loops_without_trip_count": unknown[0], "kernels_without_cost_estimate": opaque[0]}
 
 
 # ------------------------------------------------------------------------- compiled HLO bytes
