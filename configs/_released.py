@@ -7,18 +7,29 @@ per-device microbatch of at most 8 rows so activations stay well inside a v5p ch
 Memory for the state is 16 bytes per parameter (float32 params, grads, two Adam moments) spread
 over the fsdp (and expert) axes.
 
+Each config names the TPU slice it is written for (`topology`, e.g. "v5p:4x4x4"; its chips are the
+mesh's devices) and, under `serving`, the slice and mesh its bfloat16 weights are served on with
+`infer.engine` (v5e or v6e). `benchmarks.tpu_aot` compiles the train step and the engine's prefill
+and decode for exactly these slices.
+
     python -m train.train --config configs/qwen3_8b.py --workdir /mnt/ckpt/qwen3-8b \
         --config.data.paths='/mnt/data/*.arrayrecord'
 """
+
+import ml_collections
 
 from train.train import default_config
 
 V5P_PEAK_BF16 = 459e12  # FLOP/s per v5p chip
 
 
-def pretrain_config(preset: str, *, mesh: dict[str, int], batch_size: int, microbatches: int,
-                    learning_rate: float, multi_host: bool = True):
+def pretrain_config(preset: str, *, topology: str, mesh: dict[str, int], batch_size: int, microbatches: int,
+                    learning_rate: float, serving: tuple[str, dict[str, int]], multi_host: bool = True):
+    """`topology` and `serving` = (topology, mesh) name TPU slices as jax.experimental.topologies
+    spells them ("v5p:4x4x4", "v6e:2x4")."""
     c = default_config()
+    c.topology = topology
+    c.serving = ml_collections.ConfigDict({"topology": serving[0], "mesh": dict(serving[1])})
     c.distributed = multi_host  # jax.distributed.initialize(): one process per TPU host
     c.model.preset = preset
     c.model.dtype = "bfloat16"

@@ -12,5 +12,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-0.6b", mesh={"fsdp": 4}, batch_size=128, microbatches=4, learning_rate=6e-4, multi_host=False
+        "qwen3-0.6b", topology="v5p:2x2x1",
+        mesh={"fsdp": 4}, batch_size=128, microbatches=4, learning_rate=6e-4,
+        serving=("v5e:2x2", {"tensor": 4}), multi_host=False
     )

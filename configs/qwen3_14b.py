@@ -12,5 +12,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-14b", mesh={"fsdp": 64}, batch_size=512, microbatches=2, learning_rate=2e-4
+        "qwen3-14b", topology="v5p:4x4x4",
+        mesh={"fsdp": 64}, batch_size=512, microbatches=2, learning_rate=2e-4,
+        serving=("v6e:2x4", {"tensor": 8})
     )

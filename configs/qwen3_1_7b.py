@@ -12,5 +12,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-1.7b", mesh={"fsdp": 8}, batch_size=256, microbatches=4, learning_rate=4e-4
+        "qwen3-1.7b", topology="v5p:2x2x2",
+        mesh={"fsdp": 8}, batch_size=256, microbatches=4, learning_rate=4e-4,
+        serving=("v5e:2x2", {"tensor": 4})
     )

@@ -13,5 +13,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-235b-a22b", mesh={"fsdp": 32, "expert": 16}, batch_size=2048, microbatches=4, learning_rate=1e-4
+        "qwen3-235b-a22b", topology="v5p:8x8x8",
+        mesh={"fsdp": 32, "expert": 16}, batch_size=2048, microbatches=4, learning_rate=1e-4,
+        serving=("v6e:4x8", {"expert": 8, "tensor": 4})
     )

@@ -13,5 +13,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-30b-a3b", mesh={"fsdp": 8, "expert": 8}, batch_size=512, microbatches=2, learning_rate=3e-4
+        "qwen3-30b-a3b", topology="v5p:4x4x4",
+        mesh={"fsdp": 8, "expert": 8}, batch_size=512, microbatches=2, learning_rate=3e-4,
+        serving=("v6e:2x4", {"expert": 2, "tensor": 4})
     )

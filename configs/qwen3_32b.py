@@ -13,5 +13,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-32b", mesh={"fsdp": 32, "tensor": 4}, batch_size=1024, microbatches=8, learning_rate=1.5e-4
+        "qwen3-32b", topology="v5p:4x4x8",
+        mesh={"fsdp": 32, "tensor": 4}, batch_size=1024, microbatches=8, learning_rate=1.5e-4,
+        serving=("v6e:2x4", {"tensor": 8})
     )

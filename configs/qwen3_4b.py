@@ -12,5 +12,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-4b", mesh={"fsdp": 16}, batch_size=256, microbatches=2, learning_rate=3e-4
+        "qwen3-4b", topology="v5p:2x2x4",
+        mesh={"fsdp": 16}, batch_size=256, microbatches=2, learning_rate=3e-4,
+        serving=("v5e:2x4", {"tensor": 8})
     )

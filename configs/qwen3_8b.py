@@ -12,5 +12,7 @@ from configs._released import pretrain_config
 
 def get_config():
     return pretrain_config(
-        "qwen3-8b", mesh={"fsdp": 32}, batch_size=512, microbatches=4, learning_rate=3e-4
+        "qwen3-8b", topology="v5p:2x4x4",
+        mesh={"fsdp": 32}, batch_size=512, microbatches=4, learning_rate=3e-4,
+        serving=("v5e:2x4", {"tensor": 8})
     )

@@ -178,12 +178,16 @@ class Engine:
         if max_len is not None and (not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool)
                                     or max_len < 1):
             raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
-        if jax.default_backend() == "cpu":
+        mesh = auto_mesh(mesh)
+        # The platform the steps compile for: the mesh's devices (a TPU topology's when compiling
+        # ahead of time from a CPU host), else the default backend.
+        platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+        if platform == "cpu":
             model = unstack_layers(model)  # see unstack_layers: halves the bytes a CPU decode step moves
         self.graphdef, self.params = nnx.split(model)
         self.model = model
         self.cfg = model.cfg
-        self.mesh = auto_mesh(mesh)  # jax.make_mesh's Explicit axes -> the Auto axes the model is written for
+        self.mesh = mesh  # jax.make_mesh's Explicit axes -> the Auto axes the model is written for
         self.max_candidates = max_candidates
         self.max_len = max_len
         self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
@@ -279,12 +283,7 @@ class Engine:
         with self._mesh_context():
             cache = self._init_cache(B, S)
             cache, logits = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache)
-            state = DecodeState(
-                cache, logits, jnp.asarray(lengths), jnp.zeros((B,), jnp.int32),
-                jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.bool_), jnp.arange(B) >= n,
-                jnp.zeros((B, self.cfg.vocab_size), jnp.bool_),
-                budget_init(in_think, budgets, think_id=tags.think, end_think_id=tags.end_think),
-            )
+            state = self._decode_state(cache, logits, jnp.asarray(lengths), n, max_new_tokens, in_think, budgets)
             emitted = np.zeros(n, np.int64)
             steps = jnp.asarray(chunk or max_new_tokens, jnp.int32)
             while True:
@@ -299,6 +298,71 @@ class Engine:
                 emitted = counts
                 if bool(np.all(done)):
                     return
+
+    def _decode_state(self, cache, logits_BxV, lengths_B, n: int, max_new_tokens: int, in_think, budgets) -> DecodeState:
+        """The state before the first decode step; rows n.. are padding and start finished."""
+        B = lengths_B.shape[0]
+        tags = self.think_tags
+        return DecodeState(
+            cache, logits_BxV, lengths_B, jnp.zeros((B,), jnp.int32),
+            jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.bool_), jnp.arange(B) >= n,
+            jnp.zeros((B, self.cfg.vocab_size), jnp.bool_),
+            budget_init(in_think, budgets, think_id=tags.think, end_think_id=tags.end_think),
+        )
+
+    def lower(self, batch: int, prompt_len: int, max_new_tokens: int, slots: int) -> tuple[jax.stages.Lowered, ...]:
+        """(prefill, decode) lowered, not run, for `batch` rows of `prompt_len`-token prompts, a
+        KV cache of `slots` positions and `max_new_tokens` outputs per row: the functions
+        `generate` calls, with its shardings (parameters and cache by the config's rules, the
+        per-row arrays replicated) and abstract inputs, so `.compile()` works for any devices
+        the mesh holds, e.g. a TPU slice's from `jax.experimental.topologies` on a CPU host.
+
+        `batch` must be a multiple of the mesh's data-parallel degree (`generate` pads to one);
+        decode's step count is traced, so its while loop is one token per row per iteration.
+        Raises ValueError when the prompt and the new tokens do not fit in `slots`.
+        """
+        if prompt_len + max_new_tokens > slots:
+            raise ValueError(f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens} exceeds slots={slots}")
+        if batch % self._batch_multiple():
+            raise ValueError(f"batch={batch} is not a multiple of the data-parallel degree {self._batch_multiple()}")
+        replicated = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        def abstract(tree, shardings=None):
+            shardings = jax.tree.map(lambda _: replicated, tree) if shardings is None else shardings
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+        def param(v: nnx.Variable) -> jax.ShapeDtypeStruct:
+            value = v.get_value()
+            if self.mesh is None or isinstance(value, jax.Array):  # placed weights keep their layout
+                return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(value, "sharding", None))
+            # An abstract model's weights get the config's rules; a layer `unstack_layers` split
+            # off its stack keeps the stack's axis names, "layers" first.
+            axes = tuple(v.get_metadata()["axes"])[len(v.get_metadata()["axes"]) - len(v.shape):]
+            spec = self.cfg.rules.spec(axes, self.mesh.axis_names)
+            return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.NamedSharding(self.mesh, spec))
+
+        params = jax.tree.map(param, self.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        make_cache = lambda: self.model.init_cache(batch, slots, jnp.dtype(self.cfg.dtype))  # noqa: E731
+        cache = jax.eval_shape(make_cache)
+        cache = abstract(cache, None if self.mesh is None else _cache_shardings(cache, self.mesh, self.cfg.rules))
+        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
+        tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
+        logits = jax.ShapeDtypeStruct((batch, self.cfg.vocab_size), jnp.float32, sharding=replicated)
+        in_think, budgets = [False] * batch, np.full(batch, UNLIMITED_BUDGET, np.int32)
+        state = jax.eval_shape(
+            lambda c, lg, ln: self._decode_state(c, lg, ln, batch, max_new_tokens, in_think, budgets),
+            cache, logits, lengths,
+        )
+        state = state._replace(**{f: abstract(getattr(state, f)) for f in DecodeState._fields if f != "cache"},
+                               cache=cache)
+        rows = abstract(RowSettings(
+            SamplingParams.make(batch), _row_keys(0, batch, batch), jnp.full((batch,), max_new_tokens, jnp.int32),
+            jnp.asarray(DEFAULT_STOP_IDS, jnp.int32), jnp.asarray(self.forced_ids),
+        ))
+        steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+        with self._mesh_context():
+            return (_prefill.lower(self.graphdef, params, tokens, lengths, cache),
+                    _decode.lower(self.graphdef, params, state, rows, steps, self.max_candidates))
 
     def _init_cache(self, batch: int, slots: int):
         dtype = jnp.dtype(self.cfg.dtype)

@@ -7,6 +7,7 @@ compiles one layer body and checkpoints have one layout either way.
 
 from __future__ import annotations
 
+
 from typing import NamedTuple
 
 import jax
@@ -211,15 +212,18 @@ def unstack_layers(model: Qwen3) -> Qwen3:
 def _unstack(stacked):
     """[the i-th slice of every leaf of `stacked` for i in range(layers)], each laid out as its
     stack minus the leading layers axis; one compiled program (slicing each leaf eagerly would
-    compile one per leaf and layer)."""
+    compile one per leaf and layer). Abstract leaves (`abstract_model`) give abstract slices."""
     n = jax.tree.leaves(stacked)[0].shape[0]
 
-    def layer_sharding(a: jax.Array) -> jax.sharding.Sharding:
+    def layer_sharding(a) -> jax.sharding.Sharding | None:
         s = a.sharding
         if isinstance(s, jax.sharding.NamedSharding):
             return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
         return s
 
+    if all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(stacked)):
+        layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=layer_sharding(a)), stacked)
+        return [layer] * n
     shardings = jax.tree.map(layer_sharding, stacked)
     return jax.jit(lambda t: [jax.tree.map(lambda a: a[i], t) for i in range(n)], out_shardings=[shardings] * n)(stacked)
 

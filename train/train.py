@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.coordinator_address = config_dict.placeholder(str)
     c.num_processes = config_dict.placeholder(int)
     c.process_id = config_dict.placeholder(int)
+    # The TPU slice the config is written for, as jax.experimental.topologies names it
+    # ("v5p:4x4x4"); when set, the mesh must use all of its chips. benchmarks.tpu_aot compiles for it.
+    c.topology = config_dict.placeholder(str)
     c.model = ml_collections.ConfigDict({
         "preset": config_dict.placeholder(str),  # qwen3_jax.config.PRESETS name ...
         "init_from": config_dict.placeholder(str),  # ... or an HF / Orbax checkpoint directory
@@ -218,6 +221,13 @@ def mesh_shape(mesh: ml_collections.ConfigDict) -> dict[str, int]:
     return {a: shape.get(a, 1) for a in MESH_AXES}
 
 
+def topology_chips(topology: str) -> int:
+    """Chips of a TPU slice named as jax.experimental.topologies does: 64 for "v5p:4x4x4"."""
+    m = re.fullmatch(r"[a-z0-9]+:(\d+(?:x\d+)*)", topology)
+    need(m is not None, f"topology {topology!r} is not a TPU slice name like 'v5p:4x4x4' or 'v6e:2x4'")
+    return math.prod(int(d) for d in m.group(1).split("x"))
+
+
 def check_shardable(cfg: Qwen3Config, mesh: dict[str, int]) -> None:
     """Every sharded parameter dimension must split evenly over its mesh axes."""
     _, state = nnx.split(abstract_model(cfg))
@@ -234,6 +244,10 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
     """Checks every field and their combinations; raises TrainConfigError naming the fields."""
     model = model_config(config.model)
     mesh = mesh_shape(config.mesh)
+    if config.topology is not None:
+        need(topology_chips(config.topology) == math.prod(mesh.values()),
+             f"mesh {mesh} uses {math.prod(mesh.values())} devices but topology={config.topology!r} has "
+             f"{topology_chips(config.topology)} chips")
     check_shardable(model, mesh)
     try:
         data_cfg = data_lib.DataConfig.from_config(config.data)
