@@ -321,24 +321,38 @@ def test_fixed_shards_give_the_same_global_batches_on_any_number_of_processes(te
         batches(config(paths=text_jsonl, batch_size=4, shards=8), WordIdTokenizer(), 0, 1)
 
 
-@pytest.mark.parametrize("packing, shards", [*((p, None) for p in data.PACKINGS), ("first_fit", 2)])
-def test_iterator_state_restores_the_exact_stream(text_jsonl, packing, shards):
-    cfg = config(paths=text_jsonl, shuffle=True, seed=3, num_epochs=None, packing=packing, shards=shards)
-    it = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
-    for _ in range(5):
-        next(it)
-    state = data.iterator_state(it)
-    expected = [next(it) for _ in range(12)]  # crosses epoch boundaries (reshuffled)
-    resumed = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
-    data.restore_iterator_state(resumed, state)
-    for want, got in zip(expected, (next(resumed) for _ in range(12))):
-        for k in data.ROW_FEATURES:
-            np.testing.assert_array_equal(want[k], got[k])
+RESTORE_SKIPS = (0, 1, 2, 5)  # steps before the saved state
+RESTORE_CHECKED = 3  # steps compared after it (skips and checks span several epochs)
 
 
-def test_orbax_checkpoint_of_iterator(tmp_path, text_jsonl):
+@pytest.mark.parametrize("packing", data.PACKINGS)
+@pytest.mark.parametrize("shards, process_count", [(None, 1), (None, 2), (4, 2), (None, 4)])
+def test_iterator_state_restores_the_exact_stream(text_jsonl, packing, shards, process_count):
+    """On every process, an iterator restored from the JSON state saved after any of
+    RESTORE_SKIPS steps yields the batches the saved one went on to yield (reshuffled epochs)."""
+    cfg = config(paths=text_jsonl, shuffle=True, seed=3, num_epochs=None, packing=packing, shards=shards,
+                 batch_size=4, packing_bins=2)
+    for process_index in range(process_count):
+        it = data.make_dataset(cfg, WordIdTokenizer(), process_index=process_index, process_count=process_count)
+        states, stream = [], []
+        for _ in range(RESTORE_SKIPS[-1] + RESTORE_CHECKED):
+            states.append(data.iterator_state(it))
+            stream.append(next(it))
+        resumed = data.make_dataset(cfg, WordIdTokenizer(), process_index=process_index, process_count=process_count)
+        for skip in RESTORE_SKIPS:
+            data.restore_iterator_state(resumed, states[skip])
+            for step in range(skip, skip + RESTORE_CHECKED):
+                got = next(resumed)
+                for k in data.ROW_FEATURES:
+                    np.testing.assert_array_equal(
+                        got[k], stream[step][k], err_msg=f"process {process_index}, step {step}, restored at {skip}: {k}"
+                    )
+
+
+@pytest.mark.parametrize("packing", data.PACKINGS)
+def test_orbax_checkpoint_of_iterator(tmp_path, text_jsonl, packing):
     ocp = pytest.importorskip("orbax.checkpoint")
-    cfg = config(paths=text_jsonl, shuffle=True, num_epochs=None)
+    cfg = config(paths=text_jsonl, shuffle=True, num_epochs=None, packing=packing)
     it = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
     next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:

@@ -692,6 +692,39 @@ def _packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+class _ConcatThenSplit(grain.IterDataset):
+    """grain's ConcatThenSplitIterDataset, with a state that survives JSON.
+
+    Checkpoints store iterator states as JSON (`iterator_state`, grain's orbax handler), which
+    turns tuples into lists. grain 0.2.18's packer marks "no partial document carried into the
+    next row" with the slice (-1, -1) and tests for it with `!=`, so the restored [-1, -1] reads
+    as a carried document: set_state takes the next document for it, keeps none of its tokens,
+    and every later row is shifted by that document's length. Whether a saved state holds the
+    marker depends on where the last row ended, hence on the process, shard, seed and step.
+    `set_state` turns the slices back into tuples; the state itself is grain's, unchanged.
+    """
+
+    def __init__(self, parent: grain.IterDataset, length_struct: Mapping[str, int]):
+        super().__init__(grain_exp.ConcatThenSplitIterDataset(parent, length_struct=length_struct))
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _TupleSlicesIterator(self._parent.__iter__())
+
+
+class _TupleSlicesIterator(grain.DatasetIterator):
+    """Passes a ConcatThenSplit iterator through; restores its `remainder_slices` as tuples."""
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+        self._parent.set_state({**state, "remainder_slices": slices})
+
+
 class _StackAndPad:
     """Stacks rows into [batch, L] arrays; a short last batch gets empty rows (loss_mask 0)."""
 
@@ -806,7 +839,7 @@ def _shard_pipeline(
             it_ds, length_struct=lengths, num_packing_bins=data_cfg.packing_bins, shuffle_bins=False
         )
     else:
-        it_ds = grain_exp.ConcatThenSplitIterDataset(it_ds, length_struct=lengths)
+        it_ds = _ConcatThenSplit(it_ds, lengths)
     return it_ds.map(_packed_row).batch(
         batch_size, batch_fn=_StackAndPad(batch_size, data_cfg.seq_len)
     )
