@@ -1,4 +1,5 @@
-"""Dense building blocks: RMSNorm, RoPE (with YaRN), GQA attention with QK-Norm, SwiGLU MLP.
+"""Dense building blocks: embedding lookup, RMSNorm, RoPE (with YaRN), GQA attention with QK-Norm,
+SwiGLU MLP.
 
 Shapes in names: B batch, T query length, S key length (cache slots), D hidden, N query heads,
 K kv heads, G = N / K query heads per kv head, H head_dim, F MLP width.
@@ -14,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qwen3_jax import attention
 from qwen3_jax.config import Qwen3Config, YarnScaling
-from qwen3_jax.sharding import constrain
+from qwen3_jax.sharding import ShardingRules, constrain, current_mesh_axes
 
 _init = nnx.initializers.normal(0.02)
 
@@ -42,6 +44,53 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ Embedding
+
+
+def embed_tokens(table_VxD: jax.Array, tokens_BxT: jax.Array, rules: ShardingRules) -> jax.Array:
+    """Rows of `table_VxD` for `tokens_BxT`: [B, T, D], split over the batch axes like every layer's input.
+
+    With a mesh installed the lookup runs under `jax.shard_map` with the table as the rules shard it
+    (vocab over `tensor`, D over `fsdp`), because the partitioner finds no efficient path from the
+    gather's natural output (D split over `fsdp`) to the batch-split activation and replicates it
+    ("Involuntary full rematerialization"), forward and backward. Collectives, for one call:
+      - all-gather of the int32 token ids over the embed axes (`fsdp`): each device looks up its
+        D-slice for every row of its fsdp group;
+      - psum over the vocab axes (`tensor`): Megatron's vocab-parallel lookup, each shard fills the
+        rows of the ids in its vocab range and zeros elsewhere, so the table is never gathered;
+      - all-to-all over the embed axes: each device sends every peer that peer's rows of its
+        D-slice and receives its own rows' other D-slices ([B/shards, T, D] in the end).
+    Vocab axes that also split the batch (not the default rules) are gathered by the partitioner
+    first, since the psum needs every vocab shard to hold the same rows.
+    """
+    names = current_mesh_axes()
+    if not names:
+        return jnp.take(table_VxD, tokens_BxT, axis=0)
+    batch_axes = set(rules.mesh_axes("batch"))
+    vocab_axes = tuple(a for a in rules.mesh_axes("vocab") if a in names and a not in batch_axes)
+    embed_axes = tuple(a for a in rules.mesh_axes("embed") if a in names)
+    table_spec = P(vocab_axes or None, rules.spec(("embed",), names)[0])
+    tokens_spec = rules.spec(("batch", "seq"), names)
+
+    def lookup(table_VlxDl, ids_BlxTl):
+        if embed_axes:
+            ids_BlxTl = jax.lax.all_gather(ids_BlxTl, embed_axes, axis=0, tiled=True)
+        if vocab_axes:
+            rows = table_VlxDl.shape[0]
+            local_BxT = ids_BlxTl - jax.lax.axis_index(vocab_axes) * rows
+            ours_BxT = (local_BxT >= 0) & (local_BxT < rows)
+            x = jnp.take(table_VlxDl, jnp.where(ours_BxT, local_BxT, 0), axis=0)
+            x = jax.lax.psum(jnp.where(ours_BxT[..., None], x, 0), vocab_axes)
+        else:
+            x = jnp.take(table_VlxDl, ids_BlxTl, axis=0)
+        if embed_axes:
+            x = jax.lax.all_to_all(x, embed_axes, split_axis=0, concat_axis=2, tiled=True)
+        return x
+
+    out_spec = P(*tokens_spec, None)
+    return jax.shard_map(lookup, in_specs=(table_spec, tokens_spec), out_specs=out_spec)(table_VxD, tokens_BxT)
 
 
 # ----------------------------------------------------------------------------------------- RoPE

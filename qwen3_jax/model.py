@@ -16,7 +16,9 @@ import numpy as np
 from flax import nnx
 
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.layers import CACHE_AXES, MLP, Attention, AttentionInputs, KVCache, RMSNorm, param, rope_cos_sin
+from qwen3_jax.layers import (
+    CACHE_AXES, MLP, Attention, AttentionInputs, KVCache, RMSNorm, embed_tokens, param, rope_cos_sin,
+)
 from qwen3_jax.moe import MoE, RouterStats
 from qwen3_jax.sharding import auto_mesh, constrain, state_shardings
 
@@ -141,10 +143,7 @@ class Qwen3(nnx.Module):
         ctx = AttentionInputs(cos, sin, q_slots, cache_start_B, segment_ids_BxT)
         token_mask = None if segment_ids_BxT is None else segment_ids_BxT != 0
 
-        # Gather from a table sharded only on the embed dim: a lookup along a sharded vocab axis
-        # would make the partitioner rematerialise the whole table on every device.
-        table = constrain(self.embed[...], (None, "embed"), cfg.rules)
-        x = jnp.take(table, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = embed_tokens(self.embed[...], tokens_BxT, cfg.rules).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"), cfg.rules)
         new_cache, stats = [], []
         for i, run in enumerate(self.runs):

@@ -1,10 +1,21 @@
 """Qwen3 sparse MoE block: softmax router -> top-k -> renormalise -> dropless grouped expert SwiGLU.
 
 Dropless: the token-expert pairs are sorted by expert and every pair is computed; nothing is
-capped by a capacity factor. Expert parallelism (`expert` mesh axis) runs under `jax.shard_map`:
-each expert shard gathers the tokens of its expert group, computes the pairs routed to its own
-experts, and the partial outputs are reduce-scattered back (psum over `tensor` for the sharded
-expert width).
+capped by a capacity factor.
+
+Expert parallelism (`expert` mesh axis) runs under `jax.shard_map`, and by design a layer's
+forward pass has exactly these collectives (tests/test_sharding_hlo.py counts them):
+  - routing (softmax, top-k) on each device's own tokens: none (the partitioner, left to it,
+    all-gathers the [B, T, E] probabilities over every batch axis to run `top_k`);
+  - all-gather over `expert` of the tokens [B, T, D], their top-k expert ids and weights: each
+    expert shard sees the tokens of its expert group (the `expert` axis also splits the batch);
+  - psum over `tensor` of the partial outputs, whose expert width I is split over `tensor`;
+  - reduce-scatter (psum_scatter) over `expert`: each shard's sum over all experts of its own rows;
+  - outside the shard_map, an all-reduce of the router statistics over the batch axes, and on an
+    `fsdp` mesh FSDP's all-gathers of the router and expert weights.
+The backward pass has their transposes. Every token travels to every expert shard of its group;
+an all-to-all dispatch would send it only to the shards holding its K experts, at the price of a
+capacity bound or a ragged all-to-all, which this dropless layout avoids.
 
 Shapes: B batch, T length, D hidden, E experts (El local), I expert width, K top-k, M = B*T*K pairs.
 """
@@ -20,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.layers import param
-from qwen3_jax.sharding import current_mesh_axes
+from qwen3_jax.sharding import current_mesh_axes, target_platform
 
 
 class RouterStats(NamedTuple):
@@ -109,8 +120,10 @@ def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array, imp
 
 
 def default_impl() -> str:
-    """`ragged_dot` has native grouped kernels on TPU and GPU; XLA:CPU needs the blocked path."""
-    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    """`ragged_dot` has native grouped kernels on TPU and GPU; XLA:CPU needs the blocked path. The
+    platform is the installed mesh's (`target_platform`), so an AOT compile for a TPU slice from a
+    CPU host gets the TPU path."""
+    return "blocked" if target_platform() == "cpu" else "ragged_dot"
 
 
 def local_experts(
@@ -147,53 +160,54 @@ class MoE(nnx.Module):
         cfg = self.cfg
         dtype = x_BxTxD.dtype
         logits = jnp.einsum("BTD,DE->BTE", x_BxTxD, self.router[...].astype(dtype))
-        probs, weights, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        weights = weights.astype(dtype)
+        w = tuple(p[...].astype(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        out, probs, idx = self._route_and_experts(x_BxTxD, logits, *w)
 
         mask = jnp.ones(x_BxTxD.shape[:2], jnp.float32) if token_mask_BxT is None else token_mask_BxT.astype(jnp.float32)
         counts = jnp.einsum("BTKE,BT->E", jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32), mask)
         stats = RouterStats(counts, jnp.einsum("BTE,BT->E", probs, mask), jnp.sum(mask))
+        return out, stats
 
-        w = tuple(p[...].astype(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
-        return self._experts(x_BxTxD, idx, weights, *w), stats
+    def _route_and_experts(self, x_BxTxD, logits_BxTxE, gate, up, down):
+        """(output [B, T, D], router probabilities [B, T, E] float32, top-k expert ids [B, T, K]).
 
-    def _experts(self, x_BxTxD, idx_BxTxK, w_BxTxK, gate, up, down) -> jax.Array:
-        impl = default_impl() if self.cfg.moe_impl == "auto" else self.cfg.moe_impl
+        Routing runs inside the shard_map, on each device's own tokens: the partitioner does not
+        split `top_k` along the batch and all-gathers the [B, T, E] probabilities over every batch
+        axis instead.
+        """
+        cfg = self.cfg
+        impl = default_impl() if cfg.moe_impl == "auto" else cfg.moe_impl
         names = current_mesh_axes()
-        B, T, D = x_BxTxD.shape
-
-        def flat(fn_x, fn_idx, fn_w, *ws, offset):
-            n = fn_x.shape[0] * fn_x.shape[1]
-            out = local_experts(fn_x.reshape(n, D), fn_idx.reshape(n, -1), fn_w.reshape(n, -1), *ws, offset, impl)
-            return out.reshape(fn_x.shape)
-
-        if not names:
-            return flat(x_BxTxD, idx_BxTxK, w_BxTxK, gate, up, down, offset=0)
-
-        rules = self.cfg.rules
-        batch = rules.spec(("batch",), names)[0]
         has_expert, has_tensor = "expert" in names, "tensor" in names
+        D = x_BxTxD.shape[-1]
 
-        def sharded(x, idx, w, g, u, d):
+        def body(x, logits, g, u, d):
+            probs, w, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+            xs, idxs, ws = x, idx, w.astype(x.dtype)
             if has_expert:  # every expert shard sees its expert group's tokens
-                x, idx, w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, idx, w))
+                xs, idxs, ws = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (xs, idxs, ws))
                 offset = jax.lax.axis_index("expert") * g.shape[0]
             else:
                 offset = 0
-            out = flat(x, idx, w, g, u, d, offset=offset)
+            n = xs.shape[0] * xs.shape[1]
+            out = local_experts(xs.reshape(n, D), idxs.reshape(n, -1), ws.reshape(n, -1), g, u, d, offset, impl)
+            out = out.reshape(xs.shape)
             if has_tensor:  # the expert width is split over `tensor`: partial sums
                 out = jax.lax.psum(out, "tensor")
             if has_expert:
                 out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
-            return out
+            return out, probs, idx
 
-        act = P(batch, None, None)
+        if not names:
+            return body(x_BxTxD, logits_BxTxE, gate, up, down)
+        rules = cfg.rules
+        act = P(rules.spec(("batch",), names)[0], None, None)
         gu = rules.spec(("experts", None, "moe_mlp"), names)
         dn = rules.spec(("experts", "moe_mlp", None), names)
         # check_vma=False: the blocked path's lax.cond skips empty blocks with a zeros branch that
         # carries no varying-axis type; the collectives above are placed by hand.
-        return jax.shard_map(sharded, in_specs=(act, act, act, gu, gu, dn), out_specs=act, check_vma=False)(
-            x_BxTxD, idx_BxTxK, w_BxTxK, gate, up, down
+        return jax.shard_map(body, in_specs=(act, act, gu, gu, dn), out_specs=(act, act, act), check_vma=False)(
+            x_BxTxD, logits_BxTxE, gate, up, down
         )
 
 

@@ -4,7 +4,8 @@ Sharding mode: **Auto** mesh axes, chosen deliberately. Parameters and step inpu
 explicit NamedShardings at jit boundaries (pjit style), activations are pinned at layer
 boundaries with `with_sharding_constraint`, and XLA's partitioner places the collectives in
 between. Explicit (sharding-in-types) mode would force a sharding on every intermediate einsum;
-the MoE block is the one place that needs manual control and it uses `jax.shard_map`.
+the two places that need manual control use `jax.shard_map`: the MoE block and the embedding
+lookup, where the partitioner would otherwise replicate activations (`layers.embed_tokens`).
 
 The model never takes a mesh argument: it reads the mesh installed by `jax.set_mesh`, and with
 no mesh installed every constraint is a no-op, so one code path serves 1 CPU and a TPU pod.
