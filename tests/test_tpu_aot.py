@@ -6,10 +6,12 @@ a v5p / v5e topology from this host, no TPU used) and is skipped without it.
 
 import os
 
+import jax
 import pytest
 
 from benchmarks import tpu_aot
 from configs import tiny_pretrain
+from qwen3_jax import attention, moe, preset
 from qwen3_jax.sharding import make_mesh
 
 
@@ -52,6 +54,11 @@ def test_compiles_for_a_tpu_topology():
     pytest.importorskip("libtpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     mesh, generation = tpu_aot.topology_mesh("v5p:2x2x1", {"fsdp": 2, "expert": 2})
+    cfg = preset("tiny-moe")
+    with jax.set_mesh(mesh):  # what the benchmark pins is what "auto" picks under the slice's mesh
+        for cached in (False, True):
+            assert tpu_aot.kernels("tpu", cached) == {"moe_impl": moe.default_impl(),
+                                                      "attention": attention.choose(cfg, cached=cached, packed=True)}
     lowered, facts = tpu_aot.lower_train(_train_config("tiny-moe"), 128, mesh, "tpu")
     row = tpu_aot.analyse(lowered, "train", mesh, generation, facts["model_flops"])
     assert row["fits"] and row["hbm_gib"] == 95 and 0 < row["mfu_ceiling"] < 1
