@@ -60,7 +60,8 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     """{'flops': matmul FLOPs of `module`'s main function, loops weighted by trip count, global
     (all devices together); 'loops_without_trip_count': how many `while` loops counted once;
     'kernels_without_cost_estimate': Pallas TPU kernels (splash attention) whose FLOPs are not
-    counted, as they carry no cost estimate}. A conditional counts its costliest branch, so the
+    counted, as they carry no cost estimate; 'ragged_dot_flops': the part of 'flops' in ragged_dot,
+    counted over every row}. A conditional counts its costliest branch, so the
     causal tiles blockwise attention skips count as computed.
 
     dot_general: 2 x result elements x contracted elements. ragged_dot: the same, divided by the
@@ -71,6 +72,7 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
              if "sym_name" in op.attributes}
     memo: dict[str, float] = {}
     unknown, opaque = [0], [0]
+    only_ragged = [False]  # a second pass counts the ragged_dot FLOPs alone
 
     def region(r: ir.Region) -> float:
         return sum(operation(op.operation) for block in r.blocks for op in block.operations)
@@ -78,6 +80,8 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     def operation(op: ir.Operation) -> float:
         name = op.name
         if name == "stablehlo.dot_general":
+            if only_ragged[0]:
+                return 0.0
             dims = str(op.attributes["dot_dimension_numbers"])
             contracting = re.search(r"lhs_contracting_dimensions = \[([\d, ]*)\]", dims)
             lhs = _shape(op.operands[0])
@@ -103,6 +107,8 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
         if name == "stablehlo.custom_call" and "tpu_custom_call" in str(op.attributes["call_target_name"]):
             # A Pallas kernel: its FLOPs are those of the cost estimate it was lowered with, if any.
             estimate = re.search(r'cost_estimate\\?": ?\{[^}]*?flops\\?": ?(\d+)', str(op.attributes["backend_config"]))
+            if only_ragged[0]:
+                return 0.0
             if estimate is None:
                 opaque[0] += 1
             return float(estimate.group(1)) if estimate else 0.0
@@ -115,7 +121,10 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
         return inner
 
     flops = region(funcs["main"].regions[0])
-    return {"flops": flops, "loops_without_trip_count": unknown[0], "kernels_without_cost_estimate": opaque[0]}
+    counts = {"flops": flops, "loops_without_trip_count": unknown[0], "kernels_without_cost_estimate": opaque[0]}
+    only_ragged[0] = True
+    memo.clear()
+    return {**counts, "ragged_dot_flops": region(funcs["main"].regions[0])}
 
 
 # ------------------------------------------------------------------------- compiled HLO bytes

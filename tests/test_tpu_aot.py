@@ -63,6 +63,8 @@ def test_compiles_for_a_tpu_topology():
     row = tpu_aot.analyse(lowered, "train", mesh, generation, facts["model_flops"])
     assert row["fits"] and row["hbm_gib"] == 95 and 0 < row["mfu_ceiling"] < 1
     assert row["program_flops_per_chip"] > row["xla_cost_analysis_flops_per_chip"]  # XLA: loop bodies once
+    # Expert shards of 2: half the gathered rows are in a shard's groups under balanced routing.
+    assert row["program_flops_per_chip"] < row["program_flops_every_row_per_chip"] < 2 * row["program_flops_per_chip"]
     mesh, generation = tpu_aot.topology_mesh("v5e:2x2", {"data": 2, "tensor": 2})
     decode, facts = tpu_aot.lower_serve("tiny-moe", 256, 2, mesh, "tpu", new_tokens=64)["decode"]
     row = tpu_aot.analyse(decode, "decode", mesh, generation, facts["model_flops"])
