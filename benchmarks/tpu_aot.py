@@ -64,16 +64,18 @@ class Chip:
     hbm_bytes: float
     peak_bf16_flops: float  # FLOP/s
     hbm_bytes_per_s: float
+    ici_bytes_per_s: float  # all inter-chip links together
     slices: tuple[str, ...]  # slice shapes jax.experimental.topologies accepts, by chip count
 
 
 # Google Cloud TPU documentation, system architecture pages for TPU v5p, v5e and v6e (Trillium):
-# HBM capacity per chip, peak bf16 compute per chip, HBM bandwidth per chip.
+# HBM capacity per chip, peak bf16 compute per chip, HBM bandwidth per chip, inter-chip interconnect
+# bandwidth per chip (4,800 / 1,600 / 3,584 Gbps).
 CHIPS = {
-    "v5p": Chip("TPU v5", 95 * 2**30, 459e12, 2765e9,
+    "v5p": Chip("TPU v5", 95 * 2**30, 459e12, 2765e9, 600e9,
                 ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16")),
-    "v5e": Chip("TPU v5 lite", 16 * 2**30, 197e12, 819e9, ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
-    "v6e": Chip("TPU v6 lite", 32 * 2**30, 918e12, 1640e9, ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+    "v5e": Chip("TPU v5 lite", 16 * 2**30, 197e12, 819e9, 200e9, ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+    "v6e": Chip("TPU v6 lite", 32 * 2**30, 918e12, 1640e9, 448e9, ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
 }
 PRESETS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b",
            "qwen3-235b-a22b")
@@ -289,8 +291,9 @@ def render(rows: list[dict]) -> str:
     """The README's markdown table of the results rows."""
     head = ("| preset | step | length | slice (mesh) | rows x tokens | per-chip GiB: args / temp / out = total "
             "(HBM) | fits / smallest slice that fits | model / program TFLOP per chip (XLA, loops once) | "
-            "lower bound (bound) | MFU ceiling | collectives GB per chip (AG / AR / RS / A2A / CP) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "lower bound (bound) | MFU ceiling | collectives GB per chip (AG / AR / RS / A2A / CP) | "
+            "collectives at ICI peak |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         m = r["memory_gib"]
@@ -305,7 +308,8 @@ def render(rows: list[dict]) -> str:
             f"| {fit} | {r['model_flops_per_chip'] / 1e12:.3g} / {r['program_flops_per_chip'] / 1e12:.3g} "
             f"({r['xla_cost_analysis_flops_per_chip'] / 1e12:.3g}) "
             f"| {_seconds(r['step_time_lower_bound_s'])} ({r['bound']}) | {_mfu(r)} "
-            f"| {' / '.join(_gb(c[k]) for k in COLLECTIVES)} |"
+            f"| {' / '.join(_gb(c[k]) for k in COLLECTIVES)} "
+            f"| {_seconds(sum(c[k] for k in COLLECTIVES) / CHIPS[r['topology'].split(':')[0]].ici_bytes_per_s)} |"
         )
     return "\n".join(lines)
 
