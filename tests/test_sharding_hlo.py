@@ -97,3 +97,37 @@ def test_moe_layer_collectives_are_the_designed_ones(mesh_shape, expected):
         x = jax.ShapeDtypeStruct((BATCH, SEQ, cfg.hidden_size), jnp.float32, sharding=act)
         hlo = jax.jit(layer).lower(abstract, x).compile().as_text()
     assert collectives(hlo) == Counter(expected)
+
+
+@pytest.mark.parametrize("objective", ["cross_entropy", "distillation"])
+def test_unembedding_is_gathered_once_not_per_loss_chunk(objective):
+    """The chunked losses' all-gathers do not grow with the chunk count: the fsdp-sharded [D, V]
+    unembedding is gathered once outside the chunk loop (XLA does not hoist a loop-invariant
+    all-gather out of a scan; per chunk, at 32,768-token rows it was most of a step's traffic).
+    The weight gradient's all-reduce is left to XLA, whose TPU pipeline moves it out of the loop
+    (benchmarks.tpu_aot shows it once per microbatch); XLA:CPU keeps it per chunk."""
+    from benchmarks.hlo_stats import collective_bytes
+    from train.divergence import DistillLoss, chunked_sums
+    from train.step import chunked_cross_entropy
+
+    cfg = preset("tiny-dense")
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    B, T, D, V = 8, 64, 32, 512
+    spec = lambda *names: NamedSharding(mesh, cfg.rules.spec(names, mesh.axis_names))  # noqa: E731
+    h = jax.ShapeDtypeStruct((B, T, D), jnp.float32, sharding=spec("batch", "seq", "act_embed"))
+    w = jax.ShapeDtypeStruct((D, V), jnp.float32, sharding=spec("embed", "vocab"))
+    y = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=spec("batch", "seq"))
+
+    def traffic(chunk_len: int) -> float:
+        if objective == "cross_entropy":
+            loss = lambda h, w, y: chunked_cross_entropy(h, w, y, jnp.ones(y.shape), chunk_len=chunk_len,  # noqa: E731
+                                                           rules=cfg.rules)[0]
+        else:
+            loss = lambda h, w, y: chunked_sums(h, w, h, w, y, jnp.ones(y.shape), loss=DistillLoss(),  # noqa: E731
+                                                chunk_len=chunk_len, rules=cfg.rules).loss
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, y).compile().as_text()
+        return collective_bytes(hlo)["all-gather"]
+
+    one, eight = traffic(T), traffic(T // 8)
+    assert one > 0 and eight <= 1.05 * one, (one, eight)

@@ -207,6 +207,9 @@ def chunked_sums(
     def body(carry, xs):
         return DistillSums(*(a + b for a, b in zip(carry, chunk_sums(student_w_DxV, teacher_w_ExV, *xs)))), None
 
+    # Gathered over the fsdp axes once, not in every chunk (see step.chunked_cross_entropy).
+    student_w_DxV = constrain(student_w_DxV, (None, "vocab"), rules)
+    teacher_w_ExV = constrain(teacher_w_ExV, (None, "vocab"), rules)
     zero = jnp.zeros((), jnp.float32)
     xs = (chunks(student_hidden_BxTxD), chunks(teacher_hidden_BxTxE), chunks(targets_BxT),
           chunks(mask_BxT.astype(jnp.float32)))
