@@ -116,15 +116,23 @@ def topology_mesh(topology: str, shape: dict[str, int]):
     return make_mesh(shape, devices=devices), generation
 
 
-def larger(topology: str, shape: dict[str, int]) -> tuple[str, dict[str, int]] | None:
-    """The next slice of the same generation with twice the chips, the fsdp axis doubled."""
+def larger(topology: str, shape: dict[str, int], axis: str) -> tuple[str, dict[str, int]] | None:
+    """The next slice of the same generation with twice the chips, mesh `axis` doubled."""
     generation, dims = topology.split(":")
     slices = CHIPS[generation].slices
     chips = [math.prod(int(d) for d in s.split("x")) for s in slices]
     want = 2 * topology_chips(topology)
     if want not in chips:
         return None
-    return f"{generation}:{slices[chips.index(want)]}", {**shape, "fsdp": 2 * shape.get("fsdp", 1)}
+    return f"{generation}:{slices[chips.index(want)]}", {**shape, axis: 2 * shape.get(axis, 1)}
+
+
+def growth_axis(kind: str, shape: dict[str, int], num_kv_heads: int) -> str:
+    """The mesh axis a larger slice doubles: training adds FSDP shards; serving splits the KV
+    heads (and the weights) further while `tensor` can still take them, then the batch."""
+    if kind == "train":
+        return "fsdp"
+    return "tensor" if 2 * shape.get("tensor", 1) <= num_kv_heads else "data"
 
 
 # ------------------------------------------------------------------------------------- lowering
@@ -184,7 +192,12 @@ def analyse(lowered, kind: str, mesh, generation: str, model_flops: float, atten
     (splash attention), `attention_flops` is added to its count in their place."""
     chip = CHIPS.get(generation)
     t = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program whose buffers exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {"chips": mesh.devices.size, "fits": False, "compile_error": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     chips = mesh.devices.size
@@ -225,12 +238,15 @@ def analyse(lowered, kind: str, mesh, generation: str, model_flops: float, atten
 
 
 def run_case(name: str, kind: str, length: int) -> list[dict]:
-    """Rows for one preset, kind ("train" or "serve") and length, each with `fits_on`: the slice
-    compiled for when it fits, else the smallest larger one that does (None: none tried fits)."""
+    """Rows for one preset, kind ("train" or "serve") and length on the slice its config names or,
+    when they do not fit its HBM, on the smallest larger slice that does (`growth_axis` doubled per
+    step; the last one tried when none does). Each row has `fits_on` (that slice, or None) and
+    `named`: the config's slice and mesh, whether it fits and, if not, by what measure."""
     config = released_config(name)
     topology, shape = ((config.topology, {a: v for a, v in config.mesh.items() if v != 1}) if kind == "train"
                        else (config.serving.topology, dict(config.serving.mesh)))
-    rows, tried = None, []
+    axis = lambda shape: growth_axis(kind, shape, preset(config.model.preset).num_kv_heads)  # noqa: E731
+    named, tried = None, []
     while True:
         mesh, generation = topology_mesh(topology, shape)
         cases = ({"train": lower_train(config, length, mesh, "tpu")} if kind == "train"
@@ -243,18 +259,19 @@ def run_case(name: str, kind: str, length: int) -> list[dict]:
                    **facts, **analyse(lowered, k, mesh, generation, model_flops, attention_flops)}
             measured.append(row)
             print(json.dumps(row), flush=True)
-        rows = rows or measured
-        tried.append((topology, all(r.get("fits", True) for r in measured)))
-        if tried[-1][1]:
-            break
-        bigger = larger(topology, shape)
+        fits = all(r["fits"] for r in measured)
+        if named is None:
+            named = {"topology": topology, "mesh": shape, "fits": fits,
+                     "why": "; ".join(f"{r['kind']}: " + (r["compile_error"] if "compile_error" in r else
+                                      f"{r['memory_gib']['total']:.1f} GiB per chip") for r in measured if not r["fits"])}
+        tried.append(topology)
+        bigger = None if fits else larger(topology, shape, axis(shape))
         if bigger is None:
             break
         topology, shape = bigger
-    fits_on = tried[-1][0] if tried[-1][1] else None
-    for r in rows:
-        r["fits_on"] = fits_on
-    return rows
+    for r in measured:
+        r.update(fits_on=topology if fits else None, named=named)
+    return measured
 
 
 # -------------------------------------------------------------------------------------- results
@@ -296,11 +313,19 @@ def render(rows: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
+        named = r.get("named", {"topology": r["topology"], "fits": r["fits"]})
+        if named["fits"]:
+            fit = "yes"
+        else:
+            fit = f"**no** on {named['topology']} ({named['why']})" + (
+                f"; fits {r['fits_on']}" if r["fits_on"] else "; none tried fits")
+        if "compile_error" in r:
+            lines.append(f"| {r['preset']} | {r['kind']} | {r['length']:,} | {r['topology']} | | | {fit} |" + " |" * 5)
+            continue
         m = r["memory_gib"]
         mesh = " x ".join(f"{a} {n}" for a, n in r["mesh"].items())
         tokens = r.get("prompt", r["length"]) if r["kind"] != "decode" else 1
         micro = f", {r['microbatches']} micro" if r["kind"] == "train" else ""
-        fit = "yes" if r["fits"] else f"**no**: {r['fits_on'] or 'none tried fits'}"
         c = r["collective_bytes_per_chip"]
         lines.append(
             f"| {r['preset']} | {r['kind']} | {r['length']:,} | {r['topology']} ({mesh}) | {r['rows']} x {tokens:,}{micro} "

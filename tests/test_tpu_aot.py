@@ -69,3 +69,12 @@ def test_compiles_for_a_tpu_topology():
     decode, facts = tpu_aot.lower_serve("tiny-moe", 256, 2, mesh, "tpu", new_tokens=64)["decode"]
     row = tpu_aot.analyse(decode, "decode", mesh, generation, facts["model_flops"])
     assert row["fits"] and row["bound"] == "memory" and row["hbm_gib"] == 16
+
+
+def test_a_slice_that_does_not_fit_grows_along_the_kinds_axis():
+    assert tpu_aot.larger("v5p:2x2x2", {"fsdp": 8}, "fsdp") == ("v5p:2x2x4", {"fsdp": 16})
+    assert tpu_aot.larger("v5e:2x2", {"tensor": 4}, "tensor") == ("v5e:2x4", {"tensor": 8})
+    assert tpu_aot.larger("v5e:16x16", {"tensor": 8, "data": 32}, "data") is None  # the largest v5e slice
+    assert tpu_aot.growth_axis("train", {"fsdp": 8}, num_kv_heads=8) == "fsdp"
+    assert tpu_aot.growth_axis("serve", {"tensor": 4}, num_kv_heads=8) == "tensor"
+    assert tpu_aot.growth_axis("serve", {"tensor": 8}, num_kv_heads=8) == "data"  # no KV head left to split
