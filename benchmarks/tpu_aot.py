@@ -36,6 +36,7 @@ compiled again on slices of twice the chips (doubling the fsdp axis) until one f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -43,6 +44,8 @@ import json
 import math
 import os
 import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -56,6 +59,11 @@ from qwen3_jax.model import abstract_model
 from qwen3_jax.sharding import MESH_AXES, auto_mesh, make_mesh
 from train.step import abstract_train_state, batch_sharding, make_train_step
 from train.train import experiment, flops_per_token, model_config, topology_chips
+
+
+# libtpu's C++ warnings (the SPMD partitioner's among them) reach stderr only at this level.
+os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "1")
+REMAT_WARNING = "Involuntary full rematerialization"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +194,26 @@ def lower_serve(name: str, context: int, batch: int, mesh, platform: str, new_to
 # ------------------------------------------------------------------------------------- analysis
 
 
+@contextlib.contextmanager
+def compiler_log():
+    """Yields a list that receives what XLA's C++ code writes to file descriptor 2 during the
+    block (passed on to stderr as well): the SPMD partitioner's warnings. libtpu writes warnings
+    there with TPU_STDERR_LOG_LEVEL <= 1 (set on import of this module)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log: list[str] = []
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            log.append(f.read().decode(errors="replace"))
+            sys.stderr.write(log[0])
+
+
 def analyse(lowered, kind: str, mesh, generation: str, model_flops: float, attention_flops: float = 0.0) -> dict:
     """Compiles `lowered` and measures it per chip against `model_flops` (all chips together)
     (see the module docstring). When the program holds Pallas kernels without a cost estimate
@@ -193,7 +221,8 @@ def analyse(lowered, kind: str, mesh, generation: str, model_flops: float, atten
     chip = CHIPS.get(generation)
     t = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        with compiler_log() as log:
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program whose buffers exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -224,6 +253,7 @@ def analyse(lowered, kind: str, mesh, generation: str, model_flops: float, atten
         "loops_without_trip_count": max(program["loops_without_trip_count"], collectives["loops_without_trip_count"]),
         "kernels_without_cost_estimate": program["kernels_without_cost_estimate"],
         "compile_s": compile_s,
+        "involuntary_remat": log[0].count(REMAT_WARNING),
     }
     if chip is not None:
         moved = mem.argument_size_in_bytes + (0 if kind == "decode" else mem.output_size_in_bytes)
@@ -309,8 +339,8 @@ def render(rows: list[dict]) -> str:
     head = ("| preset | step | length | slice (mesh) | rows x tokens | per-chip GiB: args / temp / out = total "
             "(HBM) | fits / smallest slice that fits | model / program TFLOP per chip (XLA, loops once) | "
             "lower bound (bound) | MFU ceiling | collectives GB per chip (AG / AR / RS / A2A / CP) | "
-            "collectives at ICI peak |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "collectives at ICI peak | SPMD remat warnings |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         named = r.get("named", {"topology": r["topology"], "fits": r["fits"]})
@@ -320,7 +350,7 @@ def render(rows: list[dict]) -> str:
             fit = f"**no** on {named['topology']} ({named['why']})" + (
                 f"; fits {r['fits_on']}" if r["fits_on"] else "; none tried fits")
         if "compile_error" in r:
-            lines.append(f"| {r['preset']} | {r['kind']} | {r['length']:,} | {r['topology']} | | | {fit} |" + " |" * 5)
+            lines.append(f"| {r['preset']} | {r['kind']} | {r['length']:,} | {r['topology']} | | | {fit} |" + " |" * 6)
             continue
         m = r["memory_gib"]
         mesh = " x ".join(f"{a} {n}" for a, n in r["mesh"].items())
@@ -334,7 +364,8 @@ def render(rows: list[dict]) -> str:
             f"({r['xla_cost_analysis_flops_per_chip'] / 1e12:.3g}) "
             f"| {_seconds(r['step_time_lower_bound_s'])} ({r['bound']}) | {_mfu(r)} "
             f"| {' / '.join(_gb(c[k]) for k in COLLECTIVES)} "
-            f"| {_seconds(sum(c[k] for k in COLLECTIVES) / CHIPS[r['topology'].split(':')[0]].ici_bytes_per_s)} |"
+            f"| {_seconds(sum(c[k] for k in COLLECTIVES) / CHIPS[r['topology'].split(':')[0]].ici_bytes_per_s)} "
+            f"| {r.get('involuntary_remat', 'not read')} |"
         )
     return "\n".join(lines)
 

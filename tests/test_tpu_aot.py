@@ -7,7 +7,9 @@ a v5p / v5e topology from this host, no TPU used) and is skipped without it.
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from benchmarks import tpu_aot
 from configs import tiny_pretrain
@@ -62,13 +64,24 @@ def test_compiles_for_a_tpu_topology():
     lowered, facts = tpu_aot.lower_train(_train_config("tiny-moe"), 128, mesh, "tpu")
     row = tpu_aot.analyse(lowered, "train", mesh, generation, facts["model_flops"])
     assert row["fits"] and row["hbm_gib"] == 95 and 0 < row["mfu_ceiling"] < 1
+    assert row["involuntary_remat"] == 0  # read off libtpu's log: the canary below shows it would be seen
     assert row["program_flops_per_chip"] > row["xla_cost_analysis_flops_per_chip"]  # XLA: loop bodies once
     # Expert shards of 2: half the gathered rows are in a shard's groups under balanced routing.
     assert row["program_flops_per_chip"] < row["program_flops_every_row_per_chip"] < 2 * row["program_flops_per_chip"]
     mesh, generation = tpu_aot.topology_mesh("v5e:2x2", {"data": 2, "tensor": 2})
     decode, facts = tpu_aot.lower_serve("tiny-moe", 256, 2, mesh, "tpu", new_tokens=64)["decode"]
     row = tpu_aot.analyse(decode, "decode", mesh, generation, facts["model_flops"])
-    assert row["fits"] and row["bound"] == "memory" and row["hbm_gib"] == 16
+    assert row["fits"] and row["bound"] == "memory" and row["hbm_gib"] == 16 and row["involuntary_remat"] == 0
+
+    # The canary: a reshard the partitioner can only do by replicating is logged and counted.
+    def reshard(x):
+        x = jnp.sin(jax.lax.with_sharding_constraint(x, P(None, None, "tensor")))
+        return jax.lax.with_sharding_constraint(x, P(("data", "expert"), None, None))
+
+    mesh, _ = tpu_aot.topology_mesh("v5p:2x2x2", {"data": 2, "expert": 2, "tensor": 2})
+    with jax.set_mesh(mesh), tpu_aot.compiler_log() as log:
+        jax.jit(reshard).lower(jax.ShapeDtypeStruct((4, 37, 64), jnp.float32)).compile()
+    assert tpu_aot.REMAT_WARNING in log[0]
 
 
 def test_a_slice_that_does_not_fit_grows_along_the_kinds_axis():
