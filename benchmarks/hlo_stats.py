@@ -62,7 +62,8 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     'kernels_without_cost_estimate': Pallas TPU kernels (splash attention) whose FLOPs are not
     counted, as they carry no cost estimate; 'ragged_dot_flops': the part of 'flops' in ragged_dot,
     counted over every row}. A conditional counts its costliest branch, so the
-    causal tiles blockwise attention skips count as computed.
+    causal tiles blockwise attention skips count as computed (the ragged_dot pass picks its own
+    costliest branch, which can differ only if a branch holds a ragged_dot: none does here).
 
     dot_general: 2 x result elements x contracted elements. ragged_dot: the same, divided by the
     group count when the ragged dimension is contracted (each group contracts only its own rows).

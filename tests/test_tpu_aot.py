@@ -60,7 +60,7 @@ def test_compiles_for_a_tpu_topology():
     with jax.set_mesh(mesh):  # what the benchmark pins is what "auto" picks under the slice's mesh
         for cached in (False, True):
             assert tpu_aot.kernels("tpu", cached) == {"moe_impl": moe.default_impl(),
-                                                      "attention": attention.choose(cfg, cached=cached, packed=True)}
+                                                      "attention": attention.choose(cfg, cached=cached, packed=not cached)}
     lowered, facts = tpu_aot.lower_train(_train_config("tiny-moe"), 128, mesh, "tpu")
     row = tpu_aot.analyse(lowered, "train", mesh, generation, facts["model_flops"])
     assert row["fits"] and row["hbm_gib"] == 95 and 0 < row["mfu_ceiling"] < 1
@@ -88,6 +88,8 @@ def test_a_slice_that_does_not_fit_grows_along_the_kinds_axis():
     assert tpu_aot.larger("v5p:2x2x2", {"fsdp": 8}, "fsdp") == ("v5p:2x2x4", {"fsdp": 16})
     assert tpu_aot.larger("v5e:2x2", {"tensor": 4}, "tensor") == ("v5e:2x4", {"tensor": 8})
     assert tpu_aot.larger("v5e:16x16", {"tensor": 8, "data": 32}, "data") is None  # the largest v5e slice
-    assert tpu_aot.growth_axis("train", {"fsdp": 8}, num_kv_heads=8) == "fsdp"
-    assert tpu_aot.growth_axis("serve", {"tensor": 4}, num_kv_heads=8) == "tensor"
-    assert tpu_aot.growth_axis("serve", {"tensor": 8}, num_kv_heads=8) == "data"  # no KV head left to split
+    assert tpu_aot.growth_axis("train", {"fsdp": 8}, num_kv_heads=8, rows=0) == "fsdp"
+    assert tpu_aot.growth_axis("serve", {"tensor": 4}, num_kv_heads=8, rows=8) == "tensor"
+    assert tpu_aot.growth_axis("serve", {"tensor": 8}, num_kv_heads=8, rows=8) == "data"  # no KV head left to split
+    # Every row on its own batch shard already: a larger slice would only pad the batch.
+    assert tpu_aot.growth_axis("serve", {"expert": 2, "tensor": 4, "data": 4}, num_kv_heads=4, rows=8) is None

@@ -235,9 +235,10 @@ def chunked_cross_entropy(
         return (carry[0] + ce, carry[1] + z), None
 
     # Gathered over the embed (fsdp) axes once, here: XLA does not hoist a loop-invariant all-gather
-    # out of the scan, so the weight would be gathered for every chunk, forward and backward, and its
-    # gradient all-reduced per chunk (at 32,768-token rows, ~7x a step's other collective bytes).
-    # The price: the [D, V / vocab shards] weight and its float32 gradient whole on every device.
+    # out of the scan, so the weight would be gathered for every chunk, forward and backward (at
+    # 32,768-token rows, most of a step's collective bytes). The price: the [D, V / vocab shards]
+    # weight and its gradient (in the weight's dtype) whole on every device. The gradient's
+    # reduction over fsdp is XLA's to place: its TPU pipeline moves it out of the loop.
     w_DxV = constrain(w_DxV, (None, "vocab"), rules)
     zero = jnp.zeros((), jnp.float32)
     xs = (chunks(hidden_BxTxD), chunks(targets_BxT), chunks(mask_BxT.astype(jnp.float32)))
