@@ -103,7 +103,8 @@ def _commit() -> str | None:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results", ":!README.md")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                    ":(top,exclude)benchmarks/results", ":(top,exclude)README.md")
     except OSError:
         return None
     return (head + ("-dirty" if dirty else "")) or None
