@@ -110,6 +110,10 @@ FAULTS = (
           "xs, idxs = (jax.lax.all_gather(a, \"expert\", axis=0, tiled=True) for a in (xs, idxs))\n"
           "                ws = jnp.concatenate([ws, ws], axis=0)",
           ("tests/test_model.py", "-k", "sharded_equals_unsharded and moe")),
+    Fault("chunked_prefill_keeps_the_last_chunk_for_every_row", "infer/engine.py",
+          "return (cache, jnp.where(ends_here_B[:, None, None], h_Bx1xD, last_Bx1xD)), None",
+          "return (cache, h_Bx1xD), None",
+          ("tests/test_generate.py", "-k", "chunked_prefill")),
     # ---- loss and data
     Fault("cross_entropy_ignores_the_loss_mask", "train/step.py",
           "return jnp.sum(m_BxC * (lse_BxC - target_BxC))", "return jnp.sum(lse_BxC - target_BxC)",

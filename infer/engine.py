@@ -90,12 +90,34 @@ def _cache_shardings(abstract_cache, mesh: jax.sharding.Mesh, rules: ShardingRul
     return jax.tree.map(one, abstract_cache, is_leaf=lambda x: isinstance(x, KVCache))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _prefill(graphdef, params, tokens_BxP, lengths_B, cache):
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
+def _prefill(graphdef, params, tokens_BxP, lengths_B, cache, chunk: int):
+    """(cache, [B, V] float32 logits at each row's last prompt token). A prompt longer than
+    `chunk` (P a multiple of it) is prefilled `chunk` positions at a time, each chunk attending
+    to the cache the ones before it wrote: activations, and the MoE dispatch's gathered token
+    pairs, then scale with the chunk rather than the prompt (vLLM's and SGLang's chunked prefill)."""
     model = nnx.merge(graphdef, params)
-    out = model.forward(tokens_BxP, cache=cache, cache_start_B=jnp.zeros_like(lengths_B))
-    last_BxD = jnp.take_along_axis(out.hidden_BxTxD, (lengths_B - 1)[:, None, None], axis=1)
-    return out.cache, model.logits(last_BxD)[:, 0].astype(jnp.float32)
+    B, P = tokens_BxP.shape
+
+    def step(cache, start):
+        tokens_BxC = jax.lax.dynamic_slice_in_dim(tokens_BxP, start, min(chunk, P), axis=1)
+        out = model.forward(tokens_BxC, cache=cache, cache_start_B=jnp.full((B,), start, jnp.int32))
+        at_B = jnp.clip(lengths_B - 1 - start, 0, tokens_BxC.shape[1] - 1)
+        return out.cache, jnp.take_along_axis(out.hidden_BxTxD, at_B[:, None, None], axis=1)
+
+    if P <= chunk:
+        cache, last_BxD = step(cache, 0)
+    else:
+        def body(carry, start):
+            cache, last_Bx1xD = carry
+            cache, h_Bx1xD = step(cache, start)
+            ends_here_B = (lengths_B - 1 >= start) & (lengths_B - 1 < start + chunk)
+            return (cache, jnp.where(ends_here_B[:, None, None], h_Bx1xD, last_Bx1xD)), None
+
+        D = model.cfg.hidden_size
+        last = jnp.zeros((B, 1, D), jnp.dtype(model.cfg.dtype))
+        (cache, last_BxD), _ = jax.lax.scan(body, (cache, last), jnp.arange(0, P, chunk, dtype=jnp.int32))
+    return cache, model.logits(last_BxD)[:, 0].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
@@ -167,6 +189,8 @@ class Engine:
     wins, above or below the model's), else in the model's `cfg.context_length` (with YaRN, factor x
     original_max_position_embeddings); longer requests raise ValueError before anything runs.
 
+    Prompts longer than `prefill_chunk` positions are prefilled that many at a time (see `_prefill`).
+
     Thinking budgets (see `infer.sampling`) force `forced_ids` (default: Qwen3's stop-thinking text)
     and read the tags `think_tags` names (default: Qwen3's ids; pass the tokenizer's for another
     vocabulary).
@@ -174,10 +198,12 @@ class Engine:
 
     def __init__(self, model: Qwen3, *, mesh: jax.sharding.Mesh | None = None,
                  forced_ids: Sequence[int] | None = None, max_candidates: int = 64, max_len: int | None = None,
-                 think_tags: ThinkTags | None = None):
+                 think_tags: ThinkTags | None = None, prefill_chunk: int = 4096):
         if max_len is not None and (not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool)
                                     or max_len < 1):
             raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+        if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk must be a power of two >= {MIN_BUCKET} (prompt buckets are), got {prefill_chunk!r}")
         mesh = auto_mesh(mesh)
         # The platform the steps compile for: the mesh's devices (a TPU topology's when compiling
         # ahead of time from a CPU host), else the default backend.
@@ -190,6 +216,7 @@ class Engine:
         self.mesh = mesh  # jax.make_mesh's Explicit axes -> the Auto axes the model is written for
         self.max_candidates = max_candidates
         self.max_len = max_len
+        self.prefill_chunk = int(prefill_chunk)
         self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
         self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else request.token_ids(
             request.non_empty_list(forced_ids, "forced_ids"), "forced_ids", self.cfg.vocab_size), np.int32)
@@ -282,7 +309,8 @@ class Engine:
 
         with self._mesh_context():
             cache = self._init_cache(B, S)
-            cache, logits = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+            cache, logits = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                     self.prefill_chunk)
             state = self._decode_state(cache, logits, jnp.asarray(lengths), n, max_new_tokens, in_think, budgets)
             emitted = np.zeros(n, np.int64)
             steps = jnp.asarray(chunk or max_new_tokens, jnp.int32)
@@ -318,9 +346,17 @@ class Engine:
         the mesh holds, e.g. a TPU slice's from `jax.experimental.topologies` on a CPU host.
 
         `batch` must be a multiple of the mesh's data-parallel degree (`generate` pads to one);
-        decode's step count is traced, so its while loop is one token per row per iteration.
-        Raises ValueError when the prompt and the new tokens do not fit in `slots`.
+        a prompt longer than `prefill_chunk` is padded to a multiple of it, as `generate`'s
+        buckets are; decode's step count is traced, so its while loop is one token per row per
+        iteration. Raises ValueError when the prompt and the new tokens, or the padded prompt, do
+        not fit in `slots`.
         """
+        if prompt_len > self.prefill_chunk:
+            padded = -(-prompt_len // self.prefill_chunk) * self.prefill_chunk
+            if padded > slots:
+                raise ValueError(f"prompt_len={prompt_len} padded to prefill_chunk={self.prefill_chunk} "
+                                 f"multiples ({padded}) exceeds slots={slots}")
+            prompt_len = padded
         if prompt_len + max_new_tokens > slots:
             raise ValueError(f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens} exceeds slots={slots}")
         if batch % self._batch_multiple():
@@ -361,7 +397,7 @@ class Engine:
         ))
         steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
         with self._mesh_context():
-            return (_prefill.lower(self.graphdef, params, tokens, lengths, cache),
+            return (_prefill.lower(self.graphdef, params, tokens, lengths, cache, self.prefill_chunk),
                     _decode.lower(self.graphdef, params, state, rows, steps, self.max_candidates))
 
     def _init_cache(self, batch: int, slots: int):

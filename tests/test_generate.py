@@ -552,3 +552,18 @@ def test_chat_cli_streams_multi_turn(thinker_checkpoint):
              stdin="first question /think\nsecond\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2 and r.stdout.count("Hello world") == 2
+
+
+def test_chunked_prefill_matches_transformers_greedy(hf_and_model):
+    """Prompts of 1 to 40 tokens prefilled 16 positions at a time (buckets of 16 and 64: one
+    chunk, and four with rows ending in the first, second and third) decode as transformers does."""
+    hf, model = hf_and_model
+    prompts = [*PROMPTS, list(range(100, 140)), list(range(60, 78))]
+    engine = engine_lib.Engine(model, forced_ids=[0], prefill_chunk=16)
+    ours = engine.generate(prompts, max_new_tokens=8, temperature=0.0, stop_token_ids=())
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="power of two"):
+        engine_lib.Engine(model, prefill_chunk=24)
