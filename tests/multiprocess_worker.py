@@ -43,6 +43,7 @@ OTHER_MESH = {"fsdp": 4, "tensor": 2}  # the --restore_from parameters, laid out
 NUM_RECORDS = 64
 PROMPTS = ([5, 6, 7, 8], [30, 31], [70, 71, 72, 73, 74, 75])  # 3 rows: padded to the data degree
 MAX_NEW_TOKENS = 8
+LEARNING_RATE = 3e-3
 
 
 def write_inputs(directory: str) -> tuple[str, str]:
@@ -78,7 +79,7 @@ def experiment_config(args: argparse.Namespace):
     c.data.update(format="jsonl", kind="text", paths=args.data, seq_len=32, batch_size=8, shards=2,
                   packing_bins=2, shuffle=True)
     c.train.update(steps=1, ce_chunk_len=16, peak_flops=1e10)
-    c.optimizer.update(warmup_steps=0, decay_steps=100)
+    c.optimizer.update(learning_rate=LEARNING_RATE, warmup_steps=0, decay_steps=100)
     c.checkpoint.every = 1
     return c
 

@@ -226,6 +226,7 @@ def test_runtime_fields_and_config_survive(tmp_path):
     with open(tmp_path / "qwen3_jax.json") as f:
         assert json.load(f)["runtime"] == {
             "scan_layers": False, "remat": "dots", "moe_impl": "blocked", "dtype": "bfloat16", "param_dtype": "bfloat16",
+            "attention": "auto", "attention_block_q": 512, "attention_block_kv": 1024,
         }
     restored = load_model(tmp_path)
     assert restored.cfg == cfg

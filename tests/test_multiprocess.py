@@ -39,13 +39,17 @@ def test_two_processes_match_one_process(tmp_path, no_torch):
 
     # One train step. The loss is the same to the bit here; the updated state differs by float32
     # rounding: gloo's cross-process all-reduce adds the 8 devices' partial gradients in another
-    # order than the in-process one, so a leaf may move by a few ulps of its largest value.
+    # order than the in-process one, so the gradient (Adam's mu and nu) may move by a few ulps of
+    # its largest value. AdamW's first step moves a weight by lr * g / (|g| + eps): where g is a
+    # cancellation within those ulps of Adam's eps, its step takes a visibly different size, so
+    # weights get a tolerance of 1/500 of the learning rate on top.
     np.testing.assert_allclose([p0["loss"], p0["grad_norm"]], [ref["loss"], ref["grad_norm"]], rtol=1e-6)
     state2, state1 = (np.load(tmp_path / job / "state.npz") for job in ("2x4", "1x8"))
     assert state2.files == state1.files and ".step" in state2.files
     for name in state2.files:
         scale = float(np.abs(state1[name]).max())
-        np.testing.assert_allclose(state2[name], state1[name], rtol=0, atol=1e-6 * scale, err_msg=name)
+        step_noise = 2e-3 * worker.LEARNING_RATE if name.startswith(".params") else 0.0
+        np.testing.assert_allclose(state2[name], state1[name], rtol=0, atol=1e-6 * scale + step_noise, err_msg=name)
 
     # The checkpoint the 2 processes wrote, read by 1 on two meshes: the same bits they restored.
     for restored in ("restored", "restored_other_mesh"):
