@@ -351,14 +351,14 @@ class Engine:
         iteration. Raises ValueError when the prompt and the new tokens, or the padded prompt, do
         not fit in `slots`.
         """
+        if prompt_len + max_new_tokens > slots:
+            raise ValueError(f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens} exceeds slots={slots}")
         if prompt_len > self.prefill_chunk:
             padded = -(-prompt_len // self.prefill_chunk) * self.prefill_chunk
             if padded > slots:
                 raise ValueError(f"prompt_len={prompt_len} padded to prefill_chunk={self.prefill_chunk} "
                                  f"multiples ({padded}) exceeds slots={slots}")
             prompt_len = padded
-        if prompt_len + max_new_tokens > slots:
-            raise ValueError(f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens} exceeds slots={slots}")
         if batch % self._batch_multiple():
             raise ValueError(f"batch={batch} is not a multiple of the data-parallel degree {self._batch_multiple()}")
         replicated = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())

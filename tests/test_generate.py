@@ -567,3 +567,12 @@ def test_chunked_prefill_matches_transformers_greedy(hf_and_model):
         assert got == ref[0, len(prompt):].tolist()
     with pytest.raises(ValueError, match="power of two"):
         engine_lib.Engine(model, prefill_chunk=24)
+
+
+def test_lower_pads_a_chunked_prompt_and_checks_it_fits(hf_and_model):
+    _, model = hf_and_model
+    engine = engine_lib.Engine(model, prefill_chunk=64)
+    prefill, _ = engine.lower(2, 100, 28, 128)  # 100 + 28 fit 128 slots; 100 pads to 2 chunks = 128
+    assert [a.shape for a in jax.tree.leaves(prefill.args_info) if a.shape == (2, 128)]  # the tokens
+    with pytest.raises(ValueError, match=r"padded to prefill_chunk=64 multiples \(192\) exceeds slots=140"):
+        engine.lower(2, 129, 10, 140)
