@@ -21,6 +21,7 @@ import math
 import re
 from collections import defaultdict
 
+import numpy as np
 from jaxlib.mlir import ir
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -62,8 +63,7 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     'kernels_without_cost_estimate': Pallas TPU kernels (splash attention) whose FLOPs are not
     counted, as they carry no cost estimate; 'ragged_dot_flops': the part of 'flops' in ragged_dot,
     counted over every row}. A conditional counts its costliest branch, so the
-    causal tiles blockwise attention skips count as computed (the ragged_dot pass picks its own
-    costliest branch, which can differ only if a branch holds a ragged_dot: none does here).
+    causal tiles blockwise attention skips count as computed.
 
     dot_general: 2 x result elements x contracted elements. ragged_dot: the same, divided by the
     group count when the ragged dimension is contracted (each group contracts only its own rows).
@@ -71,30 +71,29 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     """
     funcs = {op.attributes["sym_name"].value: op for op in module.body.operations
              if "sym_name" in op.attributes}
-    memo: dict[str, float] = {}
+    # Every count is a pair: (all matmul FLOPs, the ragged_dot part of them).
+    memo: dict[str, np.ndarray] = {}
     unknown, opaque = [0], [0]
-    only_ragged = [False]  # a second pass counts the ragged_dot FLOPs alone
 
-    def region(r: ir.Region) -> float:
-        return sum(operation(op.operation) for block in r.blocks for op in block.operations)
+    def region(r: ir.Region) -> np.ndarray:
+        return sum((operation(op.operation) for block in r.blocks for op in block.operations), np.zeros(2))
 
-    def operation(op: ir.Operation) -> float:
+    def operation(op: ir.Operation) -> np.ndarray:
         name = op.name
         if name == "stablehlo.dot_general":
-            if only_ragged[0]:
-                return 0.0
             dims = str(op.attributes["dot_dimension_numbers"])
             contracting = re.search(r"lhs_contracting_dimensions = \[([\d, ]*)\]", dims)
             lhs = _shape(op.operands[0])
             k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i.strip()) if contracting else 1
-            return 2.0 * math.prod(_shape(op.results[0])) * k
+            return np.array([2.0 * math.prod(_shape(op.results[0])) * k, 0.0])
         if name == "chlo.ragged_dot":
             dims = str(op.attributes["ragged_dot_dimension_numbers"])
             contracting = [int(i) for i in re.search(r"lhs_contracting_dimensions = \[([\d, ]*)\]", dims).group(1).split(",")]
             ragged = [int(i) for i in re.search(r"lhs_ragged_dimensions = \[([\d, ]*)\]", dims).group(1).split(",")]
             lhs = _shape(op.operands[0])
             flops = 2.0 * math.prod(_shape(op.results[0])) * math.prod(lhs[i] for i in contracting)
-            return flops / _shape(op.operands[2])[0] if set(ragged) & set(contracting) else flops
+            flops = flops / _shape(op.operands[2])[0] if set(ragged) & set(contracting) else flops
+            return np.array([flops, flops])
         if name == "stablehlo.while":
             n = _trip_count(op.regions[0])
             if n is None:
@@ -108,24 +107,20 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
         if name == "stablehlo.custom_call" and "tpu_custom_call" in str(op.attributes["call_target_name"]):
             # A Pallas kernel: its FLOPs are those of the cost estimate it was lowered with, if any.
             estimate = re.search(r'cost_estimate\\?": ?\{[^}]*?flops\\?": ?(\d+)', str(op.attributes["backend_config"]))
-            if only_ragged[0]:
-                return 0.0
             if estimate is None:
                 opaque[0] += 1
-            return float(estimate.group(1)) if estimate else 0.0
+            return np.array([float(estimate.group(1)) if estimate else 0.0, 0.0])
         if name in ("stablehlo.case", "stablehlo.if"):  # one branch runs: count the costliest
-            return max((region(r) for r in op.regions), default=0.0)
+            return max((region(r) for r in op.regions), key=lambda c: c[0], default=np.zeros(2))
         inner = sum(region(r) for r in op.regions)
-        if name == "sdy.manual_computation" and inner:
+        if name == "sdy.manual_computation" and inner[0]:
             axes = re.findall(r'"(\w+)"', str(op.attributes["manual_axes"]))
             inner *= math.prod(mesh_shape[a] for a in axes)
         return inner
 
-    flops = region(funcs["main"].regions[0])
-    counts = {"flops": flops, "loops_without_trip_count": unknown[0], "kernels_without_cost_estimate": opaque[0]}
-    only_ragged[0] = True
-    memo.clear()
-    return {**counts, "ragged_dot_flops": region(funcs["main"].regions[0])}
+    flops, ragged = region(funcs["main"].regions[0])
+    return {"flops": float(flops), "loops_without_trip_count": unknown[0],
+            "kernels_without_cost_estimate": opaque[0], "ragged_dot_flops": float(ragged)}
 
 
 # ------------------------------------------------------------------------- compiled HLO bytes
