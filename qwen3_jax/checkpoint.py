@@ -51,8 +51,8 @@ from qwen3_jax.sharding import auto_mesh, state_shardings
 PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
 FORMAT_VERSION = 1
-RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "dtype", "param_dtype", "attention", "attention_block_q",
-                  "attention_block_kv")
+RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "moe_chunk_tokens", "dtype", "param_dtype", "attention",
+                  "attention_block_q", "attention_block_kv")
 # The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,data_info,model_config} (train/checkpoint.py).
 TRAINER_CHECKPOINTS = "checkpoints"
 TRAINER_STATE, TRAINER_DATA, TRAINER_MODEL_CONFIG = "state", "data", "model_config"

@@ -75,6 +75,7 @@ class Qwen3Config:
     scan_layers: bool = True  # one compiled layer body per run of identical layers
     remat: str = "none"
     moe_impl: str = "auto"  # grouped matmul: auto = ragged_dot on TPU/GPU, blocked on CPU
+    moe_chunk_tokens: int = 0  # tokens per pass of an expert shard's loop (0: all); see qwen3_jax.moe
     # auto = splash on TPU, cuDNN on GPU (bf16, unpacked), blockwise otherwise and over a KV cache.
     attention: str = "auto"
     attention_block_q: int = 512  # query / key tile of blockwise and splash attention
@@ -147,6 +148,7 @@ class Qwen3Config:
         need(self.moe_impl in MOE_IMPLS, f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         need(self.attention in ATTENTION_IMPLS,
              f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        need(self.moe_chunk_tokens >= 0, f"moe_chunk_tokens must be >= 0 (0: no chunking), got {self.moe_chunk_tokens}")
         for name in ("attention_block_q", "attention_block_kv"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")

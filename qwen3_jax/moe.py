@@ -17,11 +17,17 @@ The backward pass has their transposes. Every token travels to every expert shar
 an all-to-all dispatch would send it only to the shards holding its K experts, at the price of a
 capacity bound or a ragged all-to-all, which this dropless layout avoids.
 
+Memory: a shard's (token, expert) pairs are [G*T*K, D] for the G gathered rows, 34 GB for
+Qwen3-235B-A22B at 16 rows of 32,768 tokens. `moe_chunk_tokens` bounds that: the gathered tokens
+go through the experts in chunks under `jax.checkpoint`, so one chunk's pairs are live at a time and
+the backward pass recomputes each chunk's expert matmuls once more.
+
 Shapes: B batch, T length, D hidden, E experts (El local), I expert width, K top-k, M = B*T*K pairs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -146,6 +152,32 @@ def local_experts(
     return jnp.zeros_like(x_NxD).at[token_M].add(y_MxD * weight_M[:, None])
 
 
+def chunked_local_experts(
+    x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array, gate_ExDxI: jax.Array, up_ExDxI: jax.Array,
+    down_ExIxD: jax.Array, expert_offset: jax.Array | int, impl: str, chunk: int,
+) -> jax.Array:
+    """`local_experts` over chunks of `chunk` tokens (0: all N at once), each chunk rematerialised in
+    the backward pass, so the live pairs are [chunk*K, D] rather than [N*K, D]. The same sums as
+    `local_experts`: a token's output depends only on its own row. Tokens padding the last chunk
+    choose expert -1, which no shard holds, so they are sorted past every group and cost nothing."""
+    N, D = x_NxD.shape
+    K = idx_NxK.shape[1]
+    if chunk <= 0 or N <= chunk:
+        return local_experts(x_NxD, idx_NxK, w_NxK, gate_ExDxI, up_ExDxI, down_ExIxD, expert_offset, impl)
+    num_chunks = -(-N // chunk)
+    pad = num_chunks * chunk - N
+    x = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(num_chunks, chunk, D)
+    idx = jnp.pad(idx_NxK, ((0, pad), (0, 0)), constant_values=-1).reshape(num_chunks, chunk, K)
+    w = jnp.pad(w_NxK, ((0, pad), (0, 0))).reshape(num_chunks, chunk, K)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # prevent_cse is only needed outside a loop
+    def one_chunk(g, u, d, offset, xs):
+        return local_experts(*xs, g, u, d, offset, impl)
+
+    out = jax.lax.map(functools.partial(one_chunk, gate_ExDxI, up_ExDxI, down_ExIxD, expert_offset), (x, idx, w))
+    return out.reshape(num_chunks * chunk, D)[:N]
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         D, E, I = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
@@ -190,7 +222,8 @@ class MoE(nnx.Module):
             else:
                 offset = 0
             n = xs.shape[0] * xs.shape[1]
-            out = local_experts(xs.reshape(n, D), idxs.reshape(n, -1), ws.reshape(n, -1), g, u, d, offset, impl)
+            out = chunked_local_experts(xs.reshape(n, D), idxs.reshape(n, -1), ws.reshape(n, -1), g, u, d, offset, impl,
+                                        cfg.moe_chunk_tokens)
             out = out.reshape(xs.shape)
             if has_tensor:  # the expert width is split over `tensor`: partial sums
                 out = jax.lax.psum(out, "tensor")

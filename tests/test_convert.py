@@ -217,16 +217,16 @@ def test_restores_on_one_device_and_on_another_mesh(saved_on_8):
 
 def test_runtime_fields_and_config_survive(tmp_path):
     cfg = q.preset(
-        "tiny-moe", scan_layers=False, remat="dots", moe_impl="blocked", dtype="bfloat16", param_dtype="bfloat16",
-        mlp_only_layers=(1,), rope_scaling=q.YarnScaling(factor=4.0, original_max_position_embeddings=64),
+        "tiny-moe", scan_layers=False, remat="dots", moe_impl="blocked", moe_chunk_tokens=64, dtype="bfloat16",
+        param_dtype="bfloat16", mlp_only_layers=(1,), rope_scaling=q.YarnScaling(factor=4.0, original_max_position_embeddings=64),
         max_position_embeddings=256,
     )
     model = _random_model(cfg)
     save_model(model, tmp_path)
     with open(tmp_path / "qwen3_jax.json") as f:
         assert json.load(f)["runtime"] == {
-            "scan_layers": False, "remat": "dots", "moe_impl": "blocked", "dtype": "bfloat16", "param_dtype": "bfloat16",
-            "attention": "auto", "attention_block_q": 512, "attention_block_kv": 1024,
+            "scan_layers": False, "remat": "dots", "moe_impl": "blocked", "moe_chunk_tokens": 64, "dtype": "bfloat16",
+            "param_dtype": "bfloat16", "attention": "auto", "attention_block_q": 512, "attention_block_kv": 1024,
         }
     restored = load_model(tmp_path)
     assert restored.cfg == cfg
