@@ -17,18 +17,19 @@ The backward pass has their transposes. Every token travels to every expert shar
 an all-to-all dispatch would send it only to the shards holding its K experts, at the price of a
 capacity bound or a ragged all-to-all, which this dropless layout avoids.
 
-Memory: a shard's (token, expert) pairs are [G*T*K, D] for the G gathered rows, 34 GB for
-Qwen3-235B-A22B at 16 rows of 32,768 tokens. `moe_chunk_tokens` bounds that: the gathered tokens
-go through the experts in chunks under `jax.checkpoint`, so one chunk's pairs are live at a time and
-the backward pass recomputes each chunk's expert matmuls once more.
+Memory: an expert shard gathers its group's tokens [G*B*T, D] and makes their (token, expert)
+pairs [G*B*T*K, D], 34 GB for Qwen3-235B-A22B at 16 rows of 32,768 tokens. `moe_chunk_tokens`
+bounds both: each device's tokens go through the layer above (gather, experts, reduce-scatter) in
+chunks under `jax.checkpoint`, `moe_chunk_tokens` gathered tokens per pass, so one chunk's arrays are
+live at a time; the backward pass recomputes each chunk (its expert matmuls and its all-gather)
+once more.
 
 Shapes: B batch, T length, D hidden, E experts (El local), I expert width, K top-k, M = B*T*K pairs.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,30 +153,26 @@ def local_experts(
     return jnp.zeros_like(x_NxD).at[token_M].add(y_MxD * weight_M[:, None])
 
 
-def chunked_local_experts(
-    x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array, gate_ExDxI: jax.Array, up_ExDxI: jax.Array,
-    down_ExIxD: jax.Array, expert_offset: jax.Array | int, impl: str, chunk: int,
+def in_token_chunks(
+    fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], chunk: int,
+    x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array,
 ) -> jax.Array:
-    """`local_experts` over chunks of `chunk` tokens (0: all N at once), each chunk rematerialised in
-    the backward pass, so the live pairs are [chunk*K, D] rather than [N*K, D]. The same sums as
-    `local_experts`: a token's output depends only on its own row. Tokens padding the last chunk
-    choose expert -1, which no shard holds, so they are sorted past every group and cost nothing."""
+    """fn(x [C, D], idx [C, K], w [C, K]) -> [C, D] over chunks of C = `chunk` tokens (0, or
+    chunk >= N: one call on all N), each chunk rematerialised in the backward pass, so only one
+    chunk's intermediates are live. Exact when a token's output depends only on its own row. Tokens
+    padding the last chunk choose expert -1, which no shard holds: every shard sorts them past its
+    groups and they cost nothing."""
     N, D = x_NxD.shape
     K = idx_NxK.shape[1]
     if chunk <= 0 or N <= chunk:
-        return local_experts(x_NxD, idx_NxK, w_NxK, gate_ExDxI, up_ExDxI, down_ExIxD, expert_offset, impl)
+        return fn(x_NxD, idx_NxK, w_NxK)
     num_chunks = -(-N // chunk)
     pad = num_chunks * chunk - N
     x = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(num_chunks, chunk, D)
     idx = jnp.pad(idx_NxK, ((0, pad), (0, 0)), constant_values=-1).reshape(num_chunks, chunk, K)
     w = jnp.pad(w_NxK, ((0, pad), (0, 0))).reshape(num_chunks, chunk, K)
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)  # prevent_cse is only needed outside a loop
-    def one_chunk(g, u, d, offset, xs):
-        return local_experts(*xs, g, u, d, offset, impl)
-
-    out = jax.lax.map(functools.partial(one_chunk, gate_ExDxI, up_ExDxI, down_ExIxD, expert_offset), (x, idx, w))
-    return out.reshape(num_chunks * chunk, D)[:N]
+    one_chunk = jax.checkpoint(lambda xs: fn(*xs), prevent_cse=False)  # prevent_cse is for code outside loops
+    return jax.lax.map(one_chunk, (x, idx, w)).reshape(num_chunks * chunk, D)[:N]
 
 
 class MoE(nnx.Module):
@@ -215,21 +212,24 @@ class MoE(nnx.Module):
 
         def body(x, logits, g, u, d):
             probs, w, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-            xs, idxs, ws = x, idx, w.astype(x.dtype)
-            if has_expert:  # every expert shard sees its expert group's tokens
-                xs, idxs, ws = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (xs, idxs, ws))
-                offset = jax.lax.axis_index("expert") * g.shape[0]
-            else:
-                offset = 0
-            n = xs.shape[0] * xs.shape[1]
-            out = chunked_local_experts(xs.reshape(n, D), idxs.reshape(n, -1), ws.reshape(n, -1), g, u, d, offset, impl,
-                                        cfg.moe_chunk_tokens)
-            out = out.reshape(xs.shape)
-            if has_tensor:  # the expert width is split over `tensor`: partial sums
-                out = jax.lax.psum(out, "tensor")
-            if has_expert:
-                out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
-            return out, probs, idx
+            group = jax.lax.axis_size("expert") if has_expert else 1
+            offset = jax.lax.axis_index("expert") * g.shape[0] if has_expert else 0
+
+            def experts(xs, idxs, ws):  # this device's tokens -> their outputs
+                if has_expert:  # every expert shard sees its expert group's tokens
+                    xs, idxs, ws = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (xs, idxs, ws))
+                out = local_experts(xs, idxs, ws, g, u, d, offset, impl)
+                if has_tensor:  # the expert width is split over `tensor`: partial sums
+                    out = jax.lax.psum(out, "tensor")
+                if has_expert:
+                    out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+                return out
+
+            # A pass gathers `group` devices' chunks: moe_chunk_tokens counts the tokens an expert shard sees.
+            chunk = -(-cfg.moe_chunk_tokens // group)
+            n = x.shape[0] * x.shape[1]
+            out = in_token_chunks(experts, chunk, x.reshape(n, D), idx.reshape(n, -1), w.astype(x.dtype).reshape(n, -1))
+            return out.reshape(x.shape), probs, idx
 
         if not names:
             return body(x_BxTxD, logits_BxTxE, gate, up, down)

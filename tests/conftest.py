@@ -1,18 +1,38 @@
-"""Test set-up: eight simulated CPU devices, float32 matmuls at full precision.
+"""Test set-up: eight simulated CPU devices, float32 matmuls at full precision, and compile time cut.
 
-XLA_FLAGS must be set before jax is first imported, which is why this lives here.
+XLA_FLAGS must be set before jax is first imported, which is why this lives here. The suite is
+dominated by XLA:CPU compiling tiny models, not by running them, so (measured on 2 cores, the whole
+suite: 1,113 s as production compiles, see the README):
+  - LLVM runs at optimisation level 0 (the HLO passes, and so the numerics of fusion, are unchanged):
+    a backend compile takes ~40% less time;
+  - a persistent compilation cache, fresh for each session, is shared by the tests and the
+    subprocesses they start (CLIs, killed-and-resumed trainers), which compile the same programs
+    again: on test_generate.py + test_train.py, 122 of 511 compiles hit it and the time drops 27%.
+Set before jax is imported, as environment variables, so that subprocesses inherit them.
 """
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qwen3-jax-tests-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

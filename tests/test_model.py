@@ -245,8 +245,9 @@ MESHES = {"dense": {"data": 2, "fsdp": 2, "tensor": 2}, "moe": {"data": 2, "expe
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_sharded_equals_unsharded(checkpoints, kind):
-    """The MoE case runs each expert shard's 48 gathered tokens in chunks of 20: chunking under
-    expert parallelism (one pass per shard is what the sharded train and decode tests run)."""
+    """The MoE case runs each device's 24 tokens in passes of 10 (20 gathered by the 2 expert shards,
+    the last pass padded): chunking under expert parallelism, with the collectives in the loop. One
+    pass is what the sharded train and decode tests run."""
     _, path = checkpoints[kind]
     tokens = jnp.asarray(_tokens(8, 12, seed=6))
     single = q.from_hf(path)
@@ -358,7 +359,7 @@ def test_dropless_moe_equals_masked_reference(impl):
 
 
 @pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
-def test_chunked_expert_loop_equals_one_pass_in_value_and_gradient(impl):
+def test_token_chunks_equal_one_pass_in_value_and_gradient(impl):
     """21 tokens in chunks of 5 (the last one padded), on a shard holding experts 2..5 of 8: the
     foreign experts' pairs and the padding contribute nothing, and the rematerialised chunks give
     the same gradients, with respect to the tokens too."""
@@ -370,7 +371,8 @@ def test_chunked_expert_loop_equals_one_pass_in_value_and_gradient(impl):
 
     def loss(args, chunk):
         x_NxD, params = args
-        return jnp.sum(jnp.sin(moe_lib.chunked_local_experts(x_NxD, idx, w, *params, 2, impl, chunk)))
+        experts = lambda *xs: moe_lib.local_experts(*xs, *params, 2, impl)  # noqa: E731
+        return jnp.sum(jnp.sin(moe_lib.in_token_chunks(experts, chunk, x_NxD, idx, w)))
 
     args = (x.reshape(-1, cfg.hidden_size), weights)
     ref_loss, ref_grads = jax.value_and_grad(loss)(args, 0)

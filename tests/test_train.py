@@ -545,19 +545,15 @@ def test_shipped_configs_validate(path, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- CLI
-# Subprocesses share a persistent compilation cache: they all compile the same step (the learning
-# rate schedule, a compile-time constant, is fixed by decay_steps rather than train.steps).
+# Subprocesses share the session's persistent compilation cache (conftest.py): they all compile the
+# same step (the learning rate schedule, a compile-time constant, is fixed by decay_steps rather
+# than train.steps).
 
 
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory, no_torch) -> dict[str, str]:
-    """Environment of the training subprocesses: a shared persistent compilation cache, and torch
-    hidden (`no_torch`)."""
-    return dict(
-        os.environ, PYTHONPATH=os.pathsep.join([no_torch, REPO]),
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+def cli_env(no_torch) -> dict[str, str]:
+    """Environment of the training subprocesses: this one's, with torch hidden (`no_torch`)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([no_torch, REPO]))
 
 
 def cli_args(workdir, *overrides: str) -> list[str]:
