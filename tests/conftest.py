@@ -1,9 +1,9 @@
 """Test set-up: eight simulated CPU devices, float32 matmuls at full precision, and compile time cut.
 
 XLA_FLAGS must be set before jax is first imported, which is why this lives here. The suite is
-dominated by XLA:CPU compiling tiny models, not by running them, so (measured on 2 cores, the whole
-suite: 1,113 s as production compiles, see the README):
-  - LLVM runs at optimisation level 0 (the HLO passes, and so the numerics of fusion, are unchanged):
+dominated by XLA:CPU compiling tiny models, not by running them (75% of the time of four heavy tests profiled), so
+(measured on 2 cores; the whole suite took 1,113 s with neither, 632 s with both and pytest-xdist):
+  - LLVM runs at optimisation level 0 (XLA's HLO passes, fusion included, are unchanged):
     a backend compile takes ~40% less time;
   - a persistent compilation cache, fresh for each session, is shared by the tests and the
     subprocesses they start (CLIs, killed-and-resumed trainers), which compile the same programs
