@@ -108,8 +108,12 @@ FAULTS = (
     Fault("moe_routing_weights_from_the_gathered_rows_of_another_shard", "qwen3_jax/moe.py",
           "xs, idxs, ws = (jax.lax.all_gather(a, \"expert\", axis=0, tiled=True) for a in (xs, idxs, ws))",
           "xs, idxs = (jax.lax.all_gather(a, \"expert\", axis=0, tiled=True) for a in (xs, idxs))\n"
-          "                ws = jnp.concatenate([ws, ws], axis=0)",
+          "                    ws = jnp.concatenate([ws, ws], axis=0)",
           ("tests/test_model.py", "-k", "sharded_equals_unsharded and moe")),
+    Fault("moe_token_chunks_reassembled_in_reverse", "qwen3_jax/moe.py",
+          "return jax.lax.map(one_chunk, (x, idx, w)).reshape(",
+          "return jax.lax.map(one_chunk, (x, idx, w))[::-1].reshape(",
+          ("tests/test_model.py", "-k", "token_chunks or (sharded_equals_unsharded and moe)")),
     Fault("chunked_prefill_keeps_the_last_chunk_for_every_row", "infer/engine.py",
           "return (cache, jnp.where(ends_here_B[:, None, None], h_Bx1xD, last_Bx1xD)), None",
           "return (cache, h_Bx1xD), None",
@@ -186,7 +190,8 @@ def _copy_project(dest: Path) -> None:
 def _run_tests(project: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
     """('passed' | 'failed' | 'timeout' | 'error', seconds, the first failure line or the output tail)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    # -n 0: in this process, not pytest-xdist's workers (there -x ends a failing run with exit code 2).
+    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-x", "-q", "-p", "no:cacheprovider", *tests]
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)

@@ -19,7 +19,7 @@ capacity bound or a ragged all-to-all, which this dropless layout avoids.
 
 Memory: an expert shard gathers its group's tokens [G*B*T, D] and makes their (token, expert)
 pairs [G*B*T*K, D], 34 GB for Qwen3-235B-A22B at 16 rows of 32,768 tokens. `moe_chunk_tokens`
-bounds both: each device's tokens go through the layer above (gather, experts, reduce-scatter) in
+bounds both: each device's tokens go through the collectives and experts listed above in
 chunks under `jax.checkpoint`, `moe_chunk_tokens` gathered tokens per pass, so one chunk's arrays are
 live at a time; the backward pass recomputes each chunk (its expert matmuls and its all-gather)
 once more.
