@@ -12,16 +12,13 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from qwen3_jax.errors import ConfigError
 from qwen3_jax.sharding import ShardingRules
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked")
 ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn")  # see qwen3_jax.attention
-
-
-class ConfigError(ValueError):
-    """An inconsistent or unsupported model configuration."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 import qwen3_jax as q
-from hf_fixtures import make_hf_model, save_hf_model
+from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer.engine import Engine
 from qwen3_jax import attention as A
 from qwen3_jax.config import ConfigError

@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import qwen3_jax as q
-from hf_fixtures import make_hf_model, save_hf_model
+from helpers.hf_fixtures import make_hf_model, save_hf_model
 from qwen3_jax import convert
 from qwen3_jax.checkpoint import (
     CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, open_params, save_model,

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qwen3_jax as q
-from hf_fixtures import make_hf_model, save_hf_model
+from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
 from infer import request as engine_request
 from infer.engine import Engine, generate

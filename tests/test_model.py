@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 import qwen3_jax as q
-from hf_fixtures import make_hf_model, save_hf_model
+from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer.engine import Engine
 from qwen3_jax import moe as moe_lib
 from qwen3_jax.hf import SafetensorsReader, write_safetensors

@@ -1,6 +1,6 @@
 """A pod is many processes: 2 processes x 4 CPU devices (jax.distributed on localhost, gloo
 collectives) train, checkpoint, restore and generate as 1 process x 8 devices does, and read
-disjoint halves of the data into the same global batch (see tests/multiprocess_worker.py).
+disjoint halves of the data into the same global batch (see tests/helpers/multiprocess_worker.py).
 
 The two jobs run side by side; the 1-process job also loads the 2-process job's checkpoint, once
 on the same mesh and once on another."""
@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-import multiprocess_worker as worker
+from helpers import multiprocess_worker as worker
 
 HALF = worker.NUM_RECORDS // 2  # data.shards=2: shard 0 holds records 0..31, shard 1 32..63
 

@@ -2,7 +2,7 @@
 
 XLA logs "[SPMD] Involuntary full rematerialization" (C++ logging, straight to file descriptor 2)
 when it finds no collective from one sharding to the next and replicates the array instead: on a
-pod, an all-gather of an activation in every layer. tests/compile_on_meshes.py compiles the train
+pod, an all-gather of an activation in every layer. tests/helpers/compile_on_meshes.py compiles the train
 step and the engine's prefill and decode in a subprocess whose stderr is read here.
 """
 
@@ -31,9 +31,9 @@ BATCH, SEQ = 8, 32
 
 @pytest.fixture(scope="module")
 def compiler_logs() -> dict[str, str]:
-    """XLA's stderr per case of tests/compile_on_meshes.py, run in a fresh process (a cached
+    """XLA's stderr per case of tests/helpers/compile_on_meshes.py, run in a fresh process (a cached
     executable compiles nothing and logs nothing; XLA's flags are fixed at process start)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_on_meshes.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "compile_on_meshes.py")
     proc = subprocess.run([sys.executable, script, *CASES], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs, case = {}, None

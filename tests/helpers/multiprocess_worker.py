@@ -1,7 +1,7 @@
 """One process of a multi-process run on CPU, and the launcher that starts them all.
 
-    python tests/multiprocess_worker.py --out /tmp/mp2 --num_processes 2 --devices 4
-    python tests/multiprocess_worker.py --out /tmp/mp1 --num_processes 1 --devices 8 \
+    python tests/helpers/multiprocess_worker.py --out /tmp/mp2 --num_processes 2 --devices 4
+    python tests/helpers/multiprocess_worker.py --out /tmp/mp1 --num_processes 1 --devices 8 \
         --restore_from /tmp/mp2/run
 
 Each process sees `--devices` CPU devices; with several processes they join one job through
@@ -37,7 +37,7 @@ import sys
 import time
 
 STARTED = time.perf_counter()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # 8 devices; tiny-dense's heads (6 q, 2 kv) split 2 ways
 OTHER_MESH = {"fsdp": 4, "tensor": 2}  # the --restore_from parameters, laid out another way
 NUM_RECORDS = 64

@@ -2,7 +2,7 @@
 
 Run as a fresh process by tests/test_sharding_hlo.py, which reads XLA's warnings from its stderr:
 
-    python tests/compile_on_meshes.py tiny-moe:data=2,expert=2,tensor=2 ...
+    python tests/helpers/compile_on_meshes.py tiny-moe:data=2,expert=2,tensor=2 ...
 
 Each case prints `CASE <name>:<mesh>` to stderr before compiling, so the warnings can be told
 apart; a first case, `canary`, compiles a reshard XLA can only do by full rematerialisation, to
@@ -21,7 +21,7 @@ os.environ["XLA_FLAGS"] = " ".join([
 ])
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"  # warnings on, info off
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
