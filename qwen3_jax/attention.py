@@ -35,8 +35,6 @@ from jax.sharding import PartitionSpec as P
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.sharding import current_mesh_axes, target_platform
 
-IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn")
-
 _F32 = jnp.float32
 _MASKED = jnp.finfo(jnp.float32).min
 

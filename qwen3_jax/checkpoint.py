@@ -43,7 +43,8 @@ from flax import nnx
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.hf_config import from_hf_config, to_hf_config
 from qwen3_jax.hf import CheckpointError, from_hf, hf_param_readers, stacked_dims
 from qwen3_jax.model import Qwen3, abstract_model
 from qwen3_jax.sharding import auto_mesh, state_shardings

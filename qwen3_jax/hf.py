@@ -31,7 +31,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.hf_config import from_hf_config, to_hf_config
 from qwen3_jax.errors import CheckpointError
 from qwen3_jax.model import Qwen3, abstract_model
 from qwen3_jax.sharding import auto_mesh, state_shardings
