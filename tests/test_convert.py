@@ -26,7 +26,8 @@ from qwen3_jax import convert
 from qwen3_jax.checkpoint import (
     CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, open_params, save_model,
 )
-from qwen3_jax.hf import SafetensorsReader, stacked_dims
+from qwen3_jax.hf import stacked_dims
+from qwen3_jax.safetensors import SafetensorsReader
 from qwen3_jax.sharding import state_shardings
 
 KINDS = ("dense_tied", "moe")

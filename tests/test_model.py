@@ -18,7 +18,8 @@ import qwen3_jax as q
 from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer.engine import Engine
 from qwen3_jax import moe as moe_lib
-from qwen3_jax.hf import SafetensorsReader, write_safetensors
+from qwen3_jax.safetensors import SafetensorsReader
+from helpers.safetensors_files import write_safetensors
 from qwen3_jax.layers import RMSNorm, rope_inv_freq
 from qwen3_jax.model import unstack_layers
 
