@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from absl import flags
 
 from infer.engine import Engine
-from qwen3_jax.checkpoint import load_any, quiet_orbax_logs
+from qwen3_jax.checkpoint import load_any
+from qwen3_jax.cli import quiet_orbax_logs
 from qwen3_jax.tokenizer import Tokenizer
 
 CHECKPOINT = flags.DEFINE_string(

@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.sharding import current_mesh_axes, target_platform

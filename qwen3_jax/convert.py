@@ -29,10 +29,12 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-from qwen3_jax.checkpoint import locate_checkpoint, open_params, save_streamed
+from qwen3_jax.checkpoint import locate_checkpoint
 from qwen3_jax.config import DTYPES
-from qwen3_jax.hf import CheckpointError, write_hf
+from qwen3_jax.errors import CheckpointError
+from qwen3_jax.hf import write_hf
 from qwen3_jax.model import abstract_model
+from qwen3_jax.stream import open_params, save_streamed
 from qwen3_jax.tokenizer import tokenizer_dir
 
 FORMATS = ("orbax", "hf")

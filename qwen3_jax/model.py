@@ -248,6 +248,18 @@ def abstract_model(cfg: Qwen3Config) -> Qwen3:
     return nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
 
 
+def abstract_params(cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """The parameters as `nnx.to_pure_dict(nnx.state(model, nnx.Param))` lays them out, each a
+    ShapeDtypeStruct with its NamedSharding on `auto_mesh(mesh)` by `cfg.rules` (no sharding
+    without a mesh): a restore or `jax.jit` target. Nothing is allocated."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    shapes = nnx.to_pure_dict(state)
+    if mesh is None:
+        return shapes
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh, cfg.rules))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def init_model(cfg: Qwen3Config, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Qwen3:
     """Randomly initialised model whose parameters are created already sharded on `mesh`.
 

@@ -22,7 +22,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from qwen3_jax.checkpoint import checkpoint_dirs
+from qwen3_jax.layout import checkpoint_dirs
 
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
@@ -279,7 +279,7 @@ def _token_id(value) -> int:
 def tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
     """The directory holding the tokenizer a checkpoint ships (`tokenizer.json` or `tokenizer.model`),
     or None: `path` itself, or for a trainer checkpoint given as its `checkpoints/` directory or a
-    step folder, the run's workdir (`qwen3_jax.checkpoint.checkpoint_dirs`)."""
+    step folder, the run's workdir (`qwen3_jax.layout.checkpoint_dirs`)."""
     for directory in map(Path, checkpoint_dirs(path)):
         if (directory / TOKENIZER_JSON).is_file() or (directory / SENTENCEPIECE_MODEL).is_file():
             return directory

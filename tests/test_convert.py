@@ -23,12 +23,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 import qwen3_jax as q
 from helpers.hf_fixtures import make_hf_model, save_hf_model
 from qwen3_jax import convert
-from qwen3_jax.checkpoint import (
-    CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, open_params, save_model,
-)
+from qwen3_jax.checkpoint import CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, save_model
 from qwen3_jax.hf import stacked_dims
 from qwen3_jax.safetensors import SafetensorsReader
 from qwen3_jax.sharding import state_shardings
+from qwen3_jax.stream import open_params
 
 KINDS = ("dense_tied", "moe")
 TOKENIZER_FILES = {"tokenizer.json": '{"model": {}}', "tokenizer_config.json": "{}", "merges.txt": "#v\n"}

@@ -47,7 +47,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_dict
 
-from qwen3_jax.checkpoint import load_any, trainer_steps
+from qwen3_jax.checkpoint import load_any
+from qwen3_jax.layout import trainer_steps
 from qwen3_jax.chat import render
 from qwen3_jax.config import ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import to_hf
