@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qwen3_jax.chat import parse_completion, parse_completion_ids, render, render_for_training
-from qwen3_jax.tokenizer import END_THINK_ID, IM_END_ID, Tokenizer
+from qwen3_jax.ids import END_THINK_ID, IM_END_ID
+from qwen3_jax.tokenizer import Tokenizer
 
 TEMPLATE_PATH = Path(__file__).parent / "data" / "qwen3_chat_template.jinja"
 TEMPLATE = TEMPLATE_PATH.read_text()

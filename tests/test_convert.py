@@ -21,6 +21,9 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import qwen3_jax as q
+from qwen3_jax.config import YarnScaling
+from qwen3_jax.hf_config import from_hf_config, to_hf_config
+from qwen3_jax.model import abstract_model
 from helpers.hf_fixtures import make_hf_model, save_hf_model
 from qwen3_jax import convert
 from qwen3_jax.checkpoint import CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, save_model
@@ -73,7 +76,7 @@ def _logits(model, tokens):
 
 def _random_model(cfg: q.Qwen3Config) -> q.Qwen3:
     """Random parameters without init_model's compile (seconds for a multi-run MoE)."""
-    graphdef, state = nnx.split(q.abstract_model(cfg))
+    graphdef, state = nnx.split(abstract_model(cfg))
     rng = np.random.RandomState(0)
     return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), state))
 
@@ -218,7 +221,7 @@ def test_restores_on_one_device_and_on_another_mesh(saved_on_8):
 def test_runtime_fields_and_config_survive(tmp_path):
     cfg = q.preset(
         "tiny-moe", scan_layers=False, remat="dots", moe_impl="blocked", moe_chunk_tokens=64, dtype="bfloat16",
-        param_dtype="bfloat16", mlp_only_layers=(1,), rope_scaling=q.YarnScaling(factor=4.0, original_max_position_embeddings=64),
+        param_dtype="bfloat16", mlp_only_layers=(1,), rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=64),
         max_position_embeddings=256,
     )
     model = _random_model(cfg)
@@ -426,7 +429,7 @@ def test_nothing_is_ever_unpickled(checkpoints, tmp_path, monkeypatch):
         load_any(pytorch)
 
 
-HF_CONFIGS = [q.to_hf_config(q.preset(name)) for name in ("tiny-dense", "tiny-moe")]
+HF_CONFIGS = [to_hf_config(q.preset(name)) for name in ("tiny-dense", "tiny-moe")]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
     | st.sampled_from(["qwen3", "qwen3_moe", "yarn", "default", "silu"]),
@@ -455,7 +458,7 @@ def hf_configs(draw) -> dict:
 @given(hf_configs())
 def test_from_hf_config_raises_only_config_errors_on_any_json(config):
     try:
-        cfg = q.from_hf_config(config)
+        cfg = from_hf_config(config)
     except q.ConfigError:
         return
     assert isinstance(cfg, q.Qwen3Config)

@@ -15,6 +15,10 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 import qwen3_jax as q
+from qwen3_jax.checkpoint import load_model
+from qwen3_jax.hf_config import from_hf_config
+from qwen3_jax.model import count_params
+from qwen3_jax.sharding import ShardingRules, auto_mesh
 from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer.engine import Engine
 from qwen3_jax import moe as moe_lib
@@ -123,7 +127,7 @@ def test_yarn_frequencies_and_logits_match_transformers(tmp_path):
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     hf_cfg = transformers.Qwen3Config(head_dim=128, rope_theta=1e6, rope_scaling=scaling, max_position_embeddings=131072)
     ref_inv, ref_scale = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
-    cfg = q.from_hf_config({**hf_cfg.to_dict(), "model_type": "qwen3"})
+    cfg = from_hf_config({**hf_cfg.to_dict(), "model_type": "qwen3"})
     inv, scale = rope_inv_freq(128, cfg.rope_theta, cfg.rope_scaling)
     np.testing.assert_allclose(inv, ref_inv.numpy(), rtol=3e-7, atol=0)  # float32 pow: within 1 ulp
     assert scale == pytest.approx(ref_scale) and scale == pytest.approx(0.1 * np.log(4) + 1)
@@ -281,14 +285,14 @@ def test_jax_make_mesh_works_at_every_model_entry_point(checkpoints, tmp_path):
     model = q.from_hf(path, mesh=mesh)
     assert model.runs[0].mlp.up_proj[...].sharding.spec == P(None, "fsdp", "tensor")
     np.testing.assert_allclose(np.asarray(jit_logits(model, tokens)), ref, atol=2e-5)
-    with jax.set_mesh(q.auto_mesh(mesh)):
+    with jax.set_mesh(auto_mesh(mesh)):
         np.testing.assert_allclose(np.asarray(jit_logits(model, tokens)), ref, atol=2e-5)
     q.save_model(model, str(tmp_path / "ckpt"))
-    for loaded in (q.load_model(str(tmp_path / "ckpt"), mesh=mesh), q.load_any(path, mesh=mesh)):
+    for loaded in (load_model(str(tmp_path / "ckpt"), mesh=mesh), q.load_any(path, mesh=mesh)):
         np.testing.assert_allclose(np.asarray(jit_logits(loaded, tokens)), ref, atol=2e-5)
     init = q.init_model(q.preset("tiny-dense"), mesh=mesh)
     assert init.embed[...].sharding.spec == P("tensor", "fsdp")
-    assert q.make_mesh(mesh) == q.auto_mesh(mesh) and q.auto_mesh(mesh).devices.tolist() == mesh.devices.tolist()
+    assert q.make_mesh(mesh) == auto_mesh(mesh) and auto_mesh(mesh).devices.tolist() == mesh.devices.tolist()
     # What the library cannot use is named at once, with how to make what it can.
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"Explicit axes.*qwen3_jax.auto_mesh"):
         model(tokens)
@@ -324,7 +328,7 @@ def test_init_creates_parameters_already_sharded():
 
 
 def test_rules_reject_collisions():
-    rules = q.ShardingRules(table=(("a", ("tensor",)), ("b", ("tensor",))))
+    rules = ShardingRules(table=(("a", ("tensor",)), ("b", ("tensor",))))
     with pytest.raises(ValueError, match="tensor"):
         rules.spec(("a", "b"), ("tensor",))
 
@@ -478,7 +482,7 @@ def test_preset_parameter_counts():
         "qwen3-235b-a22b": (235.09, 22.19),
     }
     for name, (total, active) in expected.items():
-        got_total, got_active = q.count_params(q.preset(name))
+        got_total, got_active = count_params(q.preset(name))
         assert round(got_total / 1e9, 2 if total >= 1 else 3) == total, name
         if active is not None:
             assert round(got_active / 1e9, 2) == active, name
@@ -500,7 +504,7 @@ def test_bad_configs_are_named(checkpoints, change, message):
         hf = json.load(f)
     hf.update(change)
     with pytest.raises(q.ConfigError, match=message):
-        q.from_hf_config(hf)
+        from_hf_config(hf)
 
 
 def _edit_checkpoint(src, dst, edit):

@@ -12,16 +12,8 @@ import sentencepiece as spm
 import tiktoken
 
 from qwen3_jax import tokenizer as tokenizer_module
-from qwen3_jax.tokenizer import (
-    ADDED_TOKENS,
-    END_THINK_ID,
-    ENDOFTEXT_ID,
-    IM_END_ID,
-    IM_START_ID,
-    STOP_THINKING_TEXT,
-    THINK_ID,
-    Tokenizer,
-)
+from qwen3_jax.ids import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, STOP_THINKING_TEXT, THINK_ID
+from qwen3_jax.tokenizer import ADDED_TOKENS, Tokenizer
 
 # The reference below is written out from the official Qwen2/Qwen3 tokenizer.json, not taken from
 # the code: its pre-tokenizer Split regex, and its added tokens in id order from 151643 (the first

@@ -53,7 +53,8 @@ from qwen3_jax.chat import render
 from qwen3_jax.config import ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import to_hf
 from qwen3_jax.model import count_params
-from qwen3_jax.tokenizer import STOP_THINKING_TEXT, Tokenizer
+from qwen3_jax.ids import STOP_THINKING_TEXT
+from qwen3_jax.tokenizer import Tokenizer
 from train import distill as distill_lib
 from train import evaluate as eval_lib
 from train import task as task_lib
