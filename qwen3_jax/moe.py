@@ -242,16 +242,3 @@ class MoE(nnx.Module):
         return jax.shard_map(body, in_specs=(act, act, gu, gu, dn), out_specs=(act, act, act), check_vma=False)(
             x_BxTxD, logits_BxTxE, gate, up, down
         )
-
-
-def masked_reference(x_BxTxD, router_DxE, gate_ExDxI, up_ExDxI, down_ExIxD, k: int, normalize: bool) -> jax.Array:
-    """Every expert on every token, weighted by the (zero outside top-k) routing weights.
-
-    The plain definition the dropless path is tested and benchmarked against.
-    """
-    logits = jnp.einsum("BTD,DE->BTE", x_BxTxD, router_DxE)
-    _, weights, idx = route(logits, k, normalize)
-    dense_w_BxTxE = jnp.einsum("BTK,BTKE->BTE", weights, jax.nn.one_hot(idx, router_DxE.shape[1]))
-    h = jax.nn.silu(jnp.einsum("BTD,EDI->BTEI", x_BxTxD, gate_ExDxI)) * jnp.einsum("BTD,EDI->BTEI", x_BxTxD, up_ExDxI)
-    y = jnp.einsum("BTEI,EID->BTED", h, down_ExIxD)
-    return jnp.einsum("BTED,BTE->BTD", y, dense_w_BxTxE.astype(y.dtype))
