@@ -64,6 +64,7 @@ def _stack_layers(cfg: Qwen3Config, moe: bool, n: int, rngs: nnx.Rngs) -> Decode
         return DecoderLayer(cfg, moe, rngs=r)
 
     stack = make(rngs)
+    # By hand, not nnx.vmap's PARTITION_NAME: that writes Flax's `out_sharding` metadata, and the rules read `axes`.
     for _, var in nnx.iter_graph(stack):
         if isinstance(var, nnx.Param):
             var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))

@@ -214,6 +214,7 @@ def to_host(tree):
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules):
     """NamedShardings for every parameter of an nnx State (abstract or concrete) on `auto_mesh(mesh)`."""
+    # Not nnx.get_named_sharding: Flax 0.12.8's rule lookup keeps mesh axes the mesh lacks and never reports collisions.
     mesh = auto_mesh(mesh)
 
     def one(v):
