@@ -1,15 +1,9 @@
 """Qwen3 ChatML: the one place that turns messages into prompt/training text and parses replies.
 
-`render` reproduces the official hybrid-thinking Qwen3 `chat_template` (tokenizer_config.json of
-Qwen3-0.6B ... Qwen3-235B-A22B) character for character, so SFT data and decoding prompts match
-what the released models were trained on. It follows the template revision that treats non-string
-content as ""; for string contents it renders exactly like the April 2025 original. Messages use
-the OpenAI/HF shape::
-
-    {"role": "system" | "user" | "assistant" | "tool",
-     "content": str,
-     "reasoning_content": str,            # assistant, optional; else inline <think>...</think>
-     "tool_calls": [{"function": {"name": str, "arguments": dict | str}}]}   # assistant, optional
+`render` reproduces the official hybrid-thinking Qwen3 `chat_template` character for character.
+Messages use the OpenAI/HF shape: {"role": "system" | "user" | "assistant" | "tool", "content": str,
+"reasoning_content": str (assistant, optional; else inline <think>...</think>),
+"tool_calls": [{"function": {"name": str, "arguments": dict | str}}] (assistant, optional)}.
 """
 
 from __future__ import annotations

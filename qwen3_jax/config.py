@@ -64,7 +64,7 @@ class Qwen3Config:
     router_aux_loss_coef: float = 0.001
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645  # config.json may list several
-    # Runtime policy: float32 on CPU (XLA:CPU bf16 matmuls are ~40x slower), bfloat16 on TPU/GPU.
+    # Runtime policy: float32 on CPU (XLA:CPU's bf16 matmuls are slow), bfloat16 on TPU/GPU.
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"  # stored parameters
     scan_layers: bool = True  # one compiled layer body per run of identical layers

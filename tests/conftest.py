@@ -1,14 +1,8 @@
-"""Test set-up: eight simulated CPU devices, float32 matmuls at full precision, and compile time cut.
+"""Test set-up: eight simulated CPU devices, float32 matmuls at full precision, compile time cut, shared fixtures.
 
-XLA_FLAGS must be set before jax is first imported, which is why this lives here. The suite is
-dominated by XLA:CPU compiling tiny models, not by running them (75% of the time of four heavy tests profiled), so
-(measured on 2 cores; the whole suite took 1,113 s with neither, 632 s with both and pytest-xdist):
-  - LLVM runs at optimisation level 0 (XLA's HLO passes, fusion included, are unchanged):
-    a backend compile takes ~40% less time;
-  - a persistent compilation cache, fresh for each session, is shared by the tests and the
-    subprocesses they start (CLIs, killed-and-resumed trainers), which compile the same programs
-    again: on test_generate.py + test_train.py, 122 of 511 compiles hit it and the time drops 27%.
-Set before jax is imported, as environment variables, so that subprocesses inherit them.
+XLA_FLAGS and the JAX cache variables are set here, before jax is first imported, as environment
+variables so that the subprocesses tests start inherit them: LLVM at optimisation level 0 (XLA's
+HLO passes unchanged) and a persistent compilation cache fresh for each session.
 """
 import os
 import shutil

@@ -295,7 +295,7 @@ def test_jax_make_mesh_works_at_every_model_entry_point(checkpoints, tmp_path):
     assert init.embed[...].sharding.spec == P("tensor", "fsdp")
     assert q.make_mesh(mesh) == auto_mesh(mesh) and auto_mesh(mesh).devices.tolist() == mesh.devices.tolist()
     # What the library cannot use is named at once, with how to make what it can.
-    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"Explicit axes.*qwen3_jax.auto_mesh"):
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"Explicit axes.*qwen3_jax.sharding.auto_mesh"):
         model(tokens)
     with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not .*allowed: .*qwen3_jax.make_mesh"):
         q.from_hf(path, mesh=jax.make_mesh((8,), ("model",)))
