@@ -185,8 +185,8 @@ def official():
 
 
 @pytest.fixture(scope="session")
-def qwen3() -> Tokenizer:
-    return Tokenizer.qwen3()
+def qwen3(qwen3_tokenizer) -> Tokenizer:
+    return qwen3_tokenizer
 
 
 @pytest.mark.parametrize("name,messages,tools", CASES, ids=[c[0] for c in CASES])

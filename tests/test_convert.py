@@ -24,7 +24,6 @@ import qwen3_jax as q
 from qwen3_jax.config import YarnScaling
 from qwen3_jax.hf_config import from_hf_config, to_hf_config
 from qwen3_jax.model import abstract_model
-from helpers.hf_fixtures import make_hf_model, save_hf_model
 from qwen3_jax import convert
 from qwen3_jax.checkpoint import CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, save_model
 from qwen3_jax.hf import stacked_dims
@@ -38,12 +37,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Tiny transformers checkpoints with (stand-in) tokenizer files beside the weights."""
+def checkpoints(hf_checkpoints, tmp_path_factory):
+    """The shared tiny transformers checkpoints, copied, with (stand-in) tokenizer files beside the weights."""
     out = {}
-    for i, kind in enumerate(KINDS):
-        hf = make_hf_model(kind, seed=20 + i)
-        path = save_hf_model(hf, tmp_path_factory.mktemp(kind))
+    for kind in KINDS:
+        hf, src = hf_checkpoints[kind]
+        path = str(tmp_path_factory.mktemp(kind))
+        shutil.copytree(src, path, dirs_exist_ok=True)
         for name, text in TOKENIZER_FILES.items():
             with open(os.path.join(path, name), "w") as f:
                 f.write(text)

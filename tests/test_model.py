@@ -42,12 +42,8 @@ def jit_logits_and_stats(model, tokens):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    out = {}
-    for kind in KINDS:
-        hf = make_hf_model(kind, seed=len(out))
-        out[kind] = (hf, save_hf_model(hf, tmp_path_factory.mktemp(kind)))
-    return out
+def checkpoints(hf_checkpoints):
+    return hf_checkpoints
 
 
 def _tokens(batch=2, length=13, vocab=300, seed=0):

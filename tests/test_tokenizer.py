@@ -253,26 +253,6 @@ def test_load_errors(tmp_path):
 SP_CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
-@pytest.fixture(scope="session")
-def sp_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sp")
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog time user solution thinking now give".split()
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(directory / "sp"),
-        vocab_size=400,
-        model_type="bpe",
-        user_defined_symbols=SP_CONTROL,
-        byte_fallback=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return directory / "sp.model"
-
-
 def test_sentencepiece_wrapper(sp_model, tmp_path):
     tok = Tokenizer.from_sentencepiece(sp_model)
     proc = spm.SentencePieceProcessor(model_file=str(sp_model))
