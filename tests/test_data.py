@@ -21,6 +21,8 @@ from qwen3_jax.chat import render, render_for_training
 from qwen3_jax.errors import ConfigError, DataError
 from qwen3_jax.tokenizer import Tokenizer
 from train import data
+from train.data.config import KINDS, PACKINGS
+from train.data.documents import chat_tokens, document_separator_id
 from train.schema import from_config_dict
 from train.spm import CONTROL_TOKENS, train_sentencepiece
 
@@ -110,7 +112,7 @@ def qwen3_tokenizer() -> Tokenizer:
 # ---- packing ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("packing", data.PACKINGS)
+@pytest.mark.parametrize("packing", PACKINGS)
 def test_packing_rows(text_jsonl, packing):
     out = batches(config(paths=text_jsonl, packing=packing), WordIdTokenizer())
     for b in out:
@@ -200,7 +202,7 @@ def test_synthetic_source_is_learnable():
 @pytest.mark.parametrize("tokenizer_name", ["sp_tokenizer", "qwen3_tokenizer"])
 def test_text_documents_end_with_endoftext(tmp_path, request, tokenizer_name):
     tokenizer = request.getfixturevalue(tokenizer_name)
-    separator = data.document_separator_id(tokenizer)
+    separator = document_separator_id(tokenizer)
     assert tokenizer.decode([separator]) == "<|endoftext|>"
     if tokenizer_name == "qwen3_tokenizer":
         assert separator == 151643
@@ -253,7 +255,7 @@ def chat_record(name: str) -> dict:
 def test_segmentwise_tokens_equal_whole_text(request, tokenizer_name, name):
     tokenizer = request.getfixturevalue(tokenizer_name)
     record = chat_record(name)
-    ids, trained = data.chat_tokens(tokenizer, record["messages"], record.get("tools"))
+    ids, trained = chat_tokens(tokenizer, record["messages"], record.get("tools"))
     assert ids == tokenizer.encode(render(record["messages"], tools=record.get("tools")))
     assert len(trained) == len(ids)
 
@@ -278,6 +280,39 @@ def test_sft_loss_mask_covers_exactly_the_assistant_answer(tmp_path, request, to
     assert (np.diff(on) == 1).all()
     n = int((b["segment_ids"][0] > 0).sum())
     assert on[-1] == n - 3  # targets: ..., <|im_end|>, "\n"; last position has no target
+
+
+CHAT_FIRST_FIT_ONLY = r"kind='chat' with packing='concat_then_split' would cut conversations .* packing='first_fit'"
+
+
+def test_chat_samples_are_never_cut(tmp_path, qwen3_tokenizer):
+    """Issue 22: under concat_then_split, 6 of 18 conversations were cut at row boundaries (the rest of an
+    answer trained at position 0, a row starting '. word <|im_end|>'). The schema refuses chat with that
+    packing, naming both fields and the packing to use; first_fit keeps every conversation whole in one
+    row, the longest exactly filling it."""
+    records = [{"messages": [{"role": "user", "content": "question " + "word " * (i % 5)},
+                             {"role": "assistant", "content": "word " * (3 + i % 7) + "."}]} for i in range(18)]
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    whole = [chat_tokens(qwen3_tokenizer, r["messages"])[0] for r in records]
+    seq_len = max(map(len, whole))
+    with pytest.raises(ConfigError, match=CHAT_FIRST_FIT_ONLY):
+        config(paths=path, kind="chat", seq_len=seq_len, packing="concat_then_split")
+    out = batches(config(paths=path, kind="chat", seq_len=seq_len, packing="first_fit"), qwen3_tokenizer)
+    pieces = [tokens.tolist() for row in rows(out) for tokens, *_ in segments(row)]
+    assert sorted(pieces) == sorted(whole)
+
+
+def test_released_pretraining_configs_refuse_chat_under_their_packing(text_jsonl):
+    """configs/_released.py packs with concat_then_split: `--config.data.kind=chat` on it is refused, and
+    the packing the message names is accepted."""
+    from configs.qwen3_8b import get_config
+
+    section = get_config().data
+    section.update(paths=text_jsonl, kind="chat")
+    with pytest.raises(ConfigError, match="data: " + CHAT_FIRST_FIT_ONLY):
+        from_config_dict(data.DataConfig, section, where="data.")
+    section.packing = "first_fit"
+    assert from_config_dict(data.DataConfig, section, where="data.").packing == "first_fit"
 
 
 # ---- order, sharding, resuming ----------------------------------------------------------------
@@ -328,7 +363,7 @@ RESTORE_SKIPS = (0, 1, 2, 5)  # steps before the saved state
 RESTORE_CHECKED = 3  # steps compared after it (skips and checks span several epochs)
 
 
-@pytest.mark.parametrize("packing", data.PACKINGS)
+@pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("shards, process_count", [(None, 1), (None, 2), (4, 2), (None, 4)])
 def test_iterator_state_restores_the_exact_stream(text_jsonl, packing, shards, process_count):
     """On every process, an iterator restored from the JSON state saved after any of
@@ -339,11 +374,11 @@ def test_iterator_state_restores_the_exact_stream(text_jsonl, packing, shards, p
         it = data.make_dataset(cfg, WordIdTokenizer(), process_index=process_index, process_count=process_count)
         states, stream = [], []
         for _ in range(RESTORE_SKIPS[-1] + RESTORE_CHECKED):
-            states.append(data.iterator_state(it))
+            states.append(json.dumps(it.get_state()))  # as checkpoints store it: tuples become lists
             stream.append(next(it))
         resumed = data.make_dataset(cfg, WordIdTokenizer(), process_index=process_index, process_count=process_count)
         for skip in RESTORE_SKIPS:
-            data.restore_iterator_state(resumed, states[skip])
+            resumed.set_state(json.loads(states[skip]))
             for step in range(skip, skip + RESTORE_CHECKED):
                 got = next(resumed)
                 for k in data.ROW_FEATURES:
@@ -352,7 +387,7 @@ def test_iterator_state_restores_the_exact_stream(text_jsonl, packing, shards, p
                     )
 
 
-@pytest.mark.parametrize("packing", data.PACKINGS)
+@pytest.mark.parametrize("packing", PACKINGS)
 def test_orbax_checkpoint_of_iterator(tmp_path, text_jsonl, packing):
     ocp = pytest.importorskip("orbax.checkpoint")
     cfg = config(paths=text_jsonl, shuffle=True, num_epochs=None, packing=packing)
@@ -387,7 +422,7 @@ def write_all_formats(tmp_path, records) -> dict[str, list[str]]:
     return paths
 
 
-@pytest.mark.parametrize("kind", data.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_jsonl_parquet_arrayrecord_give_the_same_batches(tmp_path, sp_tokenizer, kind):
     if kind == "text":
         records, tokenizer = TEXT_RECORDS, WordIdTokenizer()

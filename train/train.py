@@ -58,6 +58,7 @@ from ml_collections import config_dict, config_flags
 
 from qwen3_jax.checkpoint import TRAINER_CHECKPOINTS, quiet_orbax_logs
 from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config, preset
+from qwen3_jax.errors import DataError
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.model import abstract_model, count_params
 from qwen3_jax.sharding import MESH_AXES, initialize_distributed, make_mesh
@@ -671,7 +672,7 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------- main
 
-USER_ERRORS = (TrainConfigError, NonFiniteLossError, CheckpointError, CheckpointWriteError, data_lib.DataError,
+USER_ERRORS = (TrainConfigError, NonFiniteLossError, CheckpointError, CheckpointWriteError, DataError,
                FileNotFoundError)
 
 
