@@ -477,6 +477,15 @@ def test_bad_config_values_are_named(text_jsonl, field, value):
         from_config_dict(data.DataConfig, {"paths": text_jsonl, field: value})
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("format", "synthetic"), ("paths", None), ("batch_size", 0), ("num_epochs", 0), ("on_bad_record", "ignore")],
+)
+def test_bad_prompt_config_values_are_named(text_jsonl, field, value):
+    with pytest.raises(ConfigError, match=field):
+        from_config_dict(data.PromptConfig, {"paths": text_jsonl, field: value})
+
+
 # ---- bad records and changed files -------------------------------------------------------------
 
 GOOD_CHAT = json.dumps({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "five"}]})
