@@ -16,7 +16,7 @@ hard switch (the empty think block), so the teacher cannot think. Sampling follo
 for each row's mode (`infer.sampling.THINKING_SAMPLING` / `NON_THINKING_SAMPLING`); a sampling flag
 overrides them for every row. --thinking_budget applies to think rows.
 
-Output: JSONL chat records that the SFT loader (train/data.py, kind='chat') reads as they are:
+Output: JSONL chat records that the SFT loader (train/data/, kind='chat') reads as they are:
   messages      the flagged input messages + {"role": "assistant", "content": answer,
                 "reasoning_content": thinking}; no_think records train the empty think block
   tools         as in the input, when present
