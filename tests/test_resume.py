@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from qwen3_jax import make_mesh, preset, to_hf
-from qwen3_jax.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from qwen3_jax.errors import CheckpointError, CorruptCheckpointError, DataError
 from qwen3_jax.model import abstract_model
 from tests.helpers.train_fixtures import (
     OPT, assert_trees_close, initial_state, single_device, synthetic_batches, tiny_config, tiny_job,
@@ -199,7 +199,7 @@ def test_skipped_records_are_counted_and_changed_data_files_are_named_on_resume(
     with open(files[0], "a") as f:
         f.write(json.dumps({"text": "w7 w8"}) + "\n")
     files[1].unlink()
-    with pytest.raises(data_lib.DataChangedError, match=(
+    with pytest.raises(DataError, match=(
             r"the data files differ from those checkpoint step 2 .* was written with: .*b.jsonl was removed; "
             r".*a.jsonl changed size \(\d+ -> \d+ bytes\).*set data.allow_changed_data=True")):
         train_lib.run(tiny_config(**overrides, **{"train.steps": 4}), str(tmp_path / "run"))

@@ -16,9 +16,8 @@ from ml_collections import config_flags
 
 from qwen3_jax.checkpoint import quiet_orbax_logs
 from qwen3_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
-from train import data as data_lib
 
-USER_ERRORS = (ConfigError, TrainingError, CheckpointError, DataError, data_lib.DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, TrainingError, CheckpointError, DataError, FileNotFoundError)
 
 
 def define_command_flags(config_help: str, workdir_help: str) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import ml_collections
 from flax import nnx
-from ml_collections import config_dict as cd_lib
 
 from qwen3_jax.config import DTYPES, Qwen3Config, preset
 from qwen3_jax.errors import CheckpointError, ConfigError
@@ -25,6 +24,7 @@ from qwen3_jax.model import abstract_model
 from qwen3_jax.sharding import MESH_AXES, mesh_sizes
 from qwen3_jax.tokenizer import Tokenizer, tokenizer_dir
 from train import data as data_lib
+from train.data.config import DataConfig
 from train.schema import config_dict, from_config_dict, need
 
 ON_CORRUPT = ("error", "fallback")
@@ -145,16 +145,6 @@ class ServingConfig:
     mesh: dict = dataclasses.field(default_factory=dict)
 
 
-def _data_section() -> ml_collections.ConfigDict:
-    # Typed placeholders instead of data.py's plain None defaults, which the command line cannot set.
-    c = data_lib.default_config()
-    c.paths = cd_lib.placeholder(object)  # a path / glob, or a list of them
-    c.num_epochs = cd_lib.placeholder(int)
-    c.shards = cd_lib.placeholder(int)
-    c.synthetic_vocab_size = cd_lib.placeholder(int)
-    return c
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A pretraining or SFT job (`python -m train.train`)."""
@@ -171,7 +161,7 @@ class TrainConfig:
     topology: str | None = None
     tokenizer: str | None = None  # 'qwen3', a tokenizer dir / tokenizer.json / spm .model
     model: ModelConfig | None = None  # required: the config file names the model
-    data: dict = dataclasses.field(default_factory=_data_section)  # see train/data.py
+    data: DataConfig | None = None  # required (train/data/config.py); jsonl needs data.paths
     mesh: MeshConfig = MeshConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: StepConfig = StepConfig()
@@ -180,6 +170,7 @@ class TrainConfig:
 
     def __post_init__(self):
         need(self.model is not None, "set model.preset (random init) or model.init_from (checkpoint weights)")
+        need(self.data is not None, "set the data section")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -208,7 +199,7 @@ class Job:
     mesh: dict[str, int]  # every axis of MESH_AXES, -1 resolved
     optimizer: OptimizerConfig  # decay_steps set
     step: StepConfig  # ce_chunk_len at most the sequence length
-    data: ml_collections.ConfigDict  # the data section, synthetic_vocab_size resolved
+    data: DataConfig  # synthetic_vocab_size resolved
     tokenizer: str | None  # a `tokenizer_from_spec` spec; None for synthetic data
 
 
@@ -327,18 +318,14 @@ def resolve(config: TrainConfig) -> Job:
     model = model_config(config.model)
     mesh = resolve_mesh(config.mesh, config.topology)
     check_shardable(model, mesh)
-    try:
-        data_cfg = data_lib.DataConfig.from_config(config.data)
-        data_lib.process_shards(data_cfg.batch_size, data_cfg.shards, jax.process_index(), jax.process_count())
-    except data_lib.DataConfigError as e:
-        raise ConfigError(str(e)) from e
-    data = ml_collections.ConfigDict(dict(config.data))
+    data_cfg = config.data
+    data_lib.process_shards(data_cfg.batch_size, data_cfg.shards, jax.process_index(), jax.process_count())
     tokenizer = None
     if data_cfg.format == "synthetic":
         vocab = data_cfg.synthetic_vocab_size or model.vocab_size
         need(vocab <= model.vocab_size,
              f"data.synthetic_vocab_size={vocab} exceeds the model's vocab_size={model.vocab_size}")
-        data.synthetic_vocab_size = vocab
+        data_cfg = dataclasses.replace(data_cfg, synthetic_vocab_size=vocab)
     else:
         try:
             data_lib.expand_paths(data_cfg.paths)
@@ -350,4 +337,5 @@ def resolve(config: TrainConfig) -> Job:
              "directory that ships one (tokenizer.json or tokenizer.model)")
     optimizer, step = resolve_shared(config, mesh, batch_size=data_cfg.batch_size, seq_len=data_cfg.seq_len,
                                      batch_field="data.batch_size", seq_field="data.seq_len")
-    return Job(config=config, model=model, mesh=mesh, optimizer=optimizer, step=step, data=data, tokenizer=tokenizer)
+    return Job(config=config, model=model, mesh=mesh, optimizer=optimizer, step=step, data=data_cfg,
+               tokenizer=tokenizer)

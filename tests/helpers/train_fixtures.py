@@ -53,9 +53,8 @@ def train_step(cfg, step_cfg, mesh):
 
 def synthetic_batches(cfg, seed: int = 0):
     """Packed batches from the real pipeline (segment ids, padding and all)."""
-    dcfg = data_lib.default_config()
-    dcfg.update(format="synthetic", seq_len=SEQ, batch_size=BATCH, seed=seed,
-                synthetic_vocab_size=cfg.vocab_size, num_threads=1)
+    dcfg = data_lib.DataConfig(format="synthetic", seq_len=SEQ, batch_size=BATCH, seed=seed,
+                               synthetic_vocab_size=cfg.vocab_size, num_threads=1)
     return data_lib.make_dataset(dcfg, None, process_index=0, process_count=1)
 
 
