@@ -1,23 +1,10 @@
-"""Orbax checkpoints of a training run, and initial weights from any checkpoint `load_any` reads.
+"""Orbax checkpoints of a training run (`Checkpointer`), and initial weights from any checkpoint.
 
-A run's checkpoint directory (WORKDIR/checkpoints) holds one folder per saved step with these items:
-  state         the TrainState (params, optimizer state, step), written by the devices holding it;
-  data          the grain iterator position, one JSON file per process;
-  data_info     what the run read (`train.data.DataStream.checkpoint_info`: the data files'
-                fingerprint, records skipped so far), checked when the run resumes;
-  model_config  the architecture as a Hugging Face config.json, so the weights can seed another
-                run (`model.init_from`) without its training config;
-and, once the step is known to be complete, MANIFEST.json: every file's size and, for files up to
-1 MiB (the metadata), its sha256, so a file later lost, truncated or altered is named on restore.
-
-Saves are asynchronous: `save` returns once the arrays are copied off the device and the
-iterator position is recorded; files are written in the background and a step only becomes
-visible (`latest_step`) once fully committed, so a run killed mid-save resumes from the previous
-step (its half-written temporary folder is removed when the next run starts). A save that fails
-(a full disk) raises TrainingError at the next `save`, `wait` or `poll`, after removing its
-partial files; older steps are deleted (beyond `keep`) only once a newer one is complete, so a
-failed save never costs the last good checkpoint. Restoring takes the target shardings, so a
-state saved on one mesh restores onto any other.
+A step folder holds the items `qwen3_jax.checkpoint` names (state, data position, data_info, model
+config) and, once complete, MANIFEST.json (every file's size, and the sha256 of files up to 1 MiB),
+so a file lost, truncated or altered later is named on restore. Saves are asynchronous; a failed
+one raises TrainingError at the next `save`/`wait`/`poll`, and older steps are deleted only once a
+newer one is complete. A state saved on one mesh restores onto any other.
 """
 
 from __future__ import annotations

@@ -43,10 +43,11 @@ def _unknown_field(argv: list[str], error: BaseException) -> str:
     close = re.search(r'Did you mean "([^"]+)"', text)
     if key is None:
         return text.replace("\n", " ")
-    paths = [a.split("=", 1)[0].removeprefix("--config.") for a in argv if a.startswith("--config.")]
-    path = next((p for p in paths if key.group(1) in p.split(".")), key.group(1))
-    hint = f"; did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close.group(1)}?" if close else ""
-    return f"unknown config field {path}{hint}"
+    paths = [a.split("=", 1)[0].removeprefix("--config.").split(".") for a in argv if a.startswith("--config.")]
+    parts = next((p for p in paths if key.group(1) in p), [key.group(1)])
+    parts = parts[:parts.index(key.group(1)) + 1]
+    hint = f"; did you mean {'.'.join(parts[:-1] + [close.group(1)])}?" if close else ""
+    return f"unknown config field {'.'.join(parts)}{hint}"
 
 
 def run_command(run_fn: Callable[[ml_collections.ConfigDict, str], Any], argv: list[str],
