@@ -129,5 +129,6 @@ def lm_objective(
         out.hidden_BxTxD, unembedding(model), batch["targets"], batch["loss_mask"], chunk_len=step_cfg.ce_chunk_len,
         rules=cfg.rules,
     )
+    aux = moe_aux(out, cfg)
     sums = {"loss": ce_sum, **({"z_loss": z_sum} if step_cfg.z_loss_coef else {})}
-    return Terms(ce_sum + step_cfg.z_loss_coef * z_sum, moe_aux(out, cfg), sums)
+    return Terms(ce_sum + step_cfg.z_loss_coef * z_sum, aux, sums)
