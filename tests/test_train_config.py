@@ -14,7 +14,7 @@ from flax import nnx
 from qwen3_jax import preset, to_hf
 from qwen3_jax.errors import ConfigError
 from qwen3_jax.model import abstract_model
-from tests.helpers.train_fixtures import REPO, initial_state, tiny_config, tiny_job
+from tests.helpers.train_fixtures import REPO, initial_state, tiny_job
 from train.config import default_config, resolve, train_config
 
 
@@ -23,7 +23,7 @@ def test_default_config_lists_every_field_with_its_default():
     assert c.optimizer.warmup_steps == 100 and c.optimizer.decay_steps is None and c.train.steps == 1000
     assert c.mesh.to_dict() == {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
     assert c.model.preset is None and c.model.init_from is None and c.checkpoint.on_corrupt == "error"
-    c.model.preset, c.train.stepz = "tiny-dense", 3
+    c.model.preset, c.data.format, c.train.stepz = "tiny-dense", "synthetic", 3
     with pytest.raises(ConfigError, match="unknown config field train.stepz; did you mean train.steps"):
         train_config(c)
 
