@@ -25,8 +25,9 @@ from benchmarks.common import report, timeit
 from infer.engine import Engine
 from qwen3_jax import attention as A
 from qwen3_jax.sharding import make_mesh
-from train.step import OptimizerConfig, StepConfig, init_train_state, make_train_step
-from train.train import flops_per_token
+from train.config import OptimizerConfig, StepConfig
+from train.metrics import flops_per_token
+from train.step import init_train_state, make_train_step
 
 # Dense bf16 tensor-core FLOP/s and HBM bytes/s from NVIDIA's datasheets (SXM parts).
 NOMINAL = {"h200": (989e12, 4.8e12), "h100": (989e12, 3.35e12), "a100": (312e12, 2.04e12)}

@@ -119,9 +119,9 @@ FAULTS = (
           "return (cache, h_Bx1xD), None",
           ("tests/test_generate.py", "-k", "chunked_prefill")),
     # ---- loss and data
-    Fault("cross_entropy_ignores_the_loss_mask", "train/step.py",
+    Fault("cross_entropy_ignores_the_loss_mask", "train/objectives.py",
           "return jnp.sum(m_BxC * (lse_BxC - target_BxC))", "return jnp.sum(lse_BxC - target_BxC)",
-          ("tests/test_train.py", "-k", "chunked_cross_entropy")),
+          ("tests/test_step.py", "-k", "chunked_cross_entropy")),
     Fault("targets_not_shifted", "train/data/documents.py",
           "targets_n[:-1] = tokens_n[1:]", "targets_n[:-1] = tokens_n[:-1]",
           ("tests/test_data.py", "-k", "packing_rows")),
@@ -182,7 +182,7 @@ FAULTS = (
           ("tests/test_model.py", "-k", "export_round_trip")),
     Fault("checkpoint_manifest_hash_not_checked", "train/checkpoint.py",
           "if actual[name][1] != digest:", "if False:",
-          ("tests/test_train.py", "-k", "corrupt_step")),
+          ("tests/test_resume.py", "-k", "corrupt_step")),
 )
 
 

@@ -19,7 +19,7 @@ prompts of slots - 1,024 tokens, 1,024 new tokens.
 
 Per row, per chip: memory from `compiled.memory_analysis()` (arguments + outputs + temporaries -
 aliased) against HBM; FLOPs counted three ways (see `benchmarks.hlo_stats`): the model formula
-(`train.train.flops_per_token`: 6 x matmul parameters + 12 x layers x heads x head_dim x T per
+(`train.metrics.flops_per_token`: 6 x matmul parameters + 12 x layers x heads x head_dim x T per
 trained token, PaLM appendix B, full T x T attention, no causal halving; a third of it per token
 forward), the matmuls of the lowered program with its loops' trip counts divided by the chips (plus,
 for splash attention, whose Pallas kernel carries no cost estimate, the formula's attention term; for
@@ -59,7 +59,8 @@ from qwen3_jax.config import YarnScaling, preset
 from qwen3_jax.model import abstract_model
 from qwen3_jax.sharding import MESH_AXES, auto_mesh, make_mesh
 from train.step import abstract_train_state, batch_sharding, make_train_step
-from train.train import experiment, flops_per_token, model_config, topology_chips
+from train.config import model_config, resolve_shared, topology_chips, train_config
+from train.metrics import flops_per_token
 
 
 # libtpu's C++ warnings (the SPMD partitioner's among them) reach stderr only at this level.
@@ -178,18 +179,19 @@ def lower_train(config: ml_collections.ConfigDict, seq_len: int, mesh, platform:
                 if config.train.microbatches % m == 0 and rows % (dp * m) == 0)
     config.train.microbatches = micro
     config.data.seq_len = seq_len
-    model = model_config(config.model)
-    exp = experiment(config, model, shape, data=config.data, batch_size=rows, seq_len=seq_len,
-                     batch_field="data.batch_size", seq_field="data.seq_len")
-    step = make_train_step(exp.model, exp.step, exp.optimizer, mesh)
-    sharding = batch_sharding(mesh, exp.model.rules)
+    train_cfg = train_config(config)
+    model = model_config(train_cfg.model)
+    optimizer, step_cfg = resolve_shared(train_cfg, shape, batch_size=rows, seq_len=seq_len,
+                                         batch_field="data.batch_size", seq_field="data.seq_len")
+    step = make_train_step(model, step_cfg, optimizer, mesh)
+    sharding = batch_sharding(mesh, model.rules)
     batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sharding)
              for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-    state = abstract_train_state(exp.model, exp.optimizer, mesh)
+    state = abstract_train_state(model, optimizer, mesh)
     with jax.set_mesh(auto_mesh(mesh)):
         lowered = step.jitted.lower(state, batch, None)
-    facts = {"rows": rows, "microbatches": micro, "remat": exp.model.remat,
-             "model_flops": flops_per_token(exp.model, seq_len) * rows * seq_len,
+    facts = {"rows": rows, "microbatches": micro, "remat": model.remat,
+             "model_flops": flops_per_token(model, seq_len) * rows * seq_len,
              # The formula's attention term, standing in for kernels whose FLOPs the program hides.
              "attention_flops": 12.0 * model.num_layers * model.num_heads * model.head_dim * seq_len * rows * seq_len}
     return lowered, facts

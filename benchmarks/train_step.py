@@ -21,8 +21,9 @@ from flax import nnx
 import qwen3_jax as q
 from benchmarks.common import hf_qwen3_0_6b_shaped, matmul_peak_flops, report, timeit, torch_matmul_peak_flops
 from qwen3_jax.sharding import make_mesh
-from train.step import OptimizerConfig, StepConfig, init_train_state, make_train_step
-from train.train import flops_per_token
+from train.config import OptimizerConfig, StepConfig
+from train.metrics import flops_per_token
+from train.step import init_train_state, make_train_step
 
 
 def main() -> None:

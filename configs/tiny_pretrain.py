@@ -2,13 +2,12 @@
 
     python -m train.train --config configs/tiny_pretrain.py --workdir /tmp/qwen3_tiny
 
-About 1.5 minutes on 2 CPU cores (~10 s of it compiling); the loss falls from 6.26 (ln 512) to
-~0.5 in 200 steps of 16 x 128 tokens. Every code path of a real run is exercised: sharded train
-state (on a 1-device mesh), packed data with segment ids, chunked cross-entropy, async checkpoints,
-metrics, the MFU benchmark. Re-running the command resumes from the last checkpoint.
+200 steps of 16 x 128 tokens, through every code path of a real run: sharded train state (on a
+1-device mesh), packed data with segment ids, chunked cross-entropy, async checkpoints, metrics,
+the MFU benchmark. Re-running the command resumes; `--config.train.steps=20` shortens it.
 """
 
-from train.train import default_config
+from train.config import default_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ from flax import nnx
 import qwen3_jax as q
 from infer.engine import Engine
 from qwen3_jax import attention as A
-from qwen3_jax.config import ConfigError
+from qwen3_jax.errors import ConfigError
 
 RNG = np.random.default_rng(0)
 

@@ -108,7 +108,7 @@ def test_unembedding_is_gathered_once_not_per_loss_chunk(objective):
     (benchmarks.tpu_aot shows it once per microbatch); XLA:CPU keeps it per chunk."""
     from benchmarks.hlo_stats import collective_bytes
     from train.divergence import DistillLoss, chunked_sums
-    from train.step import chunked_cross_entropy
+    from train.objectives import chunked_cross_entropy
 
     cfg = preset("tiny-dense")
     mesh = make_mesh({"fsdp": 4, "tensor": 2})

@@ -24,6 +24,7 @@ from qwen3_jax import convert
 from qwen3_jax.checkpoint import load_any, load_model
 from qwen3_jax.tokenizer import Tokenizer, tokenizer_dir
 from train import train as train_lib
+from train.config import resolve, tokenizer_from_spec, train_config
 from train.spm import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,9 +88,9 @@ def test_the_workdir_ships_its_tokenizer(run):
         assert Tokenizer.from_checkpoint(path).encode(text) == tokenizer.encode(text)
     # ... and carries it into the next run: model.init_from=WORKDIR needs no `tokenizer` setting.
     config = sft_config(workdir, os.path.join(os.path.dirname(workdir), "chat.jsonl"))
-    exp = train_lib.validate(config)
-    assert exp.model == load_any(workdir).cfg.replace(remat="full")
-    assert train_lib.load_tokenizer(exp).encode(text) == tokenizer.encode(text)
+    job = resolve(train_config(config))
+    assert job.model == load_any(workdir).cfg.replace(remat="full")
+    assert tokenizer_from_spec(job.tokenizer, job.model).encode(text) == tokenizer.encode(text)
 
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the raw restore below, on purpose

@@ -1,23 +1,10 @@
-"""Orbax checkpoints of a training run, and initial weights from any checkpoint `load_any` reads.
+"""Orbax checkpoints of a training run (`Checkpointer`), and initial weights from any checkpoint.
 
-A run's checkpoint directory (WORKDIR/checkpoints) holds one folder per saved step with these items:
-  state         the TrainState (params, optimizer state, step), written by the devices holding it;
-  data          the grain iterator position, one JSON file per process;
-  data_info     what the run read (`train.data.DataStream.checkpoint_info`: the data files'
-                fingerprint, records skipped so far), checked when the run resumes;
-  model_config  the architecture as a Hugging Face config.json, so the weights can seed another
-                run (`model.init_from`) without its training config;
-and, once the step is known to be complete, MANIFEST.json: every file's size and, for files up to
-1 MiB (the metadata), its sha256, so a file later lost, truncated or altered is named on restore.
-
-Saves are asynchronous: `save` returns once the arrays are copied off the device and the
-iterator position is recorded; files are written in the background and a step only becomes
-visible (`latest_step`) once fully committed, so a run killed mid-save resumes from the previous
-step (its half-written temporary folder is removed when the next run starts). A save that fails
-(a full disk) raises CheckpointWriteError at the next `save`, `wait` or `poll`, after removing its
-partial files; older steps are deleted (beyond `keep`) only once a newer one is complete, so a
-failed save never costs the last good checkpoint. Restoring takes the target shardings, so a
-state saved on one mesh restores onto any other.
+A step folder holds the items `qwen3_jax.checkpoint` names (state, data position, data_info, model
+config) and, once complete, MANIFEST.json (every file's size, and the sha256 of files up to 1 MiB),
+so a file lost, truncated or altered later is named on restore. Saves are asynchronous; a failed
+one raises TrainingError at the next `save`/`wait`/`poll`, and older steps are deleted only once a
+newer one is complete. A state saved on one mesh restores onto any other.
 """
 
 from __future__ import annotations
@@ -42,27 +29,13 @@ from qwen3_jax.checkpoint import load_any, load_any_config
 from qwen3_jax.layout import TRAINER_DATA, TRAINER_DATA_INFO, TRAINER_MODEL_CONFIG, TRAINER_STATE
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.hf_config import to_hf_config
-from qwen3_jax.hf import CheckpointError
+from qwen3_jax.errors import CheckpointError, CorruptCheckpointError, TrainingError
 from qwen3_jax.tokenizer import Tokenizer
 from train.step import Params, TrainState
 
 MANIFEST = "MANIFEST.json"
 _HASHED_BYTES = 1 << 20  # files up to this size (metadata, not arrays) are hashed in the manifest
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A saved step that cannot be read back: a file missing, truncated or altered since it was
-    written, or metadata that does not parse. The message names the step and the file."""
-
-
-class ConfigMismatchError(CheckpointError):
-    """A checkpoint saved for another model than the run's config describes (fields named)."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A step could not be written (e.g. the disk is full); the message names it and the last
-    complete step, which is intact."""
 
 
 class Checkpointer:
@@ -102,7 +75,7 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, data_iterator: grain.DatasetIterator, cfg: Qwen3Config,
              data_info: Mapping[str, Any] | None = None) -> None:
         """Starts writing `step` (see the module docstring); first finishes the previous save.
-        Raises CheckpointWriteError naming the step that could not be written."""
+        Raises TrainingError naming the step that could not be written."""
         self._settle()
         items = {
             TRAINER_STATE: ocp.args.StandardSave(state),
@@ -118,18 +91,18 @@ class Checkpointer:
             self._write_failed(e)
 
     def poll(self) -> None:
-        """Finishes a background save that is done (raising CheckpointWriteError if it failed);
+        """Finishes a background save that is done (raising TrainingError if it failed);
         never waits. Call it between steps, so a failed save stops the run at once."""
         if self._in_flight is not None and not self._manager.is_saving_in_progress():
             self._settle()
 
     def wait(self) -> None:
-        """Waits for the background save; raises CheckpointWriteError if it failed."""
+        """Waits for the background save; raises TrainingError if it failed."""
         self._settle()
 
     def _settle(self) -> None:
         """Waits for the in-flight save; on success writes its manifest and deletes the steps
-        beyond `keep`, on failure removes its partial files and raises CheckpointWriteError."""
+        beyond `keep`, on failure removes its partial files and raises TrainingError."""
         if self._in_flight is None:
             return
         try:
@@ -140,7 +113,7 @@ class Checkpointer:
         step, self._in_flight = self._in_flight, None
         self._manager.reload()
         if step not in self.steps():
-            raise CheckpointWriteError(
+            raise TrainingError(
                 f"checkpoint step {step} was not committed to {self.directory}; {self._last_complete()}"
             )
         if jax.process_index() == 0:
@@ -155,7 +128,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
         self._manager.reload()
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointWriteError(
+        raise TrainingError(
             f"checkpoint step {step} could not be written to {self.directory}: {cause}; {self._last_complete()}"
         ) from error
 
@@ -218,14 +191,14 @@ class Checkpointer:
         return self._read_json(step, TRAINER_MODEL_CONFIG)
 
     def check_model_config(self, step: int, cfg: Qwen3Config) -> None:
-        """Raises ConfigMismatchError naming every field in which the model `step` was saved for
+        """Raises CheckpointError naming every field in which the model `step` was saved for
         differs from `cfg` (e.g. another preset or vocab_size)."""
         saved = self.model_config(step)
         wanted = json.loads(json.dumps(to_hf_config(cfg)))  # JSON types, as saved
         fields = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
         if fields:
             diff = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {wanted.get(k)!r} in this run" for k in fields)
-            raise ConfigMismatchError(
+            raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} was saved for another model ({diff}); use the model "
                 "config it was trained with, or a new workdir"
             )

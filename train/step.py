@@ -1,31 +1,14 @@
-"""The compiled update step: objective, optimizer, gradient accumulation, sharded train state.
+"""The compiled update step: sharded train state, optimizer, gradient accumulation, `update_step`.
 
-Everything here is a pure function of static configs (frozen dataclasses, hashable) and arrays:
-
-- Train state = float32 master params (an nnx pure dict) + optax state + step, each leaf sharded
-  like the parameter it belongs to (`train_state_shardings`), created directly on the mesh.
-- `update_step` is generic over an `Objective` (a loss summed over loss-mask tokens, the MoE aux
-  loss, and per-token sums to report), with an optional frozen pytree passed through (a
-  distillation teacher's parameters, `train.distill`). `lm_objective` is the language-modelling
-  one: cross-entropy over loss-mask tokens, computed in sequence chunks so the [tokens, vocab]
-  float32 logits never exist at once, + optional z-loss, + for MoE the load-balancing loss times
-  `router_aux_loss_coef`. Token sums are normalised by the loss-mask token count of the whole
-  global batch.
-- Gradient accumulation scans over microbatches inside the step. Token-sum gradients are then
-  exactly those of the big batch (sums divided by the global token count). The MoE aux loss is a
-  ratio of router statistics, so it is computed per microbatch (over all data shards: the stats
-  are sums the partitioner all-reduces) and averaged over microbatches; with one microbatch it is
-  the global-batch load-balancing loss of the Qwen3 report.
-
-Every function here that takes a mesh uses its `auto_mesh` twin, so a mesh from `jax.make_mesh`
-(Explicit axes) gives the same step as one from `qwen3_jax.make_mesh`.
-
-Shapes in names: B batch, T sequence, D hidden, V vocab, C chunk length, M microbatches.
+Train state = float32 master params + optax state + step, each leaf sharded like its parameter.
+`update_step` differentiates any `objectives.Objective`; token sums are normalised by the global
+batch's loss-mask token count, so accumulating microbatches (a scan inside the step) gives the big
+batch's gradient, while the MoE aux loss (a ratio of router statistics) is averaged over them.
+A mesh from `jax.make_mesh` (Explicit axes) gives the same step as its `auto_mesh` twin.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any, Callable, NamedTuple
@@ -38,59 +21,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.moe import load_balancing_loss
 from qwen3_jax.sharding import ShardingRules, auto_mesh, constrain, state_shardings
-
-Params = dict[str, Any]  # nnx pure dict: nested dicts of float32 arrays
-Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positions: [B, T]
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with linear warmup then cosine decay, global-norm clipping, masked weight decay."""
-
-    learning_rate: float  # peak, reached after warmup_steps
-    warmup_steps: int
-    decay_steps: int  # length of the whole schedule, warmup included (usually the run's steps)
-    end_learning_rate_ratio: float  # final learning rate as a fraction of the peak
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    no_decay: tuple[str, ...] = ("norm", "embed")  # regexes searched in "runs/0/attn/q_norm/weight"
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    microbatches: int = 1  # gradient accumulation steps inside one compiled step
-    ce_chunk_len: int = 512  # sequence positions per cross-entropy chunk (must divide seq_len)
-    z_loss_coef: float = 0.0  # weight of mean(logsumexp(logits)^2) over loss tokens
+from train.config import OptimizerConfig, StepConfig
+from train.objectives import Batch, Objective, Params, lm_objective
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: updates applied so far
     params: Params
     opt_state: optax.OptState
-
-
-class Terms(NamedTuple):
-    """One microbatch's contribution to an objective, returned by an `Objective`.
-
-    loss_sum: the training loss summed over loss-mask tokens (divided by the global batch's
-      loss-mask token count by the step, so accumulation gives the big batch's gradient).
-    aux: the MoE load-balancing loss of this call (0 for dense models); averaged over microbatches.
-    sums: per-token quantities summed over loss-mask tokens, reported as means (metrics only).
-    """
-
-    loss_sum: jax.Array
-    aux: jax.Array
-    sums: dict[str, jax.Array]
-
-
-# objective(params, microbatch, frozen) -> Terms. `frozen` is a pytree the step passes through
-# unchanged and never differentiates (a distillation teacher's parameters), or None.
-Objective = Callable[[Params, Batch, Any], Terms]
 
 
 # ----------------------------------------------------------------------------------- optimizer
@@ -167,106 +106,31 @@ def abstract_train_state(cfg: Qwen3Config, opt: OptimizerConfig, mesh: Mesh) -> 
     )
 
 
-@functools.cache
-def _state_builders(cfg: Qwen3Config, opt: OptimizerConfig, mesh: Mesh):
-    """(seed -> fresh state, params -> state), jitted once per (config, mesh)."""
+def init_train_state(
+    cfg: Qwen3Config, opt: OptimizerConfig, mesh: Mesh, *, seed: int = 0, params: Params | None = None,
+) -> TrainState:
+    """Step 0 state built on the mesh: from `params` (consumed) or a fresh init from `seed`
+    (the same values as `init_model(cfg, seed=seed)`)."""
+    mesh = auto_mesh(mesh)
     tx = make_optimizer(opt, cfg)
     shardings = train_state_shardings(cfg, opt, mesh)
 
     def from_params(p: Params) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
 
+    if params is not None:
+        return jax.jit(from_params, in_shardings=(shardings.params,), out_shardings=shardings,
+                       donate_argnums=0)(params)
+
     def fresh(seed: jax.Array) -> TrainState:
         return from_params(nnx.to_pure_dict(nnx.state(Qwen3(cfg, rngs=nnx.Rngs(jax.random.key(seed))))))
 
-    return (
-        jax.jit(fresh, out_shardings=shardings),
-        jax.jit(from_params, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0),
-    )
-
-
-def init_train_state(
-    cfg: Qwen3Config, opt: OptimizerConfig, mesh: Mesh, *, seed: int = 0, params: Params | None = None,
-) -> TrainState:
-    """Step 0 state built on the mesh: from `params` (consumed) or a fresh init from `seed`
-    (the same values as `init_model(cfg, seed=seed)`)."""
-    fresh, from_params = _state_builders(cfg, opt, auto_mesh(mesh))
-    return fresh(jnp.int32(seed)) if params is None else from_params(params)
+    return jax.jit(fresh, out_shardings=shardings)(jnp.int32(seed))
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
     mesh = auto_mesh(mesh)
     return NamedSharding(mesh, rules.spec(("batch", "seq"), mesh.axis_names))
-
-
-# -------------------------------------------------------------------------------------- loss
-
-
-def chunked_cross_entropy(
-    hidden_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array, *,
-    chunk_len: int, rules: ShardingRules,
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of mask * CE, sum of mask * logsumexp^2) without materialising [B, T, V] logits.
-
-    Chunks cut the sequence axis, so each keeps the whole (sharded) batch and every data shard
-    works on every chunk. Each chunk is rematerialised: the backward pass recomputes its
-    [B, C, V] float32 logits instead of keeping all of them alive.
-    """
-    B, T, _ = hidden_BxTxD.shape
-    C = min(chunk_len, T)
-    if T % C:
-        raise ValueError(f"ce_chunk_len={chunk_len} must divide the sequence length {T}")
-    vocab_V = jnp.arange(w_DxV.shape[1])
-
-    def chunks(x):  # [B, T, ...] -> [T / C, B, C, ...]
-        return x.reshape(B, T // C, C, *x.shape[2:]).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_sums(w_DxV, h_BxCxD, t_BxC, m_BxC):
-        logits_BxCxV = jnp.einsum("BCD,DV->BCV", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
-        logits_BxCxV = constrain(logits_BxCxV, ("batch", "seq", "act_vocab"), rules)
-        lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        # A select + sum rather than a gather: stays local when the vocab axis is sharded.
-        target_BxC = jnp.sum(jnp.where(vocab_V == t_BxC[..., None], logits_BxCxV, 0.0), axis=-1)
-        return jnp.sum(m_BxC * (lse_BxC - target_BxC)), jnp.sum(m_BxC * jnp.square(lse_BxC))
-
-    def body(carry, xs):
-        ce, z = chunk_sums(w_DxV, *xs)
-        return (carry[0] + ce, carry[1] + z), None
-
-    # Gathered over the embed (fsdp) axes once, here: XLA does not hoist a loop-invariant all-gather
-    # out of the scan, so the weight would be gathered for every chunk, forward and backward (at
-    # 32,768-token rows, most of a step's collective bytes). The price: the [D, V / vocab shards]
-    # weight and its gradient (in the weight's dtype) whole on every device. The gradient's
-    # reduction over fsdp is XLA's to place: its TPU pipeline moves it out of the loop.
-    w_DxV = constrain(w_DxV, (None, "vocab"), rules)
-    zero = jnp.zeros((), jnp.float32)
-    xs = (chunks(hidden_BxTxD), chunks(targets_BxT), chunks(mask_BxT.astype(jnp.float32)))
-    (ce_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), xs)
-    return ce_sum, z_sum
-
-
-def lm_objective(
-    params: Params, batch: Batch, frozen: None, *, graphdef: nnx.GraphDef, cfg: Qwen3Config, step_cfg: StepConfig,
-) -> Terms:
-    """Next-token cross-entropy (+ z-loss) over loss-mask tokens; params cast to the compute dtype
-    for the forward pass (gradients flow back in float32)."""
-    del frozen
-    dtype = jnp.dtype(cfg.dtype)
-    model: Qwen3 = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
-    out = model.forward(batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"])
-    ce_sum, z_sum = chunked_cross_entropy(
-        out.hidden_BxTxD, unembedding(model), batch["targets"], batch["loss_mask"], chunk_len=step_cfg.ce_chunk_len,
-        rules=cfg.rules,
-    )
-    aux = load_balancing_loss(out.router_stats) if cfg.is_moe else jnp.zeros((), jnp.float32)
-    sums = {"loss": ce_sum, **({"z_loss": z_sum} if step_cfg.z_loss_coef else {})}
-    return Terms(ce_sum + step_cfg.z_loss_coef * z_sum, aux, sums)
-
-
-def unembedding(model: Qwen3) -> jax.Array:
-    """[D, V] output projection: the tied embedding's transpose or lm_head."""
-    return model.embed[...].T if model.lm_head is None else model.lm_head[...]
 
 
 def split_microbatches(x_BxT: jax.Array, m: int) -> jax.Array:
@@ -353,13 +217,8 @@ def compile_update(
 def make_train_step(
     cfg: Qwen3Config, step_cfg: StepConfig, opt: OptimizerConfig, mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted language-modelling step (`lm_objective`); it donates the old state and runs
-    under `mesh`. Cached, so asking again for the same configs and mesh reuses the compiled step."""
-    return _make_train_step(cfg, step_cfg, opt, auto_mesh(mesh))
-
-
-@functools.cache
-def _make_train_step(cfg: Qwen3Config, step_cfg: StepConfig, opt: OptimizerConfig, mesh: Mesh):
+    """The jitted language-modelling step (`objectives.lm_objective`); it donates the old state
+    and runs under `mesh`. Each call compiles anew: keep the returned step for the run."""
     graphdef, _ = nnx.split(abstract_model(cfg))
     objective = functools.partial(lm_objective, graphdef=graphdef, cfg=cfg, step_cfg=step_cfg)
     return compile_update(objective, cfg, step_cfg.microbatches, opt, mesh)

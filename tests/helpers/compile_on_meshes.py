@@ -34,8 +34,9 @@ from qwen3_jax import make_mesh, preset  # noqa: E402
 from qwen3_jax.model import abstract_model  # noqa: E402
 from qwen3_jax.sharding import state_shardings  # noqa: E402
 from train import step as step_lib  # noqa: E402
+from train.config import OptimizerConfig, StepConfig  # noqa: E402
 
-OPT = step_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay_steps=10, end_learning_rate_ratio=0.1)
+OPT = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay_steps=10, end_learning_rate_ratio=0.1)
 BATCH, SEQ = 8, 32
 
 
@@ -56,7 +57,7 @@ def compile_case(name: str, mesh_shape: dict[str, int]) -> None:
     batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=tokens.sharding)
              for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-    train_step = step_lib.make_train_step(cfg, step_lib.StepConfig(ce_chunk_len=SEQ), OPT, mesh)
+    train_step = step_lib.make_train_step(cfg, StepConfig(ce_chunk_len=SEQ), OPT, mesh)
     with jax.set_mesh(mesh):
         train_step.jitted.lower(step_lib.abstract_train_state(cfg, OPT, mesh), batch, None).compile()
 

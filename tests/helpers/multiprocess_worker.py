@@ -98,6 +98,8 @@ def work(args: argparse.Namespace) -> None:
     from train import data as data_lib
     from train import train as train_lib
     from train.checkpoint import Checkpointer
+    from train.config import resolve, tokenizer_from_spec, train_config
+    from train.loop import global_batch
     from train.step import abstract_train_state, batch_sharding, param_path
 
     workdir = os.path.join(args.out, "run")
@@ -131,19 +133,19 @@ def work(args: argparse.Namespace) -> None:
         result.update(loss=metrics["loss"], grad_norm=metrics["grad_norm"])
 
     # The input as the trainer builds it, one step: this process's rows and the global batch.
-    exp = train_lib.validate(config)
-    mesh = make_mesh(exp.mesh)
-    tokenizer = train_lib.load_tokenizer(exp)
-    stream = data_lib.make_stream(exp.data, tokenizer)
+    job = resolve(train_config(config))
+    mesh = make_mesh(job.mesh)
+    tokenizer = tokenizer_from_spec(job.tokenizer, job.model)
+    stream = data_lib.make_stream(job.data, tokenizer)
     local = next(stream.iterator)
     result["local_record_ids"] = record_ids(local)
-    save_arrays("global_batch", train_lib.global_batch(local, batch_sharding(mesh, exp.model.rules)))
+    save_arrays("global_batch", global_batch(local, batch_sharding(mesh, job.model.rules)))
     timed("data")
 
     # The saved step restored whole (params, optimizer moments, step, data position) on the same mesh.
     checkpointer = Checkpointer(os.path.join(workdir, TRAINER_CHECKPOINTS), every=1, keep=1)
-    stream = data_lib.make_stream(exp.data, tokenizer)
-    state = checkpointer.restore(1, abstract_train_state(exp.model, exp.optimizer, mesh), stream.iterator)
+    stream = data_lib.make_stream(job.data, tokenizer)
+    state = checkpointer.restore(1, abstract_train_state(job.model, job.optimizer, mesh), stream.iterator)
     checkpointer.close()
     save_arrays("state", state)
     result["resumed_record_ids"] = record_ids(next(stream.iterator))  # the rows step 2 would train on
