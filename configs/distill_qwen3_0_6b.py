@@ -15,7 +15,7 @@ Documented, not run here: no TPU in this environment (tests validate it on faked
 """
 
 from configs._released import V5P_PEAK_BF16
-from train.distill import default_config
+from train.distill.config import default_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ import pytest
 
 import qwen3_jax as q
 from qwen3_jax.tokenizer import Tokenizer
-from train import recipe
+from train.miniature import recipe
 from train.train import TrainConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,12 +16,12 @@ The cheaper signals other on-policy distillation trainers use (`DistillLoss.sign
          logits per token (what a stored or remote teacher ships).
   k1/k3  estimators of reverse KL from the sampled token y alone (Schulman, "Approximating KL
          divergence", 2020): with log r = log p_t(y) - log p_s(y), k1 = -log r, k3 = r - 1 - log r.
-         Needs the teacher's log-probability of one token per position.
-         As a "loss" the estimate itself is differentiated: E[grad k1] = 0 on-policy (it carries no
-         signal in expectation), E[grad k3] = grad KL(teacher || student) (Schulman's note; GRPO's
-         KL term). As a "reward" (policy gradient, per-token reward -k, loss = stop_grad(k) * log p_s(y)),
-         k1 gives exactly grad KL(student || teacher) in expectation (the on-policy distillation of
-         Lu et al. 2025, "On-Policy Distillation", Thinking Machines Lab).
+         Needs the teacher's log-probability of one token per position. Two uses have a
+         divergence's gradient in expectation, when y is drawn from p_s itself: k3 as a "loss"
+         (the estimate differentiated; E[grad k3] = grad KL(teacher || student), GRPO's KL term) and
+         k1 as a "reward" (policy gradient, loss = stop_grad(k1) * log p_s(y); E = grad KL(student ||
+         teacher), Lu et al. 2025, Thinking Machines Lab). The other two are refused: E[grad k1] = 0,
+         and k3 as a reward gives grad KL(s || t) - grad KL(t || s).
 
 Masks select the positions whose *next* token is trained: position i compares the two models'
 distributions for token i + 1 (the logits at the last prompt position predict the first completion
@@ -73,6 +73,11 @@ class DistillLoss:
             raise ValueError(f"distill top_k must be >= 1, got {self.top_k}")
         if self.estimator_use not in ESTIMATOR_USES:
             raise ValueError(f"distill estimator_use must be one of {ESTIMATOR_USES}, got {self.estimator_use!r}")
+        if (self.signal, self.estimator_use) in (("k1", "loss"), ("k3", "reward")):
+            raise ValueError(
+                f"distill signal={self.signal!r} with estimator_use={self.estimator_use!r} has no divergence's gradient "
+                "in expectation (module doc): use signal='k1' with estimator_use='reward' (reverse KL) or signal='k3' "
+                "with estimator_use='loss' (forward KL)")
 
 
 class DistillSums(NamedTuple):

@@ -28,7 +28,7 @@ from infer.engine import Engine
 from qwen3_jax import chat
 from qwen3_jax.model import Qwen3
 from qwen3_jax.tokenizer import Tokenizer
-from train import task
+from train.miniature import task
 
 MODES = ("think", "no_think")
 
