@@ -16,9 +16,7 @@ and decode for exactly these slices.
         --config.data.paths='/mnt/data/*.arrayrecord'
 """
 
-import ml_collections
-
-from train.train import default_config
+from train.config import default_config
 
 V5P_PEAK_BF16 = 459e12  # FLOP/s per v5p chip
 
@@ -29,7 +27,7 @@ def pretrain_config(preset: str, *, topology: str, mesh: dict[str, int], batch_s
     spells them ("v5p:4x4x4", "v6e:2x4")."""
     c = default_config()
     c.topology = topology
-    c.serving = ml_collections.ConfigDict({"topology": serving[0], "mesh": dict(serving[1])})
+    c.serving.topology, c.serving.mesh = serving[0], dict(serving[1])
     c.distributed = multi_host  # jax.distributed.initialize(): one process per TPU host
     c.model.preset = preset
     c.model.dtype = "bfloat16"

@@ -14,7 +14,7 @@ Defaults fit Qwen3-0.6B / 1.7B on one 8-chip host (FSDP over every device); on C
 --config.model.dtype=float32 (XLA:CPU bfloat16 matmuls are slow).
 """
 
-from train.train import default_config
+from train.config import default_config
 
 
 def get_config():

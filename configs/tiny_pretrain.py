@@ -8,7 +8,7 @@ state (on a 1-device mesh), packed data with segment ids, chunked cross-entropy,
 metrics, the MFU benchmark. Re-running the command resumes from the last checkpoint.
 """
 
-from train.train import default_config
+from train.config import default_config
 
 
 def get_config():

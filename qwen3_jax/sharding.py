@@ -146,6 +146,34 @@ def constrain(x: jax.Array, logical: Logical, rules: ShardingRules) -> jax.Array
     return jax.lax.with_sharding_constraint(x, rules.spec(logical, names))
 
 
+def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
+    """`shape` in MESH_AXES order with its -1 (at most one: 'all remaining devices') resolved.
+
+    Raises:
+      ValueError: an unknown axis, a size below 1 other than -1, sizes that do not divide or
+        exceed `num_devices`.
+    """
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; allowed: {MESH_AXES}")
+    names = [a for a in MESH_AXES if a in shape]
+    sizes = [int(shape[a]) for a in names]
+    if any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be >= 1 or -1, got {shape}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {shape} does not divide the {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    total = math.prod(sizes)
+    if total > num_devices:
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {total} devices but only {num_devices} are available "
+                         f"({jax.default_backend()})")
+    return dict(zip(names, sizes))
+
+
 def make_mesh(shape: dict[str, int] | Mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds an Auto-axes mesh from `{axis: size}`; -1 once means 'all remaining devices'.
 
@@ -157,21 +185,9 @@ def make_mesh(shape: dict[str, int] | Mesh, devices: Sequence[jax.Device] | None
             raise ValueError("devices cannot be given with a Mesh: the mesh already has its devices")
         return auto_mesh(shape)
     devices = list(devices if devices is not None else jax.devices())
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; allowed: {MESH_AXES}")
-    names = [a for a in MESH_AXES if a in shape]
-    sizes = [int(shape[a]) for a in names]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh {shape} does not divide the {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
+    resolved = mesh_sizes(shape, len(devices))
+    names, sizes = list(resolved), list(resolved.values())
     total = math.prod(sizes)
-    if total > len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {total} devices but only {len(devices)} exist")
     if total < len(devices):
         devices = devices[:total]
     try:
