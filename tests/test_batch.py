@@ -169,8 +169,8 @@ def test_records_round_trip_into_the_sft_loader(model, tokenizer, tmp_path):
     # completion (+ the "\n" after <|im_end|>), and the loss covers the completion; for no_think
     # records also the empty think block, which the hard switch put in the prompt but the model must
     # learn to write itself under /no_think.
-    cfg = {"data": {"format": "jsonl", "paths": str(tmp_path / "out.jsonl"), "kind": "chat", "seq_len": 512,
-                    "batch_size": 1, "num_epochs": 1, "shuffle": False, "packing_bins": 1, "num_threads": 1}}
+    cfg = data_lib.DataConfig(format="jsonl", paths=str(tmp_path / "out.jsonl"), kind="chat", seq_len=512,
+                              batch_size=1, num_epochs=1, shuffle=False, packing_bins=1, num_threads=1)
     docs = []
     for b in data_lib.make_dataset(cfg, tokenizer, process_index=0, process_count=1):
         seg = b["segment_ids"][0]

@@ -1,23 +1,26 @@
-"""Input pipeline (train/data.py)."""
+"""Input pipeline (train/data/)."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import os
 import re
 
-import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from grain.checkpoint import CheckpointRestore, CheckpointSave
 
 from qwen3_jax.chat import render, render_for_training
+from qwen3_jax.errors import ConfigError, DataError
 from qwen3_jax.tokenizer import Tokenizer
 from train import data
 from train.miniature.spm import train_sentencepiece
+from train.schema import from_config_dict
 
 SEP = 1  # WordIdTokenizer's <|endoftext|>
 
@@ -47,10 +50,10 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def config(**fields) -> ml_collections.ConfigDict:
-    """A training config with a `data` section; unspecified fields keep their defaults."""
+def config(**fields) -> data.DataConfig:
+    """A small `data` section; unspecified fields keep their defaults."""
     base = {"seq_len": 8, "batch_size": 2, "num_epochs": 1, "shuffle": False, "num_threads": 2}
-    return ml_collections.ConfigDict({"data": {**base, **fields}})
+    return data.DataConfig(**{**base, **fields})
 
 
 def batches(cfg, tokenizer, process_index=0, process_count=1, limit=None) -> list[dict]:
@@ -188,7 +191,7 @@ def test_synthetic_source_is_learnable():
             assert mask[:-1].all()  # every token but a document's last is trained
             steps = (targets[mask > 0] - tokens[mask > 0]) % 64
             assert len(set(steps.tolist())) == int(mask.any())  # one arithmetic progression per document
-    with pytest.raises(data.DataConfigError, match="synthetic_vocab_size"):
+    with pytest.raises(ConfigError, match="synthetic_vocab_size"):
         batches(config(format="synthetic"), None)
 
 
@@ -301,7 +304,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(text_jsonl):
     assert all(shards)
     assert not (shards[0] & shards[1] or shards[0] & shards[2] or shards[1] & shards[2])
     assert set.union(*shards) == {d + 1 for d, n in enumerate(DOC_LENGTHS) if n}
-    with pytest.raises(data.DataConfigError, match=r"batch_size=4 .* process_count=3"):
+    with pytest.raises(ConfigError, match=r"batch_size=4 .* process_count=3"):
         batches(config(paths=text_jsonl, batch_size=4), WordIdTokenizer(), 0, 3)
 
 
@@ -313,9 +316,9 @@ def test_fixed_shards_give_the_same_global_batches_on_any_number_of_processes(te
         for step, want in enumerate(one):
             for k in data.ROW_FEATURES:  # process 0's rows first, as global_batch assembles them
                 np.testing.assert_array_equal(np.concatenate([b[step][k] for b in per_process]), want[k])
-    with pytest.raises(data.DataConfigError, match=r"data.shards=3 is not a multiple of process_count=2"):
+    with pytest.raises(ConfigError, match=r"data.shards=3 is not a multiple of process_count=2"):
         batches(config(paths=text_jsonl, batch_size=6, shards=3), WordIdTokenizer(), 0, 2)
-    with pytest.raises(data.DataConfigError, match=r"data.batch_size=4 is not divisible by data.shards=8"):
+    with pytest.raises(ConfigError, match=r"data.batch_size=4 is not divisible by data.shards=8"):
         batches(config(paths=text_jsonl, batch_size=4, shards=8), WordIdTokenizer(), 0, 1)
 
 
@@ -354,11 +357,11 @@ def test_orbax_checkpoint_of_iterator(tmp_path, text_jsonl, packing):
     it = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
     next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        mngr.save(1, args=ocp.args.Composite(data=data.CheckpointSave(it)))
+        mngr.save(1, args=ocp.args.Composite(data=CheckpointSave(it)))
         mngr.wait_until_finished()
         want = next(it)
         resumed = data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
-        mngr.restore(1, args=ocp.args.Composite(data=data.CheckpointRestore(resumed)))
+        mngr.restore(1, args=ocp.args.Composite(data=CheckpointRestore(resumed)))
     np.testing.assert_array_equal(next(resumed)["tokens"], want["tokens"])
 
 
@@ -415,7 +418,7 @@ def test_glob_and_missing_files(tmp_path, text_jsonl):
 
 
 def test_missing_fields_are_named(tmp_path, text_jsonl):
-    with pytest.raises(data.DataError, match=r"docs.jsonl:1: the record has no field 'body'"):
+    with pytest.raises(DataError, match=r"docs.jsonl:1: the record has no field 'body'"):
         batches(config(paths=text_jsonl, text_field="body"), WordIdTokenizer())
     pq_path = str(tmp_path / "t.parquet")
     pq.write_table(pa.Table.from_pylist(TEXT_RECORDS), pq_path)
@@ -433,9 +436,8 @@ def test_missing_fields_are_named(tmp_path, text_jsonl):
     ],
 )
 def test_bad_config_values_are_named(text_jsonl, field, value):
-    cfg = config(**{"paths": text_jsonl, field: value})
-    with pytest.raises(data.DataConfigError, match=field):
-        data.make_dataset(cfg, WordIdTokenizer(), process_index=0, process_count=1)
+    with pytest.raises(ConfigError, match=field):
+        from_config_dict(data.DataConfig, {"paths": text_jsonl, field: value})
 
 
 # ---- bad records and changed files -------------------------------------------------------------
@@ -473,9 +475,9 @@ def test_bad_chat_record_is_named_by_file_and_line_or_skipped_and_counted(tmp_pa
     line, message = BAD_CHAT[fault]
     path = write_lines(tmp_path / "chat.jsonl", [GOOD_CHAT, GOOD_CHAT, line, GOOD_CHAT])
     cfg = config(paths=path, kind="chat", seq_len=64)
-    with pytest.raises(data.DataError, match=re.escape(path) + ":3: " + message):
+    with pytest.raises(DataError, match=re.escape(path) + ":3: " + message):
         batches(cfg, sp_tokenizer)
-    cfg.data.on_bad_record = "skip"
+    cfg = dataclasses.replace(cfg, on_bad_record="skip")
     bad = data.BadRecords("skip")
     out = list(data.make_dataset(cfg, sp_tokenizer, process_index=0, process_count=1, bad_records=bad))
     assert documents(out) == 3 and bad.count == 1
@@ -490,14 +492,14 @@ def test_bad_records_in_parquet_and_arrayrecord_are_named_by_record_index(tmp_pa
         pq.write_table(pa.Table.from_pylist(records), path, row_group_size=2)  # record 1 in the first group
     else:
         data.write_arrayrecord(path, records)
-    with pytest.raises(data.DataError, match=re.escape(path) + ", record index 1: message 0 has unknown role"):
+    with pytest.raises(DataError, match=re.escape(path) + ", record index 1: message 0 has unknown role"):
         batches(config(format=fmt, paths=path, kind="chat", seq_len=64), sp_tokenizer)
 
 
 def test_empty_file_is_named_or_skipped(tmp_path, text_jsonl):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")  # blank lines only: no records
-    with pytest.raises(data.DataError, match=re.escape(str(empty)) + ": the file holds no records"):
+    with pytest.raises(DataError, match=re.escape(str(empty)) + ": the file holds no records"):
         batches(config(paths=[text_jsonl, str(empty)]), WordIdTokenizer())
     bad = data.BadRecords("skip")
     cfg = config(paths=[text_jsonl, str(empty)], on_bad_record="skip")
@@ -511,25 +513,23 @@ def test_prompt_source_applies_the_same_policy(tmp_path):
     prompt = json.dumps({"messages": [{"role": "user", "content": "hi"}], "answer": 5})
     long = json.dumps({"messages": [{"role": "user", "content": "x" * 50}]})
     path = write_lines(tmp_path / "prompts.jsonl", [prompt, GOOD_CHAT, b"{oops", prompt, long])
-    section = ml_collections.ConfigDict({**data.prompt_default_config().to_dict(), "paths": path, "batch_size": 1,
-                                         "shuffle": False, "num_epochs": 1})
+    base = data.PromptConfig(paths=path, batch_size=1, shuffle=False, num_epochs=1)
 
     def too_long(record):
         if len(record["messages"][0]["content"]) > 20:
             raise ValueError("the prompt is longer than rollout.max_prompt_len")
 
-    def prompts(**kw):
-        return [r for batch in data.make_prompt_dataset(section, process_index=0, process_count=1, **kw) for r in batch]
+    def prompts(cfg=base, **kw):
+        return [r for batch in data.make_prompt_dataset(cfg, process_index=0, process_count=1, **kw) for r in batch]
 
-    with pytest.raises(data.DataError, match=re.escape(path) + ":2: a prompt must not end with an assistant turn"):
+    with pytest.raises(DataError, match=re.escape(path) + ":2: a prompt must not end with an assistant turn"):
         prompts()
-    section.on_bad_record = "skip"
     bad = data.BadRecords("skip")
-    kept = prompts(bad_records=bad, check=too_long)
+    kept = prompts(dataclasses.replace(base, on_bad_record="skip"), bad_records=bad, check=too_long)
     assert [r["answer"] for r in kept] == [5, 5] and bad.count == 3  # lines 2, 3 and 5
-    section.on_bad_record, section.paths = "error", write_lines(tmp_path / "long.jsonl", [prompt, "", prompt, long])
-    with pytest.raises(data.DataError, match=r"long.jsonl:4: the prompt is longer than rollout.max_prompt_len"):
-        prompts(check=too_long)  # line numbers count the blank line too
+    long_file = write_lines(tmp_path / "long.jsonl", [prompt, "", prompt, long])
+    with pytest.raises(DataError, match=r"long.jsonl:4: the prompt is longer than rollout.max_prompt_len"):
+        prompts(dataclasses.replace(base, paths=long_file), check=too_long)  # line numbers count the blank line too
 
 
 def test_resume_names_changed_data_files_unless_allowed(tmp_path):
@@ -547,12 +547,12 @@ def test_resume_names_changed_data_files_unless_allowed(tmp_path):
     assert resume().bad_records.count == 7  # unchanged files: the count carries over
     with open(paths[0], "r+b") as f:  # same size, other content
         f.write(b" ")
-    with pytest.raises(data.DataChangedError, match=r"a.jsonl changed content \(same size\)"):
+    with pytest.raises(DataError, match=r"a.jsonl changed content \(same size\)"):
         resume()
     with open(paths[1], "a") as f:
         f.write(json.dumps({"text": "1 2"}) + "\n")
     write_jsonl(tmp_path / "c.jsonl", TEXT_RECORDS)
-    with pytest.raises(data.DataChangedError, match=(
+    with pytest.raises(DataError, match=(
             r"the data files differ from those checkpoint step 4 was written with: .*c.jsonl was added; .*a.jsonl "
             r"changed content \(same size\); .*b.jsonl changed size \(\d+ -> \d+ bytes\)\. .*allow_changed_data")):
         resume()

@@ -26,6 +26,7 @@ from flax import nnx
 
 from qwen3_jax import from_hf, make_mesh, preset, to_hf
 from qwen3_jax.hf import write_safetensors
+from qwen3_jax.errors import DataError
 from qwen3_jax.model import abstract_model
 from train import data as data_lib
 from train import step as step_lib
@@ -70,9 +71,8 @@ def initial_state(name: str) -> step_lib.TrainState:
 
 def synthetic_batches(cfg, seed: int = 0):
     """Packed batches from the real pipeline (segment ids, padding and all)."""
-    dcfg = data_lib.default_config()
-    dcfg.update(format="synthetic", seq_len=SEQ, batch_size=BATCH, seed=seed,
-                synthetic_vocab_size=cfg.vocab_size, num_threads=1)
+    dcfg = data_lib.DataConfig(format="synthetic", seq_len=SEQ, batch_size=BATCH, seed=seed,
+                               synthetic_vocab_size=cfg.vocab_size, num_threads=1)
     return data_lib.make_dataset(dcfg, None, process_index=0, process_count=1)
 
 
@@ -457,7 +457,7 @@ def test_skipped_records_are_counted_and_changed_data_files_are_named_on_resume(
     with open(files[0], "a") as f:
         f.write(json.dumps({"text": "w7 w8"}) + "\n")
     files[1].unlink()
-    with pytest.raises(data_lib.DataChangedError, match=(
+    with pytest.raises(DataError, match=(
             r"the data files differ from those checkpoint step 2 .* was written with: .*b.jsonl was removed; "
             r".*a.jsonl changed size \(\d+ -> \d+ bytes\).*set data.allow_changed_data=True")):
         train_lib.run(tiny_config(**overrides, **{"train.steps": 4}), str(tmp_path / "run"))

@@ -63,6 +63,7 @@ from qwen3_jax.model import abstract_model, count_params
 from qwen3_jax.sharding import MESH_AXES, initialize_distributed, make_mesh
 from qwen3_jax.tokenizer import Tokenizer, tokenizer_dir
 from train import data as data_lib
+from train import schema
 from train.checkpoint import (
     CheckpointWriteError, Checkpointer, CorruptCheckpointError, init_from_config, load_params, save_tokenizer,
 )
@@ -112,12 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
         "overrides": ml_collections.ConfigDict(),
     })
     c.tokenizer = config_dict.placeholder(str)  # 'qwen3', a tokenizer dir / tokenizer.json / spm .model
-    c.data = data_lib.default_config()  # see train/data.py
-    # Typed placeholders instead of data.py's plain None defaults, which the command line cannot set.
-    c.data.paths = config_dict.placeholder(object)  # a path / glob, or a list of them
-    c.data.num_epochs = config_dict.placeholder(int)
-    c.data.shards = config_dict.placeholder(int)
-    c.data.synthetic_vocab_size = config_dict.placeholder(int)
+    c.data = schema.config_dict(data_lib.DataConfig)  # see train/data/config.py
     c.mesh = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})  # one axis may be -1: the rest
     c.optimizer = ml_collections.ConfigDict({
         "learning_rate": 3e-4,
@@ -163,7 +159,7 @@ class Experiment:
     mesh: dict[str, int]  # every axis of MESH_AXES, -1 resolved
     optimizer: OptimizerConfig
     step: StepConfig
-    data: ml_collections.ConfigDict
+    data: data_lib.DataConfig | data_lib.PromptConfig
     steps: int
     seed: int
     log_every: int
@@ -250,16 +246,15 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
              f"{topology_chips(config.topology)} chips")
     check_shardable(model, mesh)
     try:
-        data_cfg = data_lib.DataConfig.from_config(config.data)
+        data_cfg = schema.from_config_dict(data_lib.DataConfig, config.data, where="data.")
         data_lib.process_shards(data_cfg.batch_size, data_cfg.shards, jax.process_index(), jax.process_count())
-    except data_lib.DataConfigError as e:
+    except ConfigError as e:
         raise TrainConfigError(str(e)) from e
-    data = ml_collections.ConfigDict(config.data.to_dict())
     if data_cfg.format == "synthetic":
         vocab = data_cfg.synthetic_vocab_size or model.vocab_size
         need(vocab <= model.vocab_size,
               f"data.synthetic_vocab_size={vocab} exceeds the model's vocab_size={model.vocab_size}")
-        data.synthetic_vocab_size = vocab
+        data_cfg = dataclasses.replace(data_cfg, synthetic_vocab_size=vocab)
     else:
         try:
             data_lib.expand_paths(data_cfg.paths)
@@ -271,12 +266,12 @@ def validate(config: ml_collections.ConfigDict) -> Experiment:
             "directory that ships one (tokenizer.json or tokenizer.model)",
         )
 
-    return experiment(config, model, mesh, data=data, batch_size=data_cfg.batch_size, seq_len=data_cfg.seq_len,
+    return experiment(config, model, mesh, data=data_cfg, batch_size=data_cfg.batch_size, seq_len=data_cfg.seq_len,
                       batch_field="data.batch_size", seq_field="data.seq_len")
 
 
 def experiment(
-    config: ml_collections.ConfigDict, model: Qwen3Config, mesh: dict[str, int], *, data: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, model: Qwen3Config, mesh: dict[str, int], *, data: Any,
     batch_size: int, seq_len: int, batch_field: str, seq_field: str,
 ) -> Experiment:
     """Checks the fields every trainer shares (batch split, chunking, steps, optimizer,

@@ -13,6 +13,7 @@ from infer.sampling import SamplingParams
 from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config
 from qwen3_jax.hf import CheckpointError
 from train import data as data_lib
+from train import schema
 from train import train as train_lib
 from train.checkpoint import init_from_config
 from train.distill.divergence import DistillLoss
@@ -27,9 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     is the divergence's chunk of sequence positions) are `train.train`'s."""
     c = train_lib.default_config()
     del c["data"]
-    c.prompts = data_lib.prompt_default_config()
-    c.prompts.paths = config_dict.placeholder(object)
-    c.prompts.num_epochs = config_dict.placeholder(int)
+    c.prompts = schema.config_dict(data_lib.PromptConfig)
     c.teacher = ml_collections.ConfigDict({
         "init_from": config_dict.placeholder(str),  # HF / qwen3-jax checkpoint, or a workdir
         "dtype": "float32",  # parameters and compute; bfloat16 halves a big teacher's memory
@@ -164,12 +163,12 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     p = config.prompts
     need(p.paths is not None, "prompts.paths must name the prompt files (JSONL/Parquet/ArrayRecord chat records)")
     try:
-        data_lib.expand_paths(data_lib.prompt_config(p)["paths"])
+        prompts = schema.from_config_dict(data_lib.PromptConfig, p, where="prompts.")
+        data_lib.expand_paths(prompts.paths)
     except FileNotFoundError as e:
         raise TrainConfigError(f"missing prompt files: {e}") from e
-    except data_lib.DataConfigError as e:
+    except ConfigError as e:
         raise TrainConfigError(str(e)) from e
-    need(p.batch_size >= 1, f"prompts.batch_size must be >= 1, got {p.batch_size}")
 
     r = config.rollout
     for name in ("max_prompt_len", "max_new_tokens"):
@@ -204,7 +203,7 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     need(spec is not None, "distillation renders chat prompts: set `tokenizer` or use a student or teacher "
                             "checkpoint that ships one (tokenizer.json or tokenizer.model)")
     exp = train_lib.experiment(
-        config, student, mesh, data=ml_collections.ConfigDict(p.to_dict()), batch_size=p.batch_size,
+        config, student, mesh, data=prompts, batch_size=prompts.batch_size,
         seq_len=rollout.seq_len, batch_field="prompts.batch_size",
         seq_field="rollout.max_prompt_len + rollout.max_new_tokens",
     )

@@ -24,7 +24,7 @@ from flax import nnx
 from infer import batch as batch_lib
 from infer.engine import Engine
 from qwen3_jax.checkpoint import load_any
-from qwen3_jax.config import Qwen3Config
+from qwen3_jax.config import ConfigError, Qwen3Config
 from qwen3_jax.model import Qwen3, abstract_model
 from qwen3_jax.moe import load_balancing_loss
 from qwen3_jax.sharding import make_mesh
@@ -216,4 +216,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return train_lib.run_loop(config, workdir, exp.train, mesh, tokenizer, prompts, step_fn, rates)
 
 
-USER_ERRORS = (*train_lib.USER_ERRORS, data_lib.DataConfigError, PromptError, batch_lib.BatchError)
+USER_ERRORS = (*train_lib.USER_ERRORS, ConfigError, PromptError, batch_lib.BatchError)

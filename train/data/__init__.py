@@ -33,7 +33,7 @@ returns every field with its default; unknown fields are rejected so typos fail 
                         files are left out, logged and counted (`BadRecords`; the trainers report
                         the count in metrics.jsonl and at the end).
   allow_changed_data    False (default): resuming from a checkpoint whose data files differ from
-                        today's (a file added, removed, grown or edited) is a DataChangedError
+                        today's (a file added, removed, grown or edited) is a DataError
                         naming the files, since the restored position would point into other
                         records; True goes on with a warning.
 
@@ -99,19 +99,16 @@ from typing import Any, NamedTuple
 import grain
 import grain.experimental as grain_exp
 import jax
-import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 from grain.checkpoint import CheckpointRestore, CheckpointSave  # noqa: F401 (orbax args)
 
 from qwen3_jax.chat import render_for_training, validate_messages
+from qwen3_jax.errors import ConfigError, DataError
 from qwen3_jax.tokenizer import Tokenizer
+from train.data.config import FORMATS, KINDS, ON_BAD_RECORD, PACKINGS, DataConfig, PromptConfig  # noqa: F401
 
-FORMATS = ("jsonl", "parquet", "arrayrecord", "synthetic")
-ON_BAD_RECORD = ("error", "skip")
-KINDS = ("text", "chat")
-PACKINGS = ("first_fit", "concat_then_split")
 ROW_FEATURES = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 _DOC_FEATURES = ("tokens", "targets", "loss_mask")
 _ROW_DTYPES = {
@@ -123,147 +120,6 @@ _ROW_DTYPES = {
 }
 
 log = logging.getLogger(__name__)
-
-
-class DataConfigError(ValueError):
-    """A missing, unknown or invalid `data.*` config value."""
-
-
-class DataError(ValueError):
-    """A record or file the pipeline cannot use; the message starts with where it is:
-    `path:line` (JSONL, 1-based) or `path, record index i` (Parquet, ArrayRecord)."""
-
-
-class DataChangedError(DataError):
-    """The data files differ from those a checkpoint was written with (see `DataStream.resume`)."""
-
-
-# Fields the `data` and `prompts` sections share: what to do with bad records and changed files.
-_POLICY_DEFAULTS = {"on_bad_record": "error", "allow_changed_data": False}
-
-
-def _policy(values: Mapping[str, Any], section: str) -> tuple[str, bool]:
-    """The validated (on_bad_record, allow_changed_data) of a config section."""
-    policy, allow = values["on_bad_record"], values["allow_changed_data"]
-    if policy not in ON_BAD_RECORD:
-        raise DataConfigError(f"{section}.on_bad_record must be one of {ON_BAD_RECORD}, got {policy!r}")
-    if not isinstance(allow, bool):
-        raise DataConfigError(f"{section}.allow_changed_data must be a bool, got {allow!r}")
-    return policy, allow
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `data` config section with every field at its default (see the module docstring)."""
-    return ml_collections.ConfigDict(
-        {
-            "format": "jsonl",
-            "paths": None,
-            "kind": "text",
-            "text_field": "text",
-            "seq_len": 2048,
-            "batch_size": 8,
-            "seed": 0,
-            "shuffle": True,
-            "num_epochs": None,
-            "packing": "first_fit",
-            "shards": None,
-            "packing_bins": 32,
-            "num_threads": 4,
-            "synthetic_num_docs": 4096,
-            "synthetic_vocab_size": None,
-            **_POLICY_DEFAULTS,
-        }
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The validated `data` config section."""
-
-    format: str
-    paths: tuple[str, ...]
-    kind: str
-    text_field: str
-    seq_len: int
-    batch_size: int
-    seed: int
-    shuffle: bool
-    num_epochs: int | None
-    shards: int | None
-    packing: str
-    packing_bins: int
-    num_threads: int
-    synthetic_num_docs: int
-    synthetic_vocab_size: int | None
-    on_bad_record: str
-    allow_changed_data: bool
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> DataConfig:
-        """Reads `cfg.data` (or `cfg` itself when it is the data section), filling in defaults."""
-        section = cfg["data"] if "data" in cfg else cfg
-        values = dict(default_config().items())
-        unknown = sorted(set(section.keys()) - set(values))
-        if unknown:
-            raise DataConfigError(
-                f"unknown data config field(s) {unknown}; known: {sorted(values)}"
-            )
-        values.update(section.items())
-
-        def choice(name: str, options: tuple[str, ...]) -> str:
-            if values[name] not in options:
-                raise DataConfigError(f"data.{name} must be one of {options}, got {values[name]!r}")
-            return values[name]
-
-        def integer(name: str, minimum: int) -> int:
-            v = values[name]
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise DataConfigError(f"data.{name} must be an integer >= {minimum}, got {v!r}")
-            return int(v)
-
-        def optional_integer(name: str, minimum: int) -> int | None:
-            return None if values[name] is None else integer(name, minimum)
-
-        fmt = choice("format", FORMATS)
-        paths = values["paths"]
-        if isinstance(paths, str):
-            paths = (paths,)
-        if fmt != "synthetic":
-            if not (
-                isinstance(paths, (list, tuple))
-                and paths
-                and all(isinstance(p, str) and p for p in paths)
-            ):
-                raise DataConfigError(
-                    f"data.paths must be a path/glob or a non-empty list of them for "
-                    f"format {fmt!r}, got {values['paths']!r}"
-                )
-        if not isinstance(values["shuffle"], bool):
-            raise DataConfigError(f"data.shuffle must be a bool, got {values['shuffle']!r}")
-        if not isinstance(values["text_field"], str) or not values["text_field"]:
-            raise DataConfigError(
-                f"data.text_field must be a non-empty string, got {values['text_field']!r}"
-            )
-        on_bad_record, allow_changed_data = _policy(values, "data")
-        return cls(
-            format=fmt,
-            paths=tuple(paths or ()),
-            kind=choice("kind", KINDS),
-            text_field=values["text_field"],
-            seq_len=integer("seq_len", 2),
-            batch_size=integer("batch_size", 1),
-            seed=integer("seed", 0),
-            shuffle=values["shuffle"],
-            num_epochs=optional_integer("num_epochs", 1),
-            shards=optional_integer("shards", 1),
-            packing=choice("packing", PACKINGS),
-            packing_bins=integer("packing_bins", 1),
-            num_threads=integer("num_threads", 1),
-            synthetic_num_docs=integer("synthetic_num_docs", 1),
-            synthetic_vocab_size=optional_integer("synthetic_vocab_size", 2),
-            on_bad_record=on_bad_record,
-            allow_changed_data=allow_changed_data,
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +299,7 @@ def _make_source(cfg: DataConfig, tokenizer: Tokenizer | None, bad_records: BadR
     if cfg.format == "synthetic":
         vocab_size = cfg.synthetic_vocab_size or (tokenizer.vocab_size if tokenizer else None)
         if vocab_size is None:
-            raise DataConfigError(
+            raise ConfigError(
                 "format 'synthetic' needs data.synthetic_vocab_size or a tokenizer"
             )
         return SyntheticSource(cfg.synthetic_num_docs, vocab_size, cfg.seq_len, cfg.seed)
@@ -464,7 +320,7 @@ def file_source(
     elif fmt == "arrayrecord":
         source = ArrayRecordSource(files)
     else:
-        raise DataConfigError(f"unknown record format {fmt!r}; expected one of {FORMATS[:-1]}")
+        raise ConfigError(f"unknown record format {fmt!r}; expected one of {FORMATS[:-1]}")
     for path, n in zip(files, source.files.lengths):
         if not n:
             bad_records.empty_file(path)
@@ -521,7 +377,7 @@ class BadRecords:
 
     def __init__(self, policy: str = "error"):
         if policy not in ON_BAD_RECORD:
-            raise DataConfigError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {policy!r}")
+            raise ConfigError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {policy!r}")
         self.policy = policy
         self.count = 0
         self.empty_files: list[str] = []
@@ -743,7 +599,7 @@ class _StackAndPad:
 def per_process_batch_size(batch_size: int, process_count: int) -> int:
     """Rows per process of a global batch; every process must get the same number."""
     if batch_size % process_count:
-        raise DataConfigError(
+        raise ConfigError(
             f"data.batch_size={batch_size} is not divisible by process_count={process_count}"
         )
     return batch_size // process_count
@@ -751,20 +607,20 @@ def per_process_batch_size(batch_size: int, process_count: int) -> int:
 
 def process_shards(batch_size: int, shards: int | None, process_index: int, process_count: int) -> range:
     """The shards process `process_index` of `process_count` runs (`shards` None: one per
-    process). Raises DataConfigError unless the shards split evenly over the processes and
+    process). Raises ConfigError unless the shards split evenly over the processes and
     `batch_size` evenly over the shards."""
     per_process_batch_size(batch_size, process_count)
     shards = process_count if shards is None else shards
     if shards % process_count:
-        raise DataConfigError(f"data.shards={shards} is not a multiple of process_count={process_count}")
+        raise ConfigError(f"data.shards={shards} is not a multiple of process_count={process_count}")
     if batch_size % shards:
-        raise DataConfigError(f"data.batch_size={batch_size} is not divisible by data.shards={shards}")
+        raise ConfigError(f"data.batch_size={batch_size} is not divisible by data.shards={shards}")
     per_process = shards // process_count
     return range(process_index * per_process, (process_index + 1) * per_process)
 
 
 def make_iter_dataset(
-    cfg: Any,
+    data_cfg: DataConfig,
     tokenizer: Tokenizer | None,
     *,
     process_index: int | None = None,
@@ -775,11 +631,10 @@ def make_iter_dataset(
 
     process_index / process_count default to jax.process_index() / jax.process_count().
     `bad_records` applies the section's `on_bad_record` policy and counts what it skips (a fresh
-    one when None). Raises DataConfigError for shards that do not split evenly (`process_shards`),
+    one when None). Raises ConfigError for shards that do not split evenly (`process_shards`),
     DataError for an empty file or a source without records, and, under on_bad_record='error',
     at the `next()` that reaches a bad record.
     """
-    data_cfg = DataConfig.from_config(cfg)
     bad_records = BadRecords(data_cfg.on_bad_record) if bad_records is None else bad_records
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -846,7 +701,7 @@ def _shard_pipeline(
 
 
 def make_dataset(
-    cfg: Any,
+    data_cfg: DataConfig,
     tokenizer: Tokenizer | None,
     *,
     process_index: int | None = None,
@@ -856,38 +711,21 @@ def make_dataset(
     """A checkpointable iterator of batches {name: [per_process_batch, L]} (see module doc and
     `make_iter_dataset`)."""
     return iter(make_iter_dataset(
-        cfg, tokenizer, process_index=process_index, process_count=process_count, bad_records=bad_records,
+        data_cfg, tokenizer, process_index=process_index, process_count=process_count, bad_records=bad_records,
     ))
 
 
-def make_stream(cfg: Any, tokenizer: Tokenizer | None, **kwargs: Any) -> DataStream:
+def make_stream(data_cfg: DataConfig, tokenizer: Tokenizer | None, **kwargs: Any) -> DataStream:
     """`make_dataset`'s iterator with what a trainer checkpoints beside it (see `DataStream`);
     `kwargs` go to `make_dataset`."""
-    data_cfg = DataConfig.from_config(cfg)
     bad_records = BadRecords(data_cfg.on_bad_record)
-    iterator = make_dataset(cfg, tokenizer, bad_records=bad_records, **kwargs)
+    iterator = make_dataset(data_cfg, tokenizer, bad_records=bad_records, **kwargs)
     files = () if data_cfg.format == "synthetic" else fingerprint(expand_paths(data_cfg.paths))
     return DataStream(iterator, files, bad_records, data_cfg.allow_changed_data, "data")
 
 
 # ----------------------------------------------------------------------------------------------
 # Prompts for rollouts (on-policy distillation): batches of chat records, not packed rows.
-
-
-def prompt_default_config() -> ml_collections.ConfigDict:
-    """The `prompts` config section: chat records whose `messages` end in a user turn."""
-    return ml_collections.ConfigDict(
-        {
-            "format": "jsonl",  # 'jsonl' | 'parquet' | 'arrayrecord' (records as in `data`)
-            "paths": None,
-            "batch_size": 8,  # prompts per step (global)
-            "seed": 0,
-            "shuffle": True,
-            "num_epochs": None,  # None repeats forever
-            "num_threads": 1,
-            **_POLICY_DEFAULTS,  # as in `data` (see the module docstring)
-        }
-    )
 
 
 def prompt_record(raw: Any) -> dict[str, Any]:
@@ -901,38 +739,23 @@ def prompt_record(raw: Any) -> dict[str, Any]:
     return record
 
 
-def prompt_config(cfg: Any) -> dict[str, Any]:
-    """The `prompts` section with defaults filled in; DataConfigError for unknown or bad fields."""
-    values = dict(prompt_default_config().items())
-    unknown = sorted(set(cfg.keys()) - set(values))
-    if unknown:
-        raise DataConfigError(f"unknown prompts config field(s) {unknown}; known: {sorted(values)}")
-    values.update(cfg.items())
-    values["paths"] = (values["paths"],) if isinstance(values["paths"], str) else values["paths"]
-    if not values["paths"]:
-        raise DataConfigError(f"prompts.paths must be a path/glob or a list of them, got {values['paths']!r}")
-    _policy(values, "prompts")
-    return values
-
-
 def make_prompt_dataset(
-    cfg: Any, *, process_index: int | None = None, process_count: int | None = None,
+    cfg: PromptConfig, *, process_index: int | None = None, process_count: int | None = None,
     bad_records: BadRecords | None = None, check: Callable[[dict[str, Any]], Any] | None = None,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of lists of `prompt_record`s, batch_size // process_count each.
 
-    `cfg` is a `prompt_default_config()` section. A final partial batch is dropped, so every step
+    A final partial batch is dropped, so every step
     sees the same number of prompts. `check(record)` may reject a record by raising ValueError
     (e.g. a prompt too long for the rollout); rejected and malformed records follow the section's
     on_bad_record policy through `bad_records` (a fresh one when None), as in `make_dataset`.
-    Raises DataConfigError for bad fields, FileNotFoundError for missing files, DataError for an
+    Raises ConfigError when the batch does not split over the processes, FileNotFoundError for missing files, DataError for an
     empty file or, under on_bad_record='error', at the `next()` that reaches a bad record.
     """
-    values = prompt_config(cfg)
-    bad_records = BadRecords(values["on_bad_record"]) if bad_records is None else bad_records
+    bad_records = BadRecords(cfg.on_bad_record) if bad_records is None else bad_records
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    batch_size = per_process_batch_size(values["batch_size"], process_count)
+    batch_size = per_process_batch_size(cfg.batch_size, process_count)
 
     def convert(raw: Any) -> dict[str, Any]:
         record = prompt_record(raw)
@@ -941,22 +764,20 @@ def make_prompt_dataset(
         return record
 
     ds = shard_records(
-        file_source(values["format"], values["paths"], "chat", bad_records), shard=process_index,
-        num_shards=process_count, shuffle=values["shuffle"], seed=values["seed"], num_epochs=values["num_epochs"],
+        file_source(cfg.format, cfg.paths, "chat", bad_records), shard=process_index,
+        num_shards=process_count, shuffle=cfg.shuffle, seed=cfg.seed, num_epochs=cfg.num_epochs,
     ).map(_Checked(convert))
-    threads = values["num_threads"]
+    threads = cfg.num_threads
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=8 * threads))
     return iter(it_ds.filter(bad_records.passes).batch(batch_size, drop_remainder=True, batch_fn=list))
 
 
-def make_prompt_stream(cfg: Any, **kwargs: Any) -> DataStream:
+def make_prompt_stream(cfg: PromptConfig, **kwargs: Any) -> DataStream:
     """`make_prompt_dataset`'s iterator with what a trainer checkpoints beside it (see
     `DataStream`); `kwargs` go to `make_prompt_dataset`."""
-    values = prompt_config(cfg)
-    bad_records = BadRecords(values["on_bad_record"])
+    bad_records = BadRecords(cfg.on_bad_record)
     iterator = make_prompt_dataset(cfg, bad_records=bad_records, **kwargs)
-    return DataStream(iterator, fingerprint(expand_paths(values["paths"])), bad_records,
-                      values["allow_changed_data"], "prompts")
+    return DataStream(iterator, fingerprint(expand_paths(cfg.paths)), bad_records, cfg.allow_changed_data, "prompts")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1015,7 +836,7 @@ class DataStream:
 
     def resume(self, saved: Mapping[str, Any] | None, where: str) -> None:
         """Checks the files against `saved` (a `checkpoint_info()` of the checkpoint `where`) and
-        carries its skipped count over. Raises DataChangedError listing every difference, unless
+        carries its skipped count over. Raises DataError listing every difference, unless
         allow_changed_data (then it logs them). `saved=None` (a checkpoint written before this
         record existed) is taken as it is."""
         if saved is None:
@@ -1024,7 +845,7 @@ class DataStream:
         if changes:
             message = f"the {self.section} files differ from those {where} was written with: {'; '.join(changes)}"
             if not self.allow_changed_data:
-                raise DataChangedError(
+                raise DataError(
                     f"{message}. The restored position would point into other records: restore the files, or set "
                     f"{self.section}.allow_changed_data=True to go on with them"
                 )
