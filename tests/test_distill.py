@@ -16,7 +16,9 @@ from flax import nnx
 
 import qwen3_jax as q
 from infer.engine import Engine
+from infer.rollout import Mode
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, kept_mask
+from qwen3_jax.errors import DataError
 from qwen3_jax.model import abstract_model
 from qwen3_jax.sharding import ShardingRules
 from qwen3_jax.tokenizer import Tokenizer
@@ -343,7 +345,7 @@ def distill_config(root, **overrides):
 def greedy_agreement(student: q.Qwen3, teacher: q.Qwen3, tokenizer, records) -> float:
     """Fraction of the teacher's greedy completion tokens that are the student's argmax too."""
     rollout = distill_rollout.RolloutConfig(40, 24, 1.0, "soft", None, ())
-    prompts = [distill_rollout.render_prompt(r, distill_rollout.NO_THINK, tokenizer, rollout) for r in records]
+    prompts = [distill_rollout.render_prompt(r, Mode.NO_THINK, tokenizer, rollout) for r in records]
     completions = Engine.for_tokenizer(teacher, tokenizer).generate(
         prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=())
     batch = distill_rollout.rollout_batch(prompts, completions, seq_len=64)
@@ -465,11 +467,11 @@ def test_teacher_with_another_vocabulary_is_refused(assets, tmp_path):
 def test_too_long_prompt_is_named_not_truncated(assets):
     root, tokenizer, _ = assets
     rollout = distill_rollout.RolloutConfig(8, 8, 1.0, "soft", None, ())
-    with pytest.raises(distill_rollout.PromptError, match=r"more than rollout.max_prompt_len=8"):
-        distill_rollout.render_prompt({"messages": [{"role": "user", "content": "What is 1 plus 2?"}]}, distill_rollout.THINK,
+    with pytest.raises(DataError, match=r"more than rollout.max_prompt_len=8"):
+        distill_rollout.render_prompt({"messages": [{"role": "user", "content": "What is 1 plus 2?"}]}, Mode.THINK,
                               tokenizer, rollout)
-    with pytest.raises(distill_rollout.PromptError, match="must not end with an assistant turn"):
-        distill_rollout.render_prompt({"messages": [{"role": "assistant", "content": "hi"}]}, distill_rollout.THINK, tokenizer,
+    with pytest.raises(DataError, match="must not end with an assistant turn"):
+        distill_rollout.render_prompt({"messages": [{"role": "assistant", "content": "hi"}]}, Mode.THINK, tokenizer,
                               rollout)
 
 

@@ -9,7 +9,6 @@ import ml_collections
 from ml_collections import config_dict
 
 from infer import batch as batch_lib
-from infer.sampling import SamplingParams
 from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config
 from qwen3_jax.hf import CheckpointError
 from train import data as data_lib
@@ -17,7 +16,9 @@ from train import schema
 from train import train as train_lib
 from train.checkpoint import init_from_config
 from train.distill.divergence import DistillLoss
-from train.distill.rollout import MODE_SWITCHES, NO_THINK, THINK, RolloutConfig, biasing_settings
+from infer import rollout as rollout_lib
+from infer.rollout import Mode, Switch
+from train.distill.rollout import RolloutConfig, biasing_settings
 from train.train import TrainConfigError, need
 
 
@@ -95,7 +96,7 @@ OFF_POLICY_MODES = {"think": ("think",), "no_think": ("no_think",), "both": ("th
 def off_policy_settings(config: ml_collections.ConfigDict) -> batch_lib.Settings:
     """What the teacher generates in phase 1 (infer.batch's settings)."""
     o = config.off_policy
-    sampling = {k: o[k] for k in ("temperature", "top_k", "top_p", "min_p") if o[k] is not None}
+    sampling = {k: o[k] for k in rollout_lib.SAMPLING_KEYS if o.get(k) is not None}
     return batch_lib.Settings(
         modes=OFF_POLICY_MODES[o.modes], samples=o.samples, seed=config.seed,
         max_new_tokens=o.max_new_tokens or config.rollout.max_new_tokens, thinking_budget=o.thinking_budget,
@@ -174,16 +175,16 @@ def validate(config: ml_collections.ConfigDict) -> DistillExperiment:
     for name in ("max_prompt_len", "max_new_tokens"):
         need(r[name] >= 1, f"rollout.{name} must be >= 1, got {r[name]}")
     need(0.0 <= r.think_fraction <= 1.0, f"rollout.think_fraction must be in [0, 1], got {r.think_fraction}")
-    need(r.mode_switch in MODE_SWITCHES, f"rollout.mode_switch must be one of {MODE_SWITCHES}, got {r.mode_switch!r}")
+    switches = tuple(Switch)
+    need(r.mode_switch in switches, f"rollout.mode_switch must be one of {switches}, got {r.mode_switch!r}")
     need(r.thinking_budget is None or r.thinking_budget >= 0,
           f"rollout.thinking_budget must be None or >= 0, got {r.thinking_budget}")
-    overrides = tuple((k, r[k]) for k in ("temperature", "top_k", "top_p", "min_p") if r[k] is not None)
-    rollout = RolloutConfig(r.max_prompt_len, r.max_new_tokens, float(r.think_fraction), r.mode_switch,
+    overrides = tuple((k, r[k]) for k in rollout_lib.SAMPLING_KEYS if r.get(k) is not None)
+    rollout = RolloutConfig(r.max_prompt_len, r.max_new_tokens, float(r.think_fraction), Switch(r.mode_switch),
                             r.thinking_budget, overrides)
     try:
-        for mode in (THINK, NO_THINK):
-            SamplingParams.make(1, **rollout.row_sampling(mode))
-    except ValueError as e:
+        rollout_lib.check_sampling(dict(overrides))
+    except ConfigError as e:
         raise TrainConfigError(f"rollout: {e}") from e
     for who, cfg in (("student", student), ("teacher", teacher)):
         need(rollout.seq_len <= cfg.context_length,
@@ -219,7 +220,8 @@ def check_sampled_signal(loss: DistillLoss, rollout: RolloutConfig) -> None:
     """
     if loss.signal not in ("k1", "k3"):
         return
-    modes = [m for m, used in ((THINK, rollout.think_fraction > 0), (NO_THINK, rollout.think_fraction < 1)) if used]
+    modes = [m for m, used in ((Mode.THINK, rollout.think_fraction > 0), (Mode.NO_THINK, rollout.think_fraction < 1))
+             if used]
     for mode in modes:
         bad = biasing_settings(rollout.row_sampling(mode), loss.temperature)
         need(not bad, (

@@ -1,4 +1,4 @@
-"""Distillation's rollout side: the seeded mode mix, prompt rendering, and the update batch's masks."""
+"""Distillation's side of a rollout (`infer.rollout` does the rest): its settings, prompt length, the update batch's masks."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING
-from qwen3_jax import chat
+from infer import rollout as rollout_lib
+from infer.rollout import Mode, Switch
+from qwen3_jax.errors import DataError
 from qwen3_jax.tokenizer import Tokenizer
-
-THINK, NO_THINK = "think", "no_think"
-MODE_SWITCHES = ("soft", "hard")
-
-
-class PromptError(ValueError):
-    """A prompt record the rollout cannot use (ends with an assistant turn, too long, malformed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,18 +20,16 @@ class RolloutConfig:
     max_prompt_len: int
     max_new_tokens: int
     think_fraction: float
-    mode_switch: str
+    mode_switch: Switch
     thinking_budget: int | None
-    sampling: tuple[tuple[str, float], ...]  # overrides of the per-mode defaults
+    sampling: tuple[tuple[str, float], ...]  # overrides of Qwen's per-mode settings
 
     @property
     def seq_len(self) -> int:
         return self.max_prompt_len + self.max_new_tokens
 
-    def row_sampling(self, mode: str) -> dict[str, float]:
-        base = THINKING_SAMPLING if mode == THINK else NON_THINKING_SAMPLING
-        return {**base, **dict(self.sampling)}
-
+    def row_sampling(self, mode: Mode) -> dict[str, float]:
+        return rollout_lib.mode_sampling(mode, dict(self.sampling))
 
 
 def biasing_settings(sampling: Mapping[str, float], temperature: float) -> list[str]:
@@ -51,38 +43,18 @@ def biasing_settings(sampling: Mapping[str, float], temperature: float) -> list[
     return [f"{k}={v}" for k, v in sampling.items() if v != exact.get(k, v)]
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The sampling seed of step `step`: a function of (seed, step), so resumed runs repeat."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def render_prompt(record: Mapping[str, Any], mode: Mode, tokenizer: Tokenizer, rollout: RolloutConfig) -> list[int]:
+    """`infer.rollout.render_prompt` of a prompt record, in `mode`.
 
-
-def choose_modes(seed: int, step: int, n: int, think_fraction: float) -> list[str]:
-    draws = np.random.default_rng([seed, step, 1]).random(n)
-    return [THINK if d < think_fraction else NO_THINK for d in draws]
-
-
-def render_prompt(record: dict[str, Any], mode: str, tokenizer: Tokenizer, rollout: RolloutConfig) -> list[int]:
-    """Token ids of `record`'s conversation + the generation prompt, in `mode`.
-
-    Raises PromptError when the conversation ends with an assistant turn, the chat template
-    rejects it, or it is longer than `rollout.max_prompt_len` tokens (never truncated).
+    Raises:
+      DataError: what `infer.rollout.render_prompt` refuses, or a prompt longer than
+        `rollout.max_prompt_len` tokens (never truncated).
     """
-    messages = record["messages"]
-    if messages[-1].get("role") == "assistant":
-        raise PromptError("a prompt must not end with an assistant turn (the student writes that turn)")
-    thinking = mode == THINK
-    try:
-        if rollout.mode_switch == "soft":
-            messages = chat.with_soft_switch(messages, thinking)
-        text = chat.render(messages, tools=record.get("tools"), add_generation_prompt=True,
-                           enable_thinking=thinking or rollout.mode_switch == "soft")
-    except ValueError as e:
-        raise PromptError(f"a prompt record the chat template rejects: {e}") from e
-    ids = tokenizer.encode(text)
+    ids = rollout_lib.render_prompt(tokenizer, record["messages"], mode, rollout.mode_switch, tools=record.get("tools"))
     if len(ids) > rollout.max_prompt_len:
-        raise PromptError(
+        raise DataError(
             f"a prompt has {len(ids)} tokens, more than rollout.max_prompt_len={rollout.max_prompt_len} "
-            f"(it starts {messages[0].get('content', '')[:60]!r})"
+            f"(it starts {record['messages'][0].get('content', '')[:60]!r})"
         )
     return ids
 

@@ -22,9 +22,12 @@ import ml_collections
 from flax import nnx
 
 from infer import batch as batch_lib
+from infer import rollout as rollout_lib
 from infer.engine import Engine
+from infer.rollout import Mode
 from qwen3_jax.checkpoint import load_any
 from qwen3_jax.config import ConfigError, Qwen3Config
+from qwen3_jax.errors import DataError
 from qwen3_jax.model import Qwen3, abstract_model
 from qwen3_jax.moe import load_balancing_loss
 from qwen3_jax.sharding import make_mesh
@@ -33,7 +36,7 @@ from train import data as data_lib
 from train import train as train_lib
 from train.distill.config import DistillExperiment, off_policy_config, off_policy_settings, validate
 from train.distill.divergence import DistillLoss, DistillSums, chunked_sums
-from train.distill.rollout import NO_THINK, THINK, PromptError, choose_modes, render_prompt, rollout_batch, step_seed
+from train.distill.rollout import render_prompt, rollout_batch
 from train.step import (
     Batch, OptimizerConfig, Params, StepConfig, Terms, TrainState, batch_sharding, compile_update, params_shardings,
     unembedding,
@@ -97,25 +100,24 @@ class DistillStep:
         dtype = jnp.dtype(self.exp.train.model.dtype)
         return nnx.merge(self.graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
 
-    def prompts(self, records: Sequence[dict[str, Any]], step: int) -> tuple[list[list[int]], list[str]]:
+    def prompts(self, records: Sequence[dict[str, Any]], step: int) -> tuple[list[list[int]], list[Mode]]:
         """Prompt ids and modes of `records` at `step` (the seeded mode mix)."""
         r = self.exp.rollout
-        modes = choose_modes(self.exp.train.seed, step, len(records), r.think_fraction)
+        modes = rollout_lib.choose_modes(self.exp.train.seed, step, len(records), r.think_fraction)
         return [render_prompt(rec, m, self.tokenizer, r) for rec, m in zip(records, modes)], modes
 
-    def rollout(self, params: Params, prompts: Sequence[Sequence[int]], modes: Sequence[str], step: int):
-        """(completions, forced) of `prompts` by the student at `params`: sampled with the per-mode
-        settings, the thinking budget on thinking rows, the step's seed; `forced` marks the tokens
+    def rollout(self, params: Params, prompts: Sequence[Sequence[int]], modes: Sequence[Mode], step: int):
+        """(completions, forced) of `prompts` by the student at `params` (`infer.rollout.generate_chat`
+        with the per-mode settings, the thinking budget, the step's seed); `forced` marks the tokens
         the budget forced."""
         r = self.exp.rollout
-        rows = [r.row_sampling(m) for m in modes]
-        sampling = {k: [row[k] for row in rows] for k in rows[0]}
-        budgets = [r.thinking_budget if m == THINK else None for m in modes]
+        # The engine takes the student's current parameters, so it is built per step; its compiled
+        # prefill and decode are cached by shape and reused.
         engine = Engine.for_tokenizer(self.student(params), self.tokenizer, mesh=self.mesh)
-        return engine.generate(
-            prompts, max_new_tokens=r.max_new_tokens, stop_token_ids=self.tokenizer.eos_ids,
-            thinking_budget=budgets, seed=step_seed(self.exp.train.seed, step), return_forced=True, **sampling,
-        )
+        out = rollout_lib.generate_chat(
+            engine, self.tokenizer, prompts, modes, max_new_tokens=r.max_new_tokens, thinking_budget=r.thinking_budget,
+            sampling=dict(r.sampling), seed=rollout_lib.step_seed(self.exp.train.seed, step))
+        return [c.token_ids for c in out], [c.forced for c in out]
 
     def __call__(self, state: TrainState, records: Sequence[dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
         t0 = time.perf_counter()
@@ -131,7 +133,7 @@ class DistillStep:
         jax.block_until_ready(metrics)
         t4 = time.perf_counter()
         generated = sum(len(c) for c in completions)
-        think_rows = [c for c, m in zip(completions, modes) if m == THINK]
+        think_rows = [c for c, m in zip(completions, modes) if m is Mode.THINK]
         metrics.update(
             completion_len=generated / len(completions),
             forced_tokens=sum(map(sum, forced)) / len(completions),
@@ -200,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # A prompt either mode cannot render within rollout.max_prompt_len is a bad record: named by
     # file and line, or skipped with prompts.on_bad_record='skip', before it reaches a rollout.
     def check(record: dict[str, Any]) -> None:
-        for mode in (THINK, NO_THINK):
+        for mode in Mode:
             render_prompt(record, mode, tokenizer, exp.rollout)
 
     prompts = data_lib.make_prompt_stream(exp.train.data, check=check)
@@ -216,4 +218,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return train_lib.run_loop(config, workdir, exp.train, mesh, tokenizer, prompts, step_fn, rates)
 
 
-USER_ERRORS = (*train_lib.USER_ERRORS, ConfigError, PromptError, batch_lib.BatchError)
+USER_ERRORS = (*train_lib.USER_ERRORS, ConfigError, DataError, batch_lib.BatchError)

@@ -1,35 +1,10 @@
-"""Qwen3's post-training recipe in miniature, end to end: a hybrid-thinking teacher and strong-to-weak
-distillation into a smaller student, with the report's measurements, on a laptop CPU.
+"""Qwen3's post-training recipe in miniature: a hybrid-thinking teacher distilled into a smaller student.
 
-    python -m train.recipe --config configs/miniature.py --workdir runs/miniature [--config.<field>=<value>]
+    python -m train.miniature --config configs/miniature.py --workdir runs/miniature [--config.<field>=<value>]
 
-Stages, each checkpointed (WORKDIR/stages.json): a rerun resumes at the first unfinished stage,
-and the training stages resume from their own checkpoints.
-
-  1. data          a verifiable task with a difficulty knob (`train.task`): disjoint train /
-                   validation / test problems; thinking-mode fusion SFT records of the train split
-                   (thinking and non-thinking samples, /think and /no_think in user or system
-                   messages, multi-turn, unflagged thinking samples); the distillation prompts.
-  2. tokenizer     a sentencepiece model trained on the task's rendered chats with Qwen3's control
-                   tokens (`train.spm`); Qwen's stop-thinking text is tokenised with it for the
-                   budget. (`tokenizer.kind='qwen3'` uses the real Qwen3 tokenizer instead.)
-  3. teacher       `train.train` on the fusion records (the flagship stand-in; dense by default, a MoE
-                   by `teacher.preset` / `teacher.overrides`).
-  4. teacher_eval  `train.evaluate` through the compiled decode engine on the test split:
-                   accuracy by mode and difficulty, flag obedience (ThinkFollow), accuracy against
-                   the thinking budget; per-expert load per layer for a MoE teacher.
-  5. distilled     `train.distill`: off-policy (the teacher answers the prompts in both modes, the
-                   student is fine-tuned on that), then on-policy (logit distillation on the
-                   student's own samples).
-  6. direct        the same student trained on the ground-truth fusion records for the same number
-                   of update steps of the same size (rows x sequence length).
-  7. student_eval  both students evaluated like the teacher; learning curves (accuracy on the
-                   validation split at each saved step).
-  8. report        WORKDIR/report.md with the tables, PNG plots in WORKDIR/plots, the three models
-                   exported with `to_hf` to WORKDIR/export.
-
-The default config (configs/miniature.py) is sized to finish in about a quarter of an hour on two
-CPU cores; the same fields scale the recipe to real presets, a real tokenizer and a mesh.
+Stages (`STAGES`): data, tokenizer, teacher, teacher_eval, distilled (off-policy then on-policy),
+direct (the same student on the ground truth, as many update steps), student_eval, report. Each
+finished stage is recorded in WORKDIR/stages.json: a rerun resumes at the first unfinished one.
 """
 
 from __future__ import annotations
@@ -46,6 +21,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from infer.rollout import Switch
 from qwen3_jax.checkpoint import load_any, trainer_steps
 from qwen3_jax.chat import render
 from qwen3_jax.config import ConfigError, Qwen3Config, preset
@@ -55,6 +31,9 @@ from qwen3_jax.tokenizer import STOP_THINKING_TEXT, Tokenizer
 from train import train as train_lib
 from train.distill import config as distill_config_lib
 from train.distill import run as distill_lib
+from train.distill.config import check_sampled_signal
+from train.distill.divergence import DistillLoss
+from train.distill.rollout import RolloutConfig
 from train.miniature import evaluate as eval_lib
 from train.miniature import report as report_lib
 from train.miniature import task as task_lib
@@ -109,11 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
         "vocab_size": 512,
         "corpus_records": 3000,
     })
-    # Dense rather than MoE: at the same active width a MoE teacher (8 experts, top 2) took 1.14x
-    # the time per step and was further from the answers after as many steps (thinking accuracy
-    # 12% against 40% at step 400); measured, see the README. `preset` is any qwen3_jax preset
-    # (mini-teacher / mini-student are the miniature's shapes); `overrides` change its fields (in a
-    # config file: the command line can set only fields the config already has).
+    # Dense by default (the README says why). `preset` is a `SHAPES` name or any qwen3_jax preset;
+    # `overrides` change its fields (in a config file: the command line sets only existing fields).
     c.teacher = ml_collections.ConfigDict({
         "preset": "mini-teacher",
         "overrides": ml_collections.ConfigDict(),
@@ -200,6 +176,13 @@ def validate(config: ml_collections.ConfigDict) -> Recipe:
     need(config.eval.max_new_tokens < seq,
          f"eval.max_new_tokens={config.eval.max_new_tokens} leaves no room for a prompt in teacher.seq_len={seq} "
          "(on-policy rows are prompt + completion)")
+    d = config.distill
+    try:  # the distilled stage's loss and rollouts, checked before the stages before it run
+        loss = DistillLoss(d.signal, d.beta, d.temperature, d.top_k, d.estimator_use)
+        check_sampled_signal(loss, RolloutConfig(1, 1, d.think_fraction, Switch.SOFT, None, (
+            ("temperature", d.rollout_temperature), ("top_k", 0), ("top_p", 1.0))))
+    except (ValueError, TrainConfigError) as e:
+        raise TrainConfigError(f"distill (rollout.temperature is distill.rollout_temperature here): {e}") from e
     mesh = train_lib.mesh_shape(config.mesh)
     for cfg in (teacher, student):
         train_lib.check_shardable(cfg, mesh)
@@ -225,8 +208,7 @@ def _sft_config(r: Recipe, model: ml_collections.ConfigDict, w: "Workdir", *, st
     c.mesh.update(r.config.mesh.to_dict())
     c.data.update(format="jsonl", kind="chat", paths=w.path("data", "sft.jsonl"), seq_len=seq_len,
                   batch_size=batch_size, packing="first_fit", num_threads=1, seed=r.config.seed)
-    # Constant after warmup: in runs this short a decay cost accuracy (teacher at step 500: 35%
-    # thinking accuracy at a constant rate, 28% decaying to half; measured).
+    # Constant after warmup: in runs this short a decay cost accuracy (README).
     c.optimizer.update(learning_rate=learning_rate, warmup_steps=warmup, weight_decay=0.01, end_learning_rate_ratio=1.0)
     c.train.update(steps=steps, ce_chunk_len=r.config.train.ce_chunk_len, log_every=max(1, steps // 10),
                    peak_flops=r.config.train.peak_flops)

@@ -77,7 +77,7 @@ def write(r, w) -> dict[str, Any]:
     cfg = r.config
     lines = [
         "# Qwen3's recipe in miniature", "",
-        f"Task: a Fibonacci-like sequence mod 10 (`train/task.py`); difficulty = steps asked for "
+        f"Task: a Fibonacci-like sequence mod 10 (`train/miniature/task.py`); difficulty = steps asked for "
         f"({', '.join(map(str, r.levels))}); test problems per level (starting pairs never trained on): "
         f"{', '.join(str(v) for v in evals['teacher']['problems'].values())}. Greedy decoding.",
         f"Teacher: {_describe(r.teacher)}. Student: {_describe(r.student)}.",
