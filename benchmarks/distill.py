@@ -7,7 +7,7 @@ Shapes: a Qwen3-0.6B-shaped student and a Qwen3-1.7B-shaped teacher (real widths
 vocabulary) with `--layers` layers each, float32. In one run:
 
 - compiled peak memory (`memory_analysis`, nothing executed) of the update at `--memory_length`
-  tokens per row: chunked (train.divergence.chunked_sums) against a naive update that holds both
+  tokens per row: chunked (train.distill.divergence.chunked_sums) against a naive update that holds both
   models' [B, T, V] float32 logits, and for each signal (full, top_k, k1, k3); and the part the
   distillation adds: temporaries above the student's own SFT update at the same shape;
 - update step time per signal at `--length`, and the full signal's MFU against the measured
@@ -38,9 +38,11 @@ from benchmarks.common import matmul_peak_flops, report, timeit
 from infer.engine import Engine
 from qwen3_jax.model import abstract_model
 from qwen3_jax.tokenizer import Tokenizer
-from train import distill
 from train import step as step_lib
-from train.divergence import DistillLoss, divergence
+from train.distill import config as distill_config
+from train.distill import rollout as distill_rollout
+from train.distill import run as distill_run
+from train.distill.divergence import DistillLoss, divergence
 from train.step import Terms
 
 OPT = step_lib.OptimizerConfig(learning_rate=1e-5, warmup_steps=0, decay_steps=1000, end_learning_rate_ratio=0.1)
@@ -76,7 +78,7 @@ def abstract_inputs(student, teacher, B, T, mesh):
     return state, batch, t_params
 
 
-def compile_update(student, teacher, loss, mesh, objective=distill.distill_objective, chunk_len=256):
+def compile_update(student, teacher, loss, mesh, objective=distill_run.distill_objective, chunk_len=256):
     fn = functools.partial(
         objective, graphdef=nnx.graphdef(abstract_model(student)), cfg=student,
         teacher_graphdef=nnx.graphdef(abstract_model(teacher)), loss=loss, chunk_len=chunk_len,
@@ -140,7 +142,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     B, T = args.batch, args.length
     P = T // 4
-    host = distill.rollout_batch([list(rng.integers(0, 151643, P))] * B,
+    host = distill_rollout.rollout_batch([list(rng.integers(0, 151643, P))] * B,
                                  [list(rng.integers(0, 151643, T - P))] * B, seq_len=T)
     batch = jax.device_put(host, step_lib.batch_sharding(mesh, student.rules))
     t_params = nnx.to_pure_dict(nnx.state(q.init_model(teacher, seed=1, mesh=mesh), nnx.Param))
@@ -156,7 +158,7 @@ def main() -> None:
 
         step_s[name] = timeit(one, repeats=3)
     peak = matmul_peak_flops()
-    flops = distill.update_flops(student, teacher, T) * B * T
+    flops = distill_run.update_flops(student, teacher, T) * B * T
     results["update_step_s"] = step_s
     results["update_time_over_full"] = {k: v / step_s["full"] for k, v in step_s.items()}
     results["update_mfu_vs_measured_matmul_peak"] = flops / step_s["full"] / peak
@@ -174,7 +176,7 @@ def main() -> None:
             for i in range(8):
                 f.write(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}]})
                         + "\n")
-        config = distill.default_config()
+        config = distill_config.default_config()
         config.model.preset = "qwen3-0.6b"
         config.teacher.init_from = os.path.join(tmp, "t")
         config.prompts.paths = os.path.join(tmp, "prompts.jsonl")
@@ -182,9 +184,9 @@ def main() -> None:
         config.rollout.max_prompt_len, config.rollout.max_new_tokens = 32, 32
         config.rollout.thinking_budget = 16
         config.train.ce_chunk_len = 64
-        exp = distill.validate(config)
-        teacher_params = nnx.to_pure_dict(nnx.state(distill.load_teacher(exp, mesh), nnx.Param))
-    step_fn = distill.DistillStep(exp, mesh, tokenizer, teacher_params)
+        exp = distill_config.validate(config)
+        teacher_params = nnx.to_pure_dict(nnx.state(distill_run.load_teacher(exp, mesh), nnx.Param))
+    step_fn = distill_run.DistillStep(exp, mesh, tokenizer, teacher_params)
     records = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}], "tools": None}
                for i in range(8)]
     prompts, modes = step_fn.prompts(records, 0)

@@ -183,6 +183,11 @@ FAULTS = (
     Fault("checkpoint_manifest_hash_not_checked", "train/checkpoint.py",
           "if actual[name][1] != digest:", "if False:",
           ("tests/test_resume.py", "-k", "corrupt_step")),
+    # ---- issue 22: sampled-token distillation signals and the rollout's sampling
+    Fault("sampled_signal_rule_checks_temperature_only", "train/distill/rollout.py",
+          "    return [f\"{k}={v}\" for k, v in sampling.items() if v != exact.get(k, v)]",
+          "    return [f\"{k}={v}\" for k, v in sampling.items() if k == \"temperature\" and v != exact[k]]",
+          ("tests/test_distill.py", "-k", "unbiased or filtered_rollouts")),
 )
 
 

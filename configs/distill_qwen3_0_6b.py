@@ -1,7 +1,8 @@
 """On-policy distillation of Qwen3-0.6B from Qwen3-32B (Qwen3 report §4.5, phase 2) on a TPU v5p-8.
 
-The student starts from the off-policy phase: an SFT run (`train.train --config configs/sft.py`)
-on the teacher's responses written by `python -m infer.batch --mode both`. Then
+The student starts from an off-policy run: set `off_policy.steps` > 0 to run that phase first in
+the same command (the teacher answers the prompts, the student is fine-tuned on the answers, in
+WORKDIR/off_policy), or point `model.init_from` at an earlier SFT run, as here:
 
     python -m train.distill --config configs/distill_qwen3_0_6b.py --workdir /mnt/ckpt/qwen3-0.6b-onpolicy \
         --config.model.init_from=/mnt/ckpt/qwen3-0.6b-offpolicy --config.teacher.init_from=/mnt/models/Qwen3-32B \
@@ -15,7 +16,7 @@ Documented, not run here: no TPU in this environment (tests validate it on faked
 """
 
 from configs._released import V5P_PEAK_BF16
-from train.distill import default_config
+from train.distill.config import default_config
 
 
 def get_config():

@@ -196,18 +196,6 @@ PRESETS: dict[str, Qwen3Config] = {
         vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=3, num_heads=6,
         num_kv_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
     ),
-    # The miniature recipe's teacher and student (train/recipe.py), trained in minutes on 2 CPU
-    # cores. head_dim 64 and RoPE base 10,000 at these widths: QK-Norm bounds an attention logit
-    # by sqrt(head_dim), and with head_dim 32 the copy heads the recipe's task needs formed only
-    # after 400-600+ steps where head_dim 64 formed them in about 100 (measured).
-    "mini-teacher": Qwen3Config(
-        vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
-        head_dim=64, rope_theta=10_000.0, tie_word_embeddings=True,
-    ),
-    "mini-student": Qwen3Config(
-        vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=3, num_heads=2, num_kv_heads=1,
-        head_dim=64, rope_theta=10_000.0, tie_word_embeddings=True,
-    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""Input pipeline (train/data/) and SentencePiece trainer (train/spm.py)."""
+"""Input pipeline (train/data/)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +21,8 @@ from qwen3_jax.tokenizer import Tokenizer
 from train import data
 from train.data.config import KINDS, PACKINGS
 from train.data.documents import chat_tokens, document_separator_id
+from train.miniature.spm import train_sentencepiece
 from train.schema import from_config_dict
-from train.spm import CONTROL_TOKENS, train_sentencepiece
 
 SEP = 1  # WordIdTokenizer's <|endoftext|>
 
@@ -603,29 +601,3 @@ def test_resume_names_changed_data_files_unless_allowed(tmp_path):
             r"changed content \(same size\); .*b.jsonl changed size \(\d+ -> \d+ bytes\)\. .*allow_changed_data")):
         resume()
     assert resume(allow_changed_data=True).bad_records.count == 7
-
-
-# ---- spm --------------------------------------------------------------------------------------
-
-
-def test_spm_cli_trains_model_with_control_tokens(tmp_path):
-    import sentencepiece as spm
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i}: the cat sat on the mat, {i * 7}." for i in range(300)))
-    prefix = tmp_path / "out" / "spm"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = ["--model_prefix", str(prefix), "--vocab_size", "300"]
-    cmd = [sys.executable, "-m", "train.spm", "--input", str(corpus), *args]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=repo)
-    sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
-    for token in CONTROL_TOKENS:
-        assert sp.encode(token, out_type=str) == [token]
-    text = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsat"
-    pieces = sp.encode(text, out_type=str)
-    assert all(t in pieces for t in CONTROL_TOKENS[1:]) and sp.decode(sp.encode(text)) == text
-
-    missing = subprocess.run(
-        [*cmd[:4], str(tmp_path / "nope.txt"), *args], capture_output=True, text=True, cwd=repo
-    )
-    assert missing.returncode != 0 and "nope.txt" in missing.stderr

@@ -16,6 +16,9 @@ from flax import nnx
 
 import qwen3_jax as q
 from infer.engine import Engine
+from infer.rollout import Mode
+from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, kept_mask
+from qwen3_jax.errors import DataError
 from qwen3_jax.model import abstract_model
 from qwen3_jax.sharding import ShardingRules
 from qwen3_jax.tokenizer import Tokenizer
@@ -23,8 +26,11 @@ from train import distill
 from train import step as step_lib
 from train import train as train_lib
 from train.checkpoint import load_params
-from train.divergence import DistillLoss, chunked_sums, divergence
-from train.spm import train_sentencepiece
+from train.distill import config as dconfig
+from train.distill import rollout as distill_rollout
+from train.distill import run as distill_run
+from train.distill.divergence import DistillLoss, chunked_sums, divergence, token_terms
+from train.miniature.spm import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = ShardingRules()
@@ -74,8 +80,7 @@ def reference(s, t, y, loss: DistillLoss):
     dlogp = onehot - ps  # d log p_s(y) / d student logits (times T)
     if loss.estimator_use == "reward":
         return k * (ls * onehot).sum(-1), k, k[..., None] * dlogp / T
-    dk = 1.0 if loss.signal == "k1" else 1 - rho
-    return k, k, np.asarray(dk)[..., None] * dlogp / T
+    return k, k, (1 - rho)[..., None] * dlogp / T  # k3 as a loss
 
 
 def random_case(seed=0, B=3, T=16, D=8, E=12, V=41):
@@ -93,7 +98,7 @@ def random_case(seed=0, B=3, T=16, D=8, E=12, V=41):
 
 LOSSES = [DistillLoss("full", beta=b, temperature=t) for b in (0.0, 1.0, 0.3) for t in (1.0, 1.7)] + [
     DistillLoss("top_k", top_k=5, temperature=1.3),
-    *(DistillLoss(k, estimator_use=u, temperature=1.2) for k in ("k1", "k3") for u in ("loss", "reward")),
+    DistillLoss("k1", estimator_use="reward", temperature=1.2), DistillLoss("k3", estimator_use="loss", temperature=1.2),
 ]
 
 
@@ -136,11 +141,9 @@ def test_divergence_api_is_the_masked_mean_and_matches_numpy(beta):
 @pytest.mark.parametrize("loss", [
     DistillLoss("full", beta=0.0), DistillLoss("full", beta=1.0), DistillLoss("full", beta=0.5, temperature=2.0),
     DistillLoss("k3", estimator_use="loss"), DistillLoss("k1", estimator_use="reward"),
-    DistillLoss("k3", estimator_use="reward"),
 ], ids=lambda l: f"{l.signal}-{l.beta}-{l.estimator_use}")
 def test_teacher_identical_to_student_gives_zero_divergence_and_gradient(loss):
-    """(top_k is not zero there by design: it also pulls the mass outside the teacher's top k, and
-    k1 used as a loss has per-sample gradient grad log p(y), zero only in expectation.)"""
+    """(top_k is not zero there by design: it also pulls the mass outside the teacher's top k.)"""
     hs, ws, _, _, y, mask = random_case(seed=3)
     f = lambda hs, ws: chunked_sums(hs, ws, hs, ws, y, mask, loss=loss, chunk_len=8, rules=RULES)  # noqa: E731
     sums = f(hs, ws)
@@ -148,6 +151,42 @@ def test_teacher_identical_to_student_gives_zero_divergence_and_gradient(loss):
     assert abs(float(sums.loss)) < 1e-5 and abs(float(sums.divergence)) < 1e-5
     for g in grads:
         np.testing.assert_allclose(g, 0.0, atol=1e-5)
+
+
+def behaviour_policy(logits_BxV, sampling):
+    """The distribution the rollout's sampler draws each row's token from under `sampling`."""
+    kept_BxV = kept_mask(jnp.asarray(logits_BxV, jnp.float32), SamplingParams.make(len(logits_BxV), **sampling))
+    tempered = np.where(np.asarray(kept_BxV), np.asarray(logits_BxV, np.float64) / sampling["temperature"], -np.inf)
+    return np.exp(log_softmax64(tempered))
+
+
+@pytest.mark.parametrize("loss, beta", [
+    (DistillLoss("k1", estimator_use="reward", temperature=1.3), 1.0),  # reverse KL(student || teacher)
+    (DistillLoss("k3", estimator_use="loss", temperature=1.3), 0.0),  # forward KL(teacher || student)
+], ids=lambda x: getattr(x, "signal", x))
+def test_sampled_token_signals_are_unbiased_exactly_under_the_sampling_validation_accepts(loss, beta):
+    """Issue 22: the expected gradient of a k1/k3 signal over the rollout sampler's actual distribution
+    equals the divergence's exact gradient for every setting `biasing_settings` accepts, and misses
+    it by far under Qwen's per-mode settings, which validation therefore refuses."""
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(4, 40)), 1.5 * rng.normal(size=(4, 40))
+    grad_y = [np.asarray(jax.grad(lambda z: token_terms(z, jnp.asarray(t, jnp.float32), jnp.full(4, y), loss)[0].sum())(
+        jnp.asarray(s, jnp.float32))) for y in range(40)]  # row b: d loss_b / d logits_b when row b samples y
+    exact = reference(s, t, np.zeros(4, int), DistillLoss("full", beta=beta, temperature=loss.temperature))[2]
+    exact_sampling = {"temperature": loss.temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    for sampling in (exact_sampling, THINKING_SAMPLING, NON_THINKING_SAMPLING, {**exact_sampling, "top_k": 20}):
+        q = behaviour_policy(s, sampling)
+        expected = sum(q[:, y, None] * grad_y[y] for y in range(40))
+        error = np.abs(expected - exact).max() / np.abs(exact).max()
+        accepted = not distill_rollout.biasing_settings(sampling, loss.temperature)
+        assert accepted == (error < 1e-4), (sampling, error)
+        assert accepted or error > 0.05, (sampling, error)
+
+
+@pytest.mark.parametrize("signal, use", [("k1", "loss"), ("k3", "reward")])
+def test_signal_uses_without_a_divergence_gradient_are_refused(signal, use):
+    with pytest.raises(ValueError, match=r"no divergence's gradient in expectation"):
+        DistillLoss(signal, estimator_use=use)
 
 
 def test_different_vocabularies_are_a_named_error():
@@ -160,7 +199,7 @@ def test_different_vocabularies_are_a_named_error():
 
 
 def test_loss_mask_covers_exactly_the_sampled_completion_tokens():
-    batch = distill.rollout_batch([[11, 12, 13], [21]], [[14, 15, 16], [22, 23]], seq_len=8,
+    batch = distill_rollout.rollout_batch([[11, 12, 13], [21]], [[14, 15, 16], [22, 23]], seq_len=8,
                                   forced=[[False, False, False], [False, True]])
     np.testing.assert_array_equal(batch["tokens"], [[11, 12, 13, 14, 15, 16, 0, 0], [21, 22, 23, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["targets"], [[12, 13, 14, 15, 16, 0, 0, 0], [22, 23, 0, 0, 0, 0, 0, 0]])
@@ -169,13 +208,13 @@ def test_loss_mask_covers_exactly_the_sampled_completion_tokens():
     np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["segment_ids"], [[1] * 6 + [0] * 2, [1] * 3 + [0] * 5])
     with pytest.raises(ValueError, match="exceed seq_len"):
-        distill.rollout_batch([[1] * 5], [[2] * 4], seq_len=8)
+        distill_rollout.rollout_batch([[1] * 5], [[2] * 4], seq_len=8)
 
 
 def test_a_one_position_shift_changes_the_loss():
     """Per-position divergences are all different, so only the exact alignment gives the value."""
     P, C, T, V = 4, 3, 10, 7
-    batch = distill.rollout_batch([list(range(1, P + 1))], [[5, 6, 2]], seq_len=T)
+    batch = distill_rollout.rollout_batch([list(range(1, P + 1))], [[5, 6, 2]], seq_len=T)
     student = np.zeros((1, T, V), np.float32)
     teacher = np.zeros((1, T, V), np.float32)
     teacher[0, :, 0] = np.arange(1, T + 1)  # position i: teacher peaks more with i
@@ -204,7 +243,7 @@ def objective(student_cfg, teacher_cfg, loss=DistillLoss(), chunk_len=8):
     import functools
 
     return functools.partial(
-        distill.distill_objective, graphdef=nnx.graphdef(abstract_model(student_cfg)), cfg=student_cfg,
+        distill_run.distill_objective, graphdef=nnx.graphdef(abstract_model(student_cfg)), cfg=student_cfg,
         teacher_graphdef=nnx.graphdef(abstract_model(teacher_cfg)), loss=loss, chunk_len=chunk_len,
     )
 
@@ -213,7 +252,7 @@ def test_objective_scores_the_completion_under_both_models():
     """The update's objective equals `divergence` on the two models' full logits, on the mask."""
     s_cfg, t_cfg = tiny(**STUDENT), tiny("tiny-moe")
     student, teacher = q.init_model(s_cfg, seed=1), q.init_model(t_cfg, seed=2)
-    batch = distill.rollout_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12, 13, 14, 15, 16]], seq_len=16)
+    batch = distill_rollout.rollout_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12, 13, 14, 15, 16]], seq_len=16)
     params = nnx.to_pure_dict(nnx.state(student, nnx.Param))
     t_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
     terms = jax.jit(objective(s_cfg, t_cfg))(params, batch, t_params)
@@ -236,7 +275,7 @@ def test_sharded_update_equals_one_device(teacher_name, mesh_shape):
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, VOCAB, n)) for n in (3, 7, 2, 5, 1, 4, 6, 2)]
     completions = [list(rng.integers(0, VOCAB, n)) for n in (9, 4, 13, 1, 15, 6, 2, 8)]
-    host_batch = distill.rollout_batch(prompts, completions, seq_len=16)
+    host_batch = distill_rollout.rollout_batch(prompts, completions, seq_len=16)
     params = nnx.to_pure_dict(nnx.state(q.init_model(s_cfg, seed=3), nnx.Param))
     t_params = nnx.to_pure_dict(nnx.state(q.init_model(t_cfg, seed=4), nnx.Param))
     results = []
@@ -282,7 +321,7 @@ def assets(tmp_path_factory):
 
 
 def distill_config(root, **overrides):
-    c = distill.default_config()
+    c = dconfig.default_config()
     c.model.preset = "tiny-dense"
     c.model.overrides = dict(vocab_size=VOCAB, **STUDENT)
     c.teacher.init_from = str(root / "teacher")
@@ -305,11 +344,11 @@ def distill_config(root, **overrides):
 
 def greedy_agreement(student: q.Qwen3, teacher: q.Qwen3, tokenizer, records) -> float:
     """Fraction of the teacher's greedy completion tokens that are the student's argmax too."""
-    rollout = distill.RolloutConfig(40, 24, 1.0, "soft", None, ())
-    prompts = [distill.render_prompt(r, distill.NO_THINK, tokenizer, rollout) for r in records]
+    rollout = distill_rollout.RolloutConfig(40, 24, 1.0, "soft", None, ())
+    prompts = [distill_rollout.render_prompt(r, Mode.NO_THINK, tokenizer, rollout) for r in records]
     completions = Engine.for_tokenizer(teacher, tokenizer).generate(
         prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=())
-    batch = distill.rollout_batch(prompts, completions, seq_len=64)
+    batch = distill_rollout.rollout_batch(prompts, completions, seq_len=64)
     argmax = np.asarray(jnp.argmax(student(jnp.asarray(batch["tokens"])), axis=-1))
     mask = batch["loss_mask"] > 0
     return float(np.mean(argmax[mask] == batch["targets"][mask]))
@@ -318,10 +357,10 @@ def greedy_agreement(student: q.Qwen3, teacher: q.Qwen3, tokenizer, records) -> 
 def test_distillation_lowers_the_divergence_and_raises_greedy_agreement(assets, tmp_path):
     root, tokenizer, teacher = assets
     config = distill_config(root, **{"train.steps": 30})
-    exp = distill.validate(config)
+    exp = dconfig.validate(config)
     records = [json.loads(line) for line in open(root / "prompts.jsonl")][-16:]
     before = greedy_agreement(q.init_model(exp.train.model, seed=config.seed), teacher, tokenizer, records)
-    summary = distill.run(config, str(tmp_path))
+    summary = distill_run.run(config, str(tmp_path))
     mesh = q.make_mesh({"data": 1}, jax.devices()[:1])
     params = load_params(str(tmp_path), exp.train.model, mesh)
     student = nnx.merge(nnx.graphdef(abstract_model(exp.train.model)), params)
@@ -339,9 +378,9 @@ def test_resumed_run_repeats_the_uninterrupted_divergence_curve(assets, tmp_path
     root, _, _ = assets
     overrides = {"rollout.max_new_tokens": 8, "rollout.max_prompt_len": 40, "checkpoint.every": 2,
                  "prompts.batch_size": 4}
-    distill.run(distill_config(root, **overrides, **{"train.steps": 5}), str(tmp_path / "whole"))
-    distill.run(distill_config(root, **overrides, **{"train.steps": 3}), str(tmp_path / "cut"))  # saves 2, 3
-    distill.run(distill_config(root, **overrides, **{"train.steps": 5}), str(tmp_path / "cut"))
+    distill_run.run(distill_config(root, **overrides, **{"train.steps": 5}), str(tmp_path / "whole"))
+    distill_run.run(distill_config(root, **overrides, **{"train.steps": 3}), str(tmp_path / "cut"))  # saves 2, 3
+    distill_run.run(distill_config(root, **overrides, **{"train.steps": 5}), str(tmp_path / "cut"))
 
     def curve(workdir):
         return {m["step"]: m["divergence"] for m in map(json.loads, open(workdir / "metrics.jsonl"))}
@@ -364,21 +403,21 @@ def test_off_policy_phase_then_on_policy_in_one_run(assets, tmp_path):
         "rollout.max_new_tokens": 8,
     })
     config.optimizer.update(decay_steps=None, warmup_steps=0)
-    distill.run(config, str(tmp_path / "w"))
+    distill_run.run(config, str(tmp_path / "w"))
     records = [json.loads(line) for line in open(tmp_path / "w" / "off_policy" / "teacher_responses.jsonl")]
     assert sorted((r["prompt_line"], r["mode"]) for r in records) == [
         (line, mode) for line in range(1, 5) for mode in ("no_think", "think")]
     assert all(r["messages"][-2]["content"].endswith("/" + r["mode"]) for r in records)
     sft = [json.loads(line) for line in open(tmp_path / "w" / "off_policy" / "metrics.jsonl")]
     assert [m["step"] for m in sft] == [1, 2]
-    cfg = distill.validate(config).train.model
+    cfg = dconfig.validate(config).train.model
     mesh = q.make_mesh({"data": 1}, jax.devices()[:1])
     after_sft = load_params(str(tmp_path / "w" / "off_policy"), cfg, mesh)
     assert not np.allclose(after_sft["runs"][0]["mlp"]["up_proj"], q.init_model(cfg, seed=0).runs[0].mlp.up_proj[...])
     on_policy = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
     assert [m["step"] for m in on_policy] == [1]
     # Rerunning resumes both phases: nothing is generated or trained again.
-    distill.run(config, str(tmp_path / "w"))
+    distill_run.run(config, str(tmp_path / "w"))
     assert len(open(tmp_path / "w" / "off_policy" / "teacher_responses.jsonl").readlines()) == len(records)
     assert len(open(tmp_path / "w" / "metrics.jsonl").readlines()) == 1
 
@@ -398,24 +437,41 @@ def test_off_policy_phase_then_on_policy_in_one_run(assets, tmp_path):
 def test_config_errors_are_named(assets, overrides, message):
     root, _, _ = assets
     with pytest.raises(train_lib.TrainConfigError, match=message):
-        distill.validate(distill_config(root, **overrides))
+        dconfig.validate(distill_config(root, **overrides))
+
+
+def test_sampled_token_signal_with_filtered_rollouts_is_refused_naming_the_fields(assets):
+    """Issue 22: k1/k3 need rollouts from the student's untruncated softmax at distill.temperature;
+    the default rollout (Qwen's per-mode temperature, top-k, top-p) is refused, the exact one accepted."""
+    root, _, _ = assets
+    k3 = {"distill.signal": "k3", "distill.estimator_use": "loss", "distill.temperature": 0.9}
+    with pytest.raises(train_lib.TrainConfigError, match=(
+            r"distill.signal='k3' .* distill.temperature=0.9 .* rollout.temperature=0.6, rollout.top_p=0.95, "
+            r"rollout.top_k=20 .* set rollout.temperature=0.9, rollout.top_k=0, rollout.top_p=1.0")):
+        dconfig.validate(distill_config(root, **k3))
+    with pytest.raises(train_lib.TrainConfigError, match=r"no_think rollouts sample with rollout.top_k=20"):
+        dconfig.validate(distill_config(root, **k3, **{"rollout.think_fraction": 0.0, "rollout.temperature": 0.9,
+                                                       "rollout.top_p": 1.0}))
+    exact = {"rollout.temperature": 0.9, "rollout.top_k": 0, "rollout.top_p": 1.0, "rollout.min_p": 0.0}
+    assert dconfig.validate(distill_config(root, **k3, **exact)).loss.signal == "k3"
+    assert dconfig.validate(distill_config(root, **{"distill.signal": "full"})).loss.signal == "full"
 
 
 def test_teacher_with_another_vocabulary_is_refused(assets, tmp_path):
     root, tokenizer, _ = assets
     q.save_model(q.init_model(q.preset("tiny-dense", vocab_size=VOCAB + 64)), tmp_path / "t")
     with pytest.raises(train_lib.TrainConfigError, match=r"teacher's vocab_size \(384\) differs"):
-        distill.validate(distill_config(root, **{"teacher.init_from": str(tmp_path / "t")}))
+        dconfig.validate(distill_config(root, **{"teacher.init_from": str(tmp_path / "t")}))
 
 
 def test_too_long_prompt_is_named_not_truncated(assets):
     root, tokenizer, _ = assets
-    rollout = distill.RolloutConfig(8, 8, 1.0, "soft", None, ())
-    with pytest.raises(distill.PromptError, match=r"more than rollout.max_prompt_len=8"):
-        distill.render_prompt({"messages": [{"role": "user", "content": "What is 1 plus 2?"}]}, distill.THINK,
+    rollout = distill_rollout.RolloutConfig(8, 8, 1.0, "soft", None, ())
+    with pytest.raises(DataError, match=r"more than rollout.max_prompt_len=8"):
+        distill_rollout.render_prompt({"messages": [{"role": "user", "content": "What is 1 plus 2?"}]}, Mode.THINK,
                               tokenizer, rollout)
-    with pytest.raises(distill.PromptError, match="must not end with an assistant turn"):
-        distill.render_prompt({"messages": [{"role": "assistant", "content": "hi"}]}, distill.THINK, tokenizer,
+    with pytest.raises(DataError, match="must not end with an assistant turn"):
+        distill_rollout.render_prompt({"messages": [{"role": "assistant", "content": "hi"}]}, Mode.THINK, tokenizer,
                               rollout)
 
 
@@ -456,5 +512,5 @@ def test_shipped_distill_configs_validate(path, assets, tmp_path, monkeypatch):
     config.prompts.paths = str(root / "prompts.jsonl")
     devices = max(8, math.prod(v for v in config.mesh.values() if v > 0))
     monkeypatch.setattr(jax, "device_count", lambda: devices)
-    exp = distill.validate(config)
+    exp = dconfig.validate(config)
     assert exp.teacher.vocab_size == exp.train.model.vocab_size

@@ -12,7 +12,7 @@ import pytest
 import qwen3_jax as q
 from qwen3_jax.model import count_params
 from qwen3_jax.tokenizer import Tokenizer
-from train import recipe
+from train.miniature import recipe
 from train.train import TrainConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,6 +106,8 @@ def test_a_workdir_holding_another_recipes_run_is_refused(smoke_run):
     (lambda c: c.task.update(levels=(3, 1)), r"task.levels must be increasing"),
     (lambda c: c.teacher.update(preset="qwen3-7b"), r"teacher: unknown preset"),
     (lambda c: c.mesh.update(tensor=3), r"splits 3 ways"),
+    (lambda c: c.distill.update(signal="k1", rollout_temperature=0.7), r"distill.signal='k1' .* rollout.temperature=0.7"),
+    (lambda c: c.distill.update(signal="k3"), r"signal='k3' with estimator_use='reward' has no divergence's gradient"),
 ])
 def test_bad_configs_are_named_before_anything_runs(change, message, tmp_path):
     c = smoke_config()

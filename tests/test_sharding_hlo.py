@@ -107,7 +107,7 @@ def test_unembedding_is_gathered_once_not_per_loss_chunk(objective):
     The weight gradient's all-reduce is left to XLA, whose TPU pipeline moves it out of the loop
     (benchmarks.tpu_aot shows it once per microbatch); XLA:CPU keeps it per chunk."""
     from benchmarks.hlo_stats import collective_bytes
-    from train.divergence import DistillLoss, chunked_sums
+    from train.distill.divergence import DistillLoss, chunked_sums
     from train.objectives import chunked_cross_entropy
 
     cfg = preset("tiny-dense")

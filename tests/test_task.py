@@ -9,7 +9,7 @@ import pytest
 
 from infer.messages import last_soft_switch
 from qwen3_jax import chat
-from train import task
+from train.miniature import task
 
 LEVELS = (1, 2, 3, 4, 6)
 

@@ -25,7 +25,7 @@ from qwen3_jax.checkpoint import load_any, load_model
 from qwen3_jax.tokenizer import Tokenizer, tokenizer_dir
 from train import train as train_lib
 from train.config import resolve, tokenizer_from_spec, train_config
-from train.spm import train_sentencepiece
+from train.miniature.spm import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = np.array([[5, 17, 260, 3, 99, 42, 8]], np.int32)

@@ -11,10 +11,10 @@ import math
 import os
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure  # not pyplot: no backend, no global figure state
 
-matplotlib.use("Agg")  # files only: no display on a training host
-import matplotlib.pyplot as plt  # noqa: E402
+from qwen3_jax.model import count_params
+from train.miniature import task
 
 MODELS = (("teacher", "Teacher"), ("student_off_policy", "Student, off-policy distilled"),
           ("student_distilled", "Student, + on-policy distilled"), ("student_direct", "Student, trained directly"))
@@ -77,7 +77,7 @@ def write(r, w) -> dict[str, Any]:
     cfg = r.config
     lines = [
         "# Qwen3's recipe in miniature", "",
-        f"Task: a Fibonacci-like sequence mod 10 (`train/task.py`); difficulty = steps asked for "
+        f"Task: a Fibonacci-like sequence mod 10 (`train/miniature/task.py`); difficulty = steps asked for "
         f"({', '.join(map(str, r.levels))}); test problems per level (starting pairs never trained on): "
         f"{', '.join(str(v) for v in evals['teacher']['problems'].values())}. Greedy decoding.",
         f"Teacher: {_describe(r.teacher)}. Student: {_describe(r.student)}.",
@@ -140,8 +140,6 @@ def write(r, w) -> dict[str, Any]:
 
 
 def _describe(cfg) -> str:
-    from qwen3_jax.model import count_params
-
     total, active = count_params(cfg)
     kind = f"MoE {cfg.num_experts} experts top-{cfg.num_experts_per_tok}" if cfg.is_moe else "dense"
     return (f"{kind}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {total / 1e6:.2f}M parameters"
@@ -149,13 +147,12 @@ def _describe(cfg) -> str:
 
 
 def _example(r) -> str:
-    from train import task
-
     return task.problems("test", r.levels[-1], 1, r.config.seed)[0].question.replace("\n", " ") + " /think"
 
 
 def _plot_budget(r, w, evals) -> str:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     budgets = list(evals["teacher"]["budget"])
     xs = list(range(len(budgets)))
     for (name, label), color in zip(MODELS, ("C0", "C2", "C1", "C3")):
@@ -173,7 +170,8 @@ def _plot_budget(r, w, evals) -> str:
 
 def _plot_difficulty(r, w, evals) -> str:
     names = [(n, label) for n, label in MODELS if n in evals]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
+    fig = Figure(figsize=(4 * len(names), 3.6))
+    axes = fig.subplots(1, len(names), sharey=True)
     for ax, (name, label) in zip(axes, names):
         for mode, style in (("think", "o-"), ("no_think", "s--")):
             ax.plot(r.levels, [100 * evals[name]["accuracy"][mode][str(d)] for d in r.levels], style, label=mode)
@@ -185,7 +183,8 @@ def _plot_difficulty(r, w, evals) -> str:
 
 
 def _plot_curves(r, w, curves) -> str:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     for name, color in (("distilled", "C1"), ("direct", "C3")):
         pts = curves[name]
         for mode, style in (("think", "o-"), ("no_think", "s--")):
@@ -201,7 +200,8 @@ def _plot_curves(r, w, curves) -> str:
 
 
 def _plot_expert_load(w, load) -> str:
-    fig, ax = plt.subplots(figsize=(6, 0.6 * len(load) + 1.5))
+    fig = Figure(figsize=(6, 0.6 * len(load) + 1.5))
+    ax = fig.subplots()
     im = ax.imshow(load, aspect="auto", cmap="viridis")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
@@ -214,5 +214,4 @@ def _save(fig, w, name: str) -> str:
     path = w.path("plots", name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

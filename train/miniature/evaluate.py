@@ -1,17 +1,9 @@
-"""Evaluation of a model on the verifiable task (`train.task`) through the compiled decode engine.
+"""Evaluation on the miniature's task (`train.miniature.task`), greedy, through `infer.rollout`.
 
-What Qwen3's report measures of a hybrid-thinking model, in miniature:
-
-- accuracy by mode and difficulty: each test problem asked with `/think` and with `/no_think`;
-- flag obedience (the report's ThinkFollow, Table 22): over conversations built like the fusion
-  training data (flags in user or system messages, multi-turn, no flag), the fraction of replies
-  that think exactly when the last flag asks for it (no flag: think);
-- accuracy against the thinking budget: `/think` with the budget mechanism of `infer.engine`
-  (after `budget` thinking tokens the stop-thinking text is forced and the model answers).
-
-Decoding is greedy (temperature 0), so a model's figures are a function of its weights. Rows run
-in fixed-size batches (the last one padded by repeating a prompt) so a whole evaluation compiles a
-bounded number of decode programs.
+What Qwen3's report measures of a hybrid-thinking model: accuracy by mode and difficulty, flag
+obedience (ThinkFollow, Table 22: replies think exactly when the last flag asks; no flag: think),
+and accuracy against the thinking budget. Rows run in fixed-size batches, the last one padded, so an
+evaluation compiles a bounded number of decode programs.
 """
 
 from __future__ import annotations
@@ -24,14 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from infer import rollout
 from infer.engine import Engine
+from infer.rollout import MODES, Mode
 from qwen3_jax import chat
 from qwen3_jax.model import Qwen3
 from qwen3_jax.tokenizer import Tokenizer
-from train import task
-
-MODES = ("think", "no_think")
-
+from train.miniature import task
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -55,18 +46,14 @@ class Reply:
 
 def replies(engine: Engine, tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
             max_new_tokens: int, batch_size: int, budget: int | None = None, bar: tqdm.tqdm | None = None) -> list[Reply]:
-    """Greedy replies to `conversations` (soft switches only: the template's thinking stays on)."""
+    """Greedy replies to `conversations` as written (their own soft switches; the template's
+    thinking stays on), through `infer.rollout.generate_chat`."""
     prompts = [tokenizer.encode(chat.render(m, add_generation_prompt=True)) for m in conversations]
-    out: list[Reply] = []
-    for start in range(0, len(prompts), batch_size):
-        if bar is not None:
-            bar.update()
-        chunk = prompts[start: start + batch_size]
-        padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-        ids = engine.generate(padded, max_new_tokens=max_new_tokens, temperature=0.0,
-                              stop_token_ids=tokenizer.eos_ids, thinking_budget=budget)[: len(chunk)]
-        out += [Reply(*chat.parse_completion_ids(i, tokenizer), len(i)) for i in ids]
-    return out
+    # Every row is a think row, so `budget` applies to all; greedy rows ignore the other settings.
+    out = rollout.generate_chat(engine, tokenizer, prompts, [Mode.THINK] * len(prompts), max_new_tokens=max_new_tokens,
+                                thinking_budget=budget, sampling={"temperature": 0.0}, batch_size=batch_size,
+                                after_batch=None if bar is None else bar.update)
+    return [Reply(c.thinking, c.answer, len(c.token_ids)) for c in out]
 
 
 def split_problems(cfg: EvalConfig, split: str = "test") -> dict[int, list[task.Problem]]:

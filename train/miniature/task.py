@@ -1,32 +1,9 @@
 """A verifiable reasoning task with a difficulty knob, in Qwen3's thinking-mode fusion format.
 
-A problem is a Fibonacci-like sequence modulo 10, every term the sum of the two before it; given
-the two first terms, the question asks for the term `k` steps on:
-
-    user:      Each term is the sum of the two before it, mod 10. What is the term 4 steps on from 8 7?
-    thinking:  1: 8+7=5          (one line per new term: one single-digit addition mod 10 of
-               2: 7+5=2           the two terms the line above ends with)
-               3: 5+2=7
-               4: 2+7=9
-    answer:    The answer is 9.
-
-Difficulty is `k`. With the trace, every step reads the two latest terms right before it and
-applies the 100-entry addition table. Answering in one shot means computing F(k-1) a + F(k) b
-modulo 10 (Fibonacci numbers F) for a starting pair never seen in training: a small model gets
-one step right and drifts towards chance (10%) as `k` grows. So thinking and non-thinking answers
-are close on the easiest level and far apart on the hardest, and a thinking budget that cuts the
-trace short trades tokens for accuracy.
-
-Splits are disjoint by construction: each of the 100 starting pairs belongs to train, validation
-or test (60 / 20 / 20 by a hash), so a test problem's numbers never start a training problem at
-any difficulty; each difficulty therefore has 20 test problems. `verify` parses the final answer
-of a completion.
-
-Training samples follow the report's thinking-mode fusion (Qwen3 technical report §4.3, Table 9),
-rendered by the Qwen3 chat template: thinking samples carry the trace in the think block,
-non-thinking samples the empty think block; `/think` and `/no_think` soft switches sit in the
-user or system message; multi-turn samples carry random flags and the reply follows the last one;
-some thinking samples carry no flag at all (thinking is the default).
+A problem: a sequence mod 10 where each term is the sum of the two before it; given the first two
+terms, the term `k` steps on (difficulty `k`). The thinking trace writes one addition per line, so
+thinking helps more as `k` grows. Splits are disjoint by starting pair (60 / 20 / 20 of the 100,
+by hash). Records follow the report's thinking-mode fusion (§4.3, Table 9); `verify` parses an answer.
 """
 
 from __future__ import annotations

@@ -1,33 +1,10 @@
 """Student-teacher divergences over next-token distributions, for strong-to-weak distillation.
 
-Conventions (those of TRL's GKD trainer; Agarwal et al. 2024, "On-Policy Distillation of Language
-Models: Learning from Self-Generated Mistakes", eq. 2), with p_s / p_t the student's / teacher's
-softmax(logits / temperature) over the full vocabulary:
-
-  beta = 0      forward KL(teacher || student) = sum_v p_t (log p_t - log p_s)   (mass-covering)
-  beta = 1      reverse KL(student || teacher) = sum_v p_s (log p_s - log p_t)   (mode-seeking)
-  0 < beta < 1  generalised JSD = beta KL(p_t || M) + (1 - beta) KL(p_s || M),  M = beta p_t + (1 - beta) p_s
-
-The cheaper signals other on-policy distillation trainers use (`DistillLoss.signal`):
-
-  top_k  forward KL from the teacher's top-k renormalised distribution q_k to the student:
-         sum_{v in top-k} q_k(v) (log q_k(v) - log p_s(v)), p_s over the full vocabulary, so the
-         student is also pushed to move mass into the teacher's top-k set. Needs only k teacher
-         logits per token (what a stored or remote teacher ships).
-  k1/k3  estimators of reverse KL from the sampled token y alone (Schulman, "Approximating KL
-         divergence", 2020): with log r = log p_t(y) - log p_s(y), k1 = -log r, k3 = r - 1 - log r.
-         Needs the teacher's log-probability of one token per position.
-         As a "loss" the estimate itself is differentiated: E[grad k1] = 0 on-policy (it carries no
-         signal in expectation), E[grad k3] = grad KL(teacher || student) (Schulman's note; GRPO's
-         KL term). As a "reward" (policy gradient, per-token reward -k, loss = stop_grad(k) * log p_s(y)),
-         k1 gives exactly grad KL(student || teacher) in expectation (the on-policy distillation of
-         Lu et al. 2025, "On-Policy Distillation", Thinking Machines Lab).
-
-Masks select the positions whose *next* token is trained: position i compares the two models'
-distributions for token i + 1 (the logits at the last prompt position predict the first completion
-token). Building them is the caller's job (`train.distill.rollout_batch`).
-
-Shapes: B batch, T sequence, C chunk length, D student hidden, E teacher hidden, V vocab, K top-k.
+p_s / p_t: softmax(logits / temperature) of student / teacher. `DistillLoss.signal`: 'full' is the
+generalised JSD(beta) over the vocabulary (0: forward KL(t || s), 1: reverse KL(s || t); TRL's GKD
+convention, Agarwal et al. 2024 eq. 2); 'top_k' the forward KL from the teacher's renormalised
+top-k; 'k1' / 'k3' Schulman's (2020) estimators from the sampled token y, with log r = log p_t(y) -
+log p_s(y): k1 = -log r, k3 = r - 1 - log r. Position i compares the distributions of token i + 1.
 """
 
 from __future__ import annotations
@@ -50,10 +27,14 @@ class DistillLoss:
     """What the student is trained to minimise per completion token (static, hashable).
 
     signal: 'full' (exact generalised JSD over the vocabulary), 'top_k', 'k1' or 'k3' (module doc).
+      k1/k3 need y drawn from p_s itself; two uses have a divergence's gradient in expectation:
+      k1 as a 'reward' (loss = stop_grad(k1) * log p_s(y); E = grad KL(s || t), Lu et al. 2025)
+      and k3 as a 'loss' (E[grad k3] = grad KL(t || s), GRPO's KL term). The other two are refused:
+      E[grad k1] = 0, and k3 as a reward gives grad KL(s || t) - grad KL(t || s).
     beta: for 'full', 0 = forward KL, 1 = reverse KL, between = generalised JSD.
     temperature: both models' logits are divided by it before every softmax.
     top_k: teacher logits kept by 'top_k'.
-    estimator_use: for 'k1'/'k3', 'loss' or 'reward' (module doc).
+    estimator_use: for 'k1'/'k3', 'loss' or 'reward' (see signal).
     """
 
     signal: str = "full"
@@ -73,6 +54,11 @@ class DistillLoss:
             raise ValueError(f"distill top_k must be >= 1, got {self.top_k}")
         if self.estimator_use not in ESTIMATOR_USES:
             raise ValueError(f"distill estimator_use must be one of {ESTIMATOR_USES}, got {self.estimator_use!r}")
+        if (self.signal, self.estimator_use) in (("k1", "loss"), ("k3", "reward")):
+            raise ValueError(
+                f"distill signal={self.signal!r} with estimator_use={self.estimator_use!r} has no divergence's gradient "
+                "in expectation: use signal='k1' with estimator_use='reward' (reverse KL) or signal='k3' "
+                "with estimator_use='loss' (forward KL)")
 
 
 class DistillSums(NamedTuple):

@@ -1,6 +1,6 @@
 """Train a small SentencePiece tokenizer that speaks Qwen3's chat format.
 
-    python -m train.spm --input corpus.txt [--input more.txt] \
+    python -m train.miniature.spm --input corpus.txt [--input more.txt] \
         --model_prefix out/spm --vocab_size 8000 [--model_type bpe|unigram]
 
 writes `out/spm.model` and `out/spm.vocab`. Load it with
@@ -98,7 +98,7 @@ def train_sentencepiece(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m train.spm", description=__doc__.splitlines()[0]
+        prog="python -m train.miniature.spm", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--input", action="append", required=True, help="text file; repeatable"
