@@ -146,8 +146,8 @@ class ServingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """A pretraining or SFT job (`python -m train.train`)."""
+class JobConfig:
+    """The sections every trainer's config has (`TrainConfig`, `train.distill.config.DistillConfig`)."""
 
     seed: int = 0  # parameter init (dropout-free model: the only randomness besides data.seed)
     distributed: bool = False  # several processes (TPU pod slices): jax.distributed.initialize() first
@@ -161,15 +161,24 @@ class TrainConfig:
     topology: str | None = None
     tokenizer: str | None = None  # 'qwen3', a tokenizer dir / tokenizer.json / spm .model
     model: ModelConfig | None = None  # required: the config file names the model
-    data: DataConfig | None = None  # required (train/data/config.py); jsonl needs data.paths
     mesh: MeshConfig = MeshConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: StepConfig = StepConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    serving: ServingConfig = ServingConfig()
 
     def __post_init__(self):
         need(self.model is not None, "set model.preset (random init) or model.init_from (checkpoint weights)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(JobConfig):
+    """A pretraining or SFT job (`python -m train.train`)."""
+
+    data: DataConfig | None = None  # required (train/data/config.py); jsonl needs data.paths
+    serving: ServingConfig = ServingConfig()
+
+    def __post_init__(self):
+        super().__post_init__()
         need(self.data is not None, "set the data section")
 
 

@@ -17,16 +17,16 @@ from absl import app
 from qwen3_jax.sharding import make_mesh
 from train import data as data_lib
 from train.cli import define_command_flags, parse_flags, run_command
-from train.config import resolve, tokenizer_from_spec, train_config
+from train.config import TrainConfig, resolve, tokenizer_from_spec, train_config
 from train.loop import global_batch, run_loop, start_distributed
 from train.metrics import flops_per_token
 from train.step import batch_sharding, make_train_step
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def run(config: TrainConfig | ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the job `config` describes in `workdir`; returns a summary of this
     invocation (`train.loop.summarize`). Raises ConfigError before any device work."""
-    train_cfg = train_config(config)
+    train_cfg = config if isinstance(config, TrainConfig) else train_config(config)
     start_distributed(train_cfg)
     job = resolve(train_cfg)
     cfg = job.model

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qwen3_jax.errors import ConfigError
 from qwen3_jax.sharding import ShardingRules, constrain
 
 SIGNALS = ("full", "top_k", "k1", "k3")
@@ -45,17 +46,17 @@ class DistillLoss:
 
     def __post_init__(self):
         if self.signal not in SIGNALS:
-            raise ValueError(f"distill signal must be one of {SIGNALS}, got {self.signal!r}")
+            raise ConfigError(f"distill signal must be one of {SIGNALS}, got {self.signal!r}")
         if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"distill beta must be in [0, 1], got {self.beta}")
+            raise ConfigError(f"distill beta must be in [0, 1], got {self.beta}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"distill temperature must be positive and finite, got {self.temperature}")
+            raise ConfigError(f"distill temperature must be positive and finite, got {self.temperature}")
         if self.top_k < 1:
-            raise ValueError(f"distill top_k must be >= 1, got {self.top_k}")
+            raise ConfigError(f"distill top_k must be >= 1, got {self.top_k}")
         if self.estimator_use not in ESTIMATOR_USES:
-            raise ValueError(f"distill estimator_use must be one of {ESTIMATOR_USES}, got {self.estimator_use!r}")
+            raise ConfigError(f"distill estimator_use must be one of {ESTIMATOR_USES}, got {self.estimator_use!r}")
         if (self.signal, self.estimator_use) in (("k1", "loss"), ("k3", "reward")):
-            raise ValueError(
+            raise ConfigError(
                 f"distill signal={self.signal!r} with estimator_use={self.estimator_use!r} has no divergence's gradient "
                 "in expectation: use signal='k1' with estimator_use='reward' (reverse KL) or signal='k3' "
                 "with estimator_use='loss' (forward KL)")
@@ -165,15 +166,15 @@ def chunked_sums(
     """
     B, T, _ = student_hidden_BxTxD.shape
     if student_w_DxV.shape[-1] != teacher_w_ExV.shape[-1]:
-        raise ValueError(
+        raise ConfigError(
             f"student and teacher vocabularies differ ({student_w_DxV.shape[-1]} vs {teacher_w_ExV.shape[-1]}): "
             "distillation over logits needs one vocabulary"
         )
     if teacher_hidden_BxTxE.shape[:2] != (B, T):
-        raise ValueError(f"teacher hidden {teacher_hidden_BxTxE.shape} does not cover the student's [B, T] = {(B, T)}")
+        raise ConfigError(f"teacher hidden {teacher_hidden_BxTxE.shape} does not cover the student's [B, T] = {(B, T)}")
     C = min(chunk_len, T)
     if T % C:
-        raise ValueError(f"chunk_len={chunk_len} must divide the sequence length {T}")
+        raise ConfigError(f"chunk_len={chunk_len} must divide the sequence length {T}")
     teacher_hidden_BxTxE = jax.lax.stop_gradient(teacher_hidden_BxTxE)
     teacher_w_ExV = jax.lax.stop_gradient(teacher_w_ExV)
 

@@ -26,22 +26,21 @@ from infer import rollout as rollout_lib
 from infer.engine import Engine
 from infer.rollout import Mode
 from qwen3_jax.checkpoint import load_any
-from qwen3_jax.config import ConfigError, Qwen3Config
-from qwen3_jax.errors import DataError
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.errors import ConfigError
 from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.moe import load_balancing_loss
 from qwen3_jax.sharding import make_mesh
 from qwen3_jax.tokenizer import Tokenizer
 from train import data as data_lib
 from train import train as train_lib
-from train.distill.config import DistillExperiment, off_policy_config, off_policy_settings, validate
+from train.config import OptimizerConfig, StepConfig, tokenizer_from_spec
+from train.distill.config import DistillConfig, DistillJob, distill_config, off_policy_config, off_policy_settings, resolve_distill
 from train.distill.divergence import DistillLoss, DistillSums, chunked_sums
 from train.distill.rollout import render_prompt, rollout_batch
-from train.step import (
-    Batch, OptimizerConfig, Params, StepConfig, Terms, TrainState, batch_sharding, compile_update, params_shardings,
-    unembedding,
-)
-from train.train import TrainConfigError
+from train.loop import global_batch, run_loop, start_distributed
+from train.metrics import flops_per_token
+from train.objectives import Terms, model_at, moe_aux, unembedding
+from train.step import Batch, Params, TrainState, batch_sharding, compile_update, params_shardings
 
 
 def distill_objective(
@@ -53,21 +52,19 @@ def distill_objective(
     teacher: Qwen3 = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
     inputs = dict(positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"])
     teacher_hidden = teacher.forward(batch["tokens"], **inputs).hidden_BxTxD
-    dtype = jnp.dtype(cfg.dtype)
-    student: Qwen3 = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
+    student = model_at(graphdef, params, cfg.dtype)
     out = student.forward(batch["tokens"], **inputs)
     sums: DistillSums = chunked_sums(
         out.hidden_BxTxD, unembedding(student), teacher_hidden, unembedding(teacher), batch["targets"],
         batch["loss_mask"], loss=loss, chunk_len=chunk_len, rules=cfg.rules,
     )
-    aux = load_balancing_loss(out.router_stats) if cfg.is_moe else jnp.zeros((), jnp.float32)
-    return Terms(sums.loss, aux, sums._asdict())
+    return Terms(sums.loss, moe_aux(out, cfg), sums._asdict())
 
 
 def update_flops(student: Qwen3Config, teacher: Qwen3Config, seq_len: int) -> float:
     """Model FLOPs of one update per token: the student's forward and backward (6N + attention)
     and the teacher's forward (a third of that)."""
-    return train_lib.flops_per_token(student, seq_len) + train_lib.flops_per_token(teacher, seq_len) / 3
+    return flops_per_token(student, seq_len) + flops_per_token(teacher, seq_len) / 3
 
 
 @functools.cache
@@ -88,35 +85,36 @@ def compile_distill_update(
 class DistillStep:
     """`run_loop`'s step function: rollout with the current student, then the jitted update."""
 
-    def __init__(self, exp: DistillExperiment, mesh: jax.sharding.Mesh, tokenizer: Tokenizer, teacher_params: Params):
-        cfg = exp.train.model
-        self.exp, self.mesh, self.tokenizer, self.teacher_params = exp, mesh, tokenizer, teacher_params
+    def __init__(self, job: DistillJob, mesh: jax.sharding.Mesh, tokenizer: Tokenizer, teacher_params: Params):
+        cfg = job.student.model
+        self.job, self.rollout_cfg, self.mesh, self.tokenizer = job, job.config.rollout, mesh, tokenizer
+        self.teacher_params = teacher_params
         self.graphdef = nnx.graphdef(abstract_model(cfg))
-        self.update = compile_distill_update(cfg, exp.teacher, exp.loss, exp.train.step, exp.train.optimizer, mesh)
+        self.update = compile_distill_update(cfg, job.teacher, job.config.distill, job.student.step,
+                                             job.student.optimizer, mesh)
         self.sharding = batch_sharding(mesh, cfg.rules)
 
     def student(self, params: Params) -> Qwen3:
         """The student at `params` in its compute dtype, for sampling."""
-        dtype = jnp.dtype(self.exp.train.model.dtype)
-        return nnx.merge(self.graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
+        return model_at(self.graphdef, params, self.job.student.model.dtype)
 
     def prompts(self, records: Sequence[dict[str, Any]], step: int) -> tuple[list[list[int]], list[Mode]]:
         """Prompt ids and modes of `records` at `step` (the seeded mode mix)."""
-        r = self.exp.rollout
-        modes = rollout_lib.choose_modes(self.exp.train.seed, step, len(records), r.think_fraction)
+        r = self.rollout_cfg
+        modes = rollout_lib.choose_modes(self.job.config.seed, step, len(records), r.think_fraction)
         return [render_prompt(rec, m, self.tokenizer, r) for rec, m in zip(records, modes)], modes
 
     def rollout(self, params: Params, prompts: Sequence[Sequence[int]], modes: Sequence[Mode], step: int):
         """(completions, forced) of `prompts` by the student at `params` (`infer.rollout.generate_chat`
         with the per-mode settings, the thinking budget, the step's seed); `forced` marks the tokens
         the budget forced."""
-        r = self.exp.rollout
+        r = self.rollout_cfg
         # The engine takes the student's current parameters, so it is built per step; its compiled
         # prefill and decode are cached by shape and reused.
         engine = Engine.for_tokenizer(self.student(params), self.tokenizer, mesh=self.mesh)
         out = rollout_lib.generate_chat(
             engine, self.tokenizer, prompts, modes, max_new_tokens=r.max_new_tokens, thinking_budget=r.thinking_budget,
-            sampling=dict(r.sampling), seed=rollout_lib.step_seed(self.exp.train.seed, step))
+            sampling=r.sampling, seed=rollout_lib.step_seed(self.job.config.seed, step))
         return [c.token_ids for c in out], [c.forced for c in out]
 
     def __call__(self, state: TrainState, records: Sequence[dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
@@ -126,8 +124,8 @@ class DistillStep:
         t1 = time.perf_counter()
         completions, forced = self.rollout(state.params, prompts, modes, step)
         t2 = time.perf_counter()
-        batch = rollout_batch(prompts, completions, self.exp.rollout.seq_len, forced)
-        batch = {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in batch.items()}
+        batch = rollout_batch(prompts, completions, self.rollout_cfg.seq_len, forced)
+        batch = global_batch(batch, self.sharding)
         t3 = time.perf_counter()
         state, metrics = self.update(state, batch, self.teacher_params)
         jax.block_until_ready(metrics)
@@ -149,73 +147,73 @@ class DistillStep:
         return state, metrics
 
 
-def load_teacher(exp: DistillExperiment, mesh: jax.sharding.Mesh) -> Qwen3:
+def load_teacher(job: DistillJob, mesh: jax.sharding.Mesh) -> Qwen3:
     """The teacher in its dtype, each parameter loaded straight into its sharding on `mesh`."""
-    t = exp.teacher
-    model = load_any(exp.teacher_init_from, mesh=mesh, dtype=jnp.dtype(t.dtype), moe_impl=t.moe_impl,
+    t = job.config.teacher
+    model = load_any(t.init_from, mesh=mesh, dtype=jnp.dtype(t.dtype), moe_impl=t.moe_impl,
                      attention=t.attention, scan_layers=True, remat="none")
-    if model.cfg != t:
-        raise TrainConfigError(f"the teacher loaded from {exp.teacher_init_from} is not the one validated")
+    if model.cfg != job.teacher:
+        raise ConfigError(f"the teacher loaded from {t.init_from} is not the one validated")
     return model
 
 
-def run_off_policy(config: ml_collections.ConfigDict, exp: DistillExperiment, teacher: Qwen3, tokenizer: Tokenizer,
-                   mesh: jax.sharding.Mesh, workdir: str) -> dict[str, float]:
+def run_off_policy(job: DistillJob, teacher: Qwen3, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
+                   workdir: str) -> dict[str, float]:
     """Phase 1 in `workdir`: the teacher's responses to every prompt (resumable), then SFT on them."""
+    config = job.config
     os.makedirs(workdir, exist_ok=True)
     responses = os.path.join(workdir, "teacher_responses.jsonl")
     engine = Engine.for_tokenizer(teacher, tokenizer, mesh=mesh)
-    paths = data_lib.expand_paths([config.prompts.paths] if isinstance(config.prompts.paths, str)
-                                  else list(config.prompts.paths))
+    paths = data_lib.expand_paths(config.prompts.paths)
     if len(paths) != 1:
-        raise TrainConfigError(f"off_policy generates from one JSONL prompt file; prompts.paths matches {paths}")
+        raise ConfigError(f"off_policy generates from one JSONL prompt file; prompts.paths matches {paths}")
     summary = batch_lib.generate_file(engine, tokenizer, paths[0], responses, off_policy_settings(config),
                                       batch_size=config.off_policy.generate_batch_size, progress=sys.stderr.isatty())
     print(f"off-policy teacher responses: {summary}", flush=True)
     if not os.path.getsize(responses):
-        raise TrainConfigError(
+        raise ConfigError(
             f"the teacher wrote no usable response in {responses} ({summary}): raise off_policy.max_new_tokens, "
             "set off_policy.keep_unfinished, or check the off_policy.keep verifier"
         )
-    return train_lib.run(off_policy_config(config, exp.tokenizer, responses), workdir)
+    return train_lib.run(off_policy_config(config, job.tokenizer, responses), workdir)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def run(config: DistillConfig | ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Distils (or resumes distilling) into the student in `workdir`; returns a summary of the
     on-policy phase. With `off_policy.steps` > 0, phase 1 runs first in WORKDIR/off_policy."""
-    train_lib.start_distributed(config)
-    exp = validate(config)
+    config = config if isinstance(config, DistillConfig) else distill_config(config)
+    start_distributed(config)
+    job = resolve_distill(config)
     if jax.process_count() > 1:
-        raise TrainConfigError(
+        raise ConfigError(
             "on-policy rollouts run in one process for now (each process reads its own prompts, and the decode "
             "engine takes the same prompts on every process); run train.distill with distributed=False on a "
             "single host"
         )
-    mesh = make_mesh(exp.train.mesh)
-    tokenizer = train_lib.tokenizer_from_spec(exp.tokenizer, exp.train.model)
-    teacher = load_teacher(exp, mesh)
-    if exp.off_policy is not None:
+    mesh = make_mesh(job.student.mesh)
+    tokenizer = tokenizer_from_spec(job.tokenizer, job.student.model)
+    teacher = load_teacher(job, mesh)
+    student = job.student
+    if job.off_policy is not None:
         off_policy_dir = os.path.join(workdir, "off_policy")
-        run_off_policy(config, exp, teacher, tokenizer, mesh, off_policy_dir)
-        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, init_from=off_policy_dir))
+        run_off_policy(job, teacher, tokenizer, mesh, off_policy_dir)
+        model = dataclasses.replace(config.model, preset=None, init_from=off_policy_dir)
+        student = dataclasses.replace(student, config=dataclasses.replace(config, model=model))
 
     # A prompt either mode cannot render within rollout.max_prompt_len is a bad record: named by
     # file and line, or skipped with prompts.on_bad_record='skip', before it reaches a rollout.
     def check(record: dict[str, Any]) -> None:
         for mode in Mode:
-            render_prompt(record, mode, tokenizer, exp.rollout)
+            render_prompt(record, mode, tokenizer, config.rollout)
 
-    prompts = data_lib.make_prompt_stream(exp.train.data, check=check)
-    step_fn = DistillStep(exp, mesh, tokenizer, nnx.to_pure_dict(nnx.state(teacher, nnx.Param)))
-    seq_len, batch_size = exp.rollout.seq_len, exp.train.data.batch_size
-    flops_per_step = update_flops(exp.train.model, exp.teacher, seq_len) * batch_size * seq_len
+    prompts = data_lib.make_prompt_stream(config.prompts, check=check)
+    step_fn = DistillStep(job, mesh, tokenizer, nnx.to_pure_dict(nnx.state(teacher, nnx.Param)))
+    seq_len, batch_size = config.rollout.seq_len, config.prompts.batch_size
+    flops_per_step = update_flops(student.model, job.teacher, seq_len) * batch_size * seq_len
 
     def rates(scalars: dict[str, float], step_time: float, peak: float) -> dict[str, float]:
         # MFU of the update alone: the rollout is decode, bandwidth-bound by nature.
         return {"tokens_per_s": batch_size * seq_len / step_time,
                 "mfu": flops_per_step / scalars["update_time"] / peak}
 
-    return train_lib.run_loop(config, workdir, exp.train, mesh, tokenizer, prompts, step_fn, rates)
-
-
-USER_ERRORS = (*train_lib.USER_ERRORS, ConfigError, DataError, batch_lib.BatchError)
+    return run_loop(student, workdir, mesh, tokenizer, prompts, step_fn, rates)

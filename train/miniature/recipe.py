@@ -19,26 +19,30 @@ from typing import Any, Callable
 
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
-from infer.rollout import Switch
-from qwen3_jax.checkpoint import load_any, trainer_steps
+from qwen3_jax.checkpoint import load_any
 from qwen3_jax.chat import render
-from qwen3_jax.config import ConfigError, Qwen3Config, preset
+from qwen3_jax.config import Qwen3Config, preset
+from qwen3_jax.errors import ConfigError
 from qwen3_jax.hf import to_hf
+from qwen3_jax.ids import STOP_THINKING_TEXT
+from qwen3_jax.layout import trainer_steps
 from qwen3_jax.model import count_params
-from qwen3_jax.tokenizer import STOP_THINKING_TEXT, Tokenizer
+from qwen3_jax.tokenizer import Tokenizer
 from train import train as train_lib
-from train.distill import config as distill_config_lib
+from train.config import (
+    CheckpointConfig, MeshConfig, ModelConfig, OptimizerConfig, StepConfig, TrainConfig, check_shardable, resolve_mesh,
+)
+from train.data.config import DataConfig, PromptConfig
 from train.distill import run as distill_lib
-from train.distill.config import check_sampled_signal
+from train.distill.config import DistillConfig, OffPolicyConfig, RolloutConfig, check_sampled_signal
+from train.distill.config import TeacherConfig as DistillTeacherConfig
 from train.distill.divergence import DistillLoss
-from train.distill.rollout import RolloutConfig
 from train.miniature import evaluate as eval_lib
 from train.miniature import report as report_lib
 from train.miniature import task as task_lib
 from train.miniature.spm import train_sentencepiece
-from train.train import TrainConfigError, need
+from train.schema import config_dict, from_config_dict, need
 
 # The miniature's own model shapes, as overrides of the `tiny-dense` preset. head_dim 64 and RoPE
 # base 10,000 let the copy heads the task needs form within its few hundred steps.
@@ -64,69 +68,154 @@ RECIPE_FILE, STAGES_FILE = "recipe.json", "stages.json"
 # ------------------------------------------------------------------------------------- config
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    levels: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # difficulty = steps of the sequence asked for
+    sft_records: int = 16000  # fusion records drawn from the train split's problems
+    prompts: int = 1000  # distillation prompts (train split)
+    no_think_easy_share: float = 0.5  # non-thinking samples on the easiest level (one-step answers need data)
+    validation_per_level: int = 20  # learning curves (20 starting pairs per split)
+    test_per_level: int = 20
+    follow_conversations: int = 200  # flag obedience
+    budgets: tuple[int, ...] = (0, 4, 8, 16, 32, 64)  # thinking budgets (tokens); unlimited is always measured
+    no_flag: float = 0.3  # fusion mix: user messages without a flag
+    system_flag: float = 0.2  # ... conversations whose system message carries a flag
+    multi_turn: float = 0.3  # ... conversations with an earlier turn
+
+    def __post_init__(self):
+        levels = self.levels
+        need(levels and all(1 <= d <= task_lib.MAX_DIFFICULTY for d in levels) and list(levels) == sorted(set(levels)),
+             f"task.levels must be increasing difficulties in [1, {task_lib.MAX_DIFFICULTY}], got {levels}")
+        need(all(b >= 0 for b in self.budgets),
+             f"task.budgets must be >= 0 (unlimited is always measured), got {self.budgets}")
+        for name in ("sft_records", "prompts", "test_per_level", "validation_per_level"):
+            need(getattr(self, name) >= 1, f"task.{name} must be >= 1, got {getattr(self, name)}")
+        need(0 <= self.no_think_easy_share < 1,
+             f"task.no_think_easy_share must be in [0, 1), got {self.no_think_easy_share}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "sentencepiece"  # trained on the task, or 'qwen3' (real presets)
+    vocab_size: int = 512
+    corpus_records: int = 3000
+
+    def __post_init__(self):
+        need(self.kind in ("sentencepiece", "qwen3"),
+             f"tokenizer.kind must be 'sentencepiece' or 'qwen3', got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Dense by default (the README says why). `preset` is a `SHAPES` name or any qwen3_jax preset;
+    `overrides` change its fields (in a config file: the command line sets only existing fields)."""
+
+    preset: str = "mini-teacher"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 192
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len"):
+            need(getattr(self, name) >= 1, f"teacher.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    preset: str = "mini-student"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    off_policy_steps: int = 500  # distilled: SFT on the teacher's responses
+    on_policy_steps: int = 120  # distilled: then logit distillation on its own samples
+    batch_size: int = 8  # rows per update step, both students
+    learning_rate: float = 3e-3
+    on_policy_learning_rate: float = 1e-3
+    warmup_steps: int = 30
+
+    def __post_init__(self):
+        for name in ("off_policy_steps", "on_policy_steps", "batch_size"):
+            need(getattr(self, name) >= 1, f"student.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeDistillConfig(DistillLoss):
+    """The distilled stage: its loss (the fields of `train.distill`'s `distill` section) and rollouts."""
+
+    think_fraction: float = 0.5  # on-policy rollouts in thinking mode
+    thinking_budget: int | None = None  # the student's, during rollouts
+    teacher_temperature: float = 0.0  # off-policy responses (0: greedy)
+    keep_unfinished: bool = False  # train on teacher responses cut by eval.max_new_tokens too
+    rollout_temperature: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:  # checked here, before the stages before the distilled one run
+            check_sampled_signal(self.loss, self.rollout(max_prompt_len=1, max_new_tokens=1))
+        except ConfigError as e:
+            raise ConfigError(f"distill (rollout.temperature is distill.rollout_temperature here): {e}") from None
+
+    @property
+    def loss(self) -> DistillLoss:
+        return DistillLoss(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DistillLoss)})
+
+    def rollout(self, *, max_prompt_len: int, max_new_tokens: int) -> RolloutConfig:
+        """The student's rollouts: softmax at rollout_temperature over the whole vocabulary."""
+        return RolloutConfig(max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
+                             think_fraction=self.think_fraction, thinking_budget=self.thinking_budget,
+                             temperature=self.rollout_temperature, top_k=0, top_p=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    batch_size: int = 64
+    max_new_tokens: int = 128
+    curve_points: int = 4
+
+    def __post_init__(self):
+        need(self.curve_points >= 1, f"eval.curve_points must be >= 1, got {self.curve_points}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeTrainConfig:
+    ce_chunk_len: int = 64
+    peak_flops: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    """The miniature recipe (`configs/miniature.py`); the stages' train and distill jobs are composed from it."""
+
+    seed: int = 0
+    dtype: str = "float32"  # compute dtype of every model: float32 on CPU, bfloat16 on TPU / GPU
+    mesh: MeshConfig = MeshConfig()
+    task: TaskConfig = TaskConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: RecipeDistillConfig = RecipeDistillConfig()
+    eval: EvalSection = EvalSection()
+    train: RecipeTrainConfig = RecipeTrainConfig()
+
+    def __post_init__(self):
+        seq, chunk = self.teacher.seq_len, self.train.ce_chunk_len
+        need(chunk >= 1 and seq % min(chunk, seq) == 0, f"train.ce_chunk_len={chunk} must divide teacher.seq_len={seq}")
+        need(self.eval.max_new_tokens < seq,
+             f"eval.max_new_tokens={self.eval.max_new_tokens} leaves no room for a prompt in teacher.seq_len={seq} "
+             "(on-policy rows are prompt + completion)")
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every field of a recipe config, at the miniature's values (see configs/miniature.py)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.dtype = "float32"  # compute dtype of every model: float32 on CPU, bfloat16 on TPU / GPU
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1})
-    c.task = ml_collections.ConfigDict({
-        "levels": (1, 2, 3, 4, 5, 6),  # difficulty = steps of the sequence asked for
-        "sft_records": 16000,  # fusion records drawn from the train split's problems
-        "prompts": 1000,  # distillation prompts (train split)
-        "no_think_easy_share": 0.5,  # non-thinking samples on the easiest level (one-step answers need data)
-        "validation_per_level": 20,  # learning curves (20 starting pairs per split)
-        "test_per_level": 20,
-        "follow_conversations": 200,  # flag obedience
-        "budgets": (0, 4, 8, 16, 32, 64),  # thinking budgets (tokens); unlimited is always measured
-        "no_flag": 0.3,  # fusion mix: user messages without a flag
-        "system_flag": 0.2,  # ... conversations whose system message carries a flag
-        "multi_turn": 0.3,  # ... conversations with an earlier turn
-    })
-    c.tokenizer = ml_collections.ConfigDict({
-        "kind": "sentencepiece",  # trained on the task, or 'qwen3' (real presets)
-        "vocab_size": 512,
-        "corpus_records": 3000,
-    })
-    # Dense by default (the README says why). `preset` is a `SHAPES` name or any qwen3_jax preset;
-    # `overrides` change its fields (in a config file: the command line sets only existing fields).
-    c.teacher = ml_collections.ConfigDict({
-        "preset": "mini-teacher",
-        "overrides": ml_collections.ConfigDict(),
-        "steps": 600,
-        "batch_size": 16,
-        "seq_len": 192,
-        "learning_rate": 3e-3,
-        "warmup_steps": 30,
-    })
-    c.student = ml_collections.ConfigDict({
-        "preset": "mini-student",
-        "overrides": ml_collections.ConfigDict(),
-        "off_policy_steps": 500,  # distilled: SFT on the teacher's responses
-        "on_policy_steps": 120,  # distilled: then logit distillation on its own samples
-        "batch_size": 8,  # rows per update step, both students
-        "learning_rate": 3e-3,
-        "on_policy_learning_rate": 1e-3,
-        "warmup_steps": 30,
-    })
-    c.distill = ml_collections.ConfigDict({
-        "signal": "full", "beta": 1.0, "temperature": 1.0, "top_k": 64, "estimator_use": "reward",
-        "think_fraction": 0.5,  # on-policy rollouts in thinking mode
-        "thinking_budget": config_dict.placeholder(int),  # the student's, during rollouts
-        "teacher_temperature": 0.0,  # off-policy responses (0: greedy)
-        "keep_unfinished": False,  # train on teacher responses cut by eval.max_new_tokens too
-        "rollout_temperature": 1.0,
-    })
-    c.eval = ml_collections.ConfigDict({"batch_size": 64, "max_new_tokens": 128, "curve_points": 4})
-    c.train = ml_collections.ConfigDict({"ce_chunk_len": 64, "peak_flops": config_dict.placeholder(float)})
-    return c
+    return config_dict(RecipeConfig)
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A validated recipe config."""
+    """A validated recipe config and what is derived from it."""
 
-    config: ml_collections.ConfigDict
+    config: RecipeConfig
     teacher: Qwen3Config
     student: Qwen3Config
     levels: tuple[int, ...]
@@ -134,21 +223,20 @@ class Recipe:
     eval: eval_lib.EvalConfig
 
 
-def _model(section: ml_collections.ConfigDict, vocab_size: int | None, dtype: str, who: str) -> Qwen3Config:
-    name, overrides = model_preset(section.preset, section.overrides.to_dict())
+def _model(section: TeacherConfig | StudentConfig, vocab_size: int | None, dtype: str, who: str) -> Qwen3Config:
+    name, overrides = model_preset(section.preset, section.overrides)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     try:
         return preset(name, dtype=dtype, **overrides)
     except (ConfigError, TypeError) as e:
-        raise TrainConfigError(f"{who}: {e}") from e
+        raise ConfigError(f"{who}: {e}") from e
 
 
-def validate(config: ml_collections.ConfigDict) -> Recipe:
-    """Checks the recipe before anything runs; raises TrainConfigError naming the field."""
-    tk = config.tokenizer
-    need(tk.kind in ("sentencepiece", "qwen3"), f"tokenizer.kind must be 'sentencepiece' or 'qwen3', got {tk.kind!r}")
-    vocab = tk.vocab_size if tk.kind == "sentencepiece" else None
+def validate(cd: RecipeConfig | ml_collections.ConfigDict) -> Recipe:
+    """The recipe checked before anything runs; raises ConfigError naming the field."""
+    config = cd if isinstance(cd, RecipeConfig) else from_config_dict(RecipeConfig, cd)
+    vocab = config.tokenizer.vocab_size if config.tokenizer.kind == "sentencepiece" else None
     teacher = _model(config.teacher, vocab, config.dtype, "teacher")
     student = _model(config.student, vocab, config.dtype, "student")
     need(teacher.vocab_size == student.vocab_size,
@@ -157,35 +245,10 @@ def validate(config: ml_collections.ConfigDict) -> Recipe:
     t_total, s_total = count_params(teacher)[0], count_params(student)[0]
     need(s_total < t_total, f"the student ({s_total:,} parameters) is not smaller than the teacher ({t_total:,}): "
                             "strong-to-weak distillation goes from a larger model to a smaller one")
-    levels = tuple(int(x) for x in config.task.levels)
-    need(levels and all(1 <= d <= task_lib.MAX_DIFFICULTY for d in levels) and list(levels) == sorted(set(levels)),
-         f"task.levels must be increasing difficulties in [1, {task_lib.MAX_DIFFICULTY}], got {levels}")
-    budgets = tuple(int(b) for b in config.task.budgets)
-    need(all(b >= 0 for b in budgets), f"task.budgets must be >= 0 (unlimited is always measured), got {budgets}")
-    for name in ("sft_records", "prompts", "test_per_level", "validation_per_level"):
-        need(config.task[name] >= 1, f"task.{name} must be >= 1, got {config.task[name]}")
-    for name in ("steps", "batch_size", "seq_len"):
-        need(config.teacher[name] >= 1, f"teacher.{name} must be >= 1, got {config.teacher[name]}")
-    for name in ("off_policy_steps", "on_policy_steps", "batch_size"):
-        need(config.student[name] >= 1, f"student.{name} must be >= 1, got {config.student[name]}")
-    need(0 <= config.task.no_think_easy_share < 1,
-         f"task.no_think_easy_share must be in [0, 1), got {config.task.no_think_easy_share}")
-    need(config.eval.curve_points >= 1, f"eval.curve_points must be >= 1, got {config.eval.curve_points}")
-    seq, chunk = config.teacher.seq_len, config.train.ce_chunk_len
-    need(chunk >= 1 and seq % min(chunk, seq) == 0, f"train.ce_chunk_len={chunk} must divide teacher.seq_len={seq}")
-    need(config.eval.max_new_tokens < seq,
-         f"eval.max_new_tokens={config.eval.max_new_tokens} leaves no room for a prompt in teacher.seq_len={seq} "
-         "(on-policy rows are prompt + completion)")
-    d = config.distill
-    try:  # the distilled stage's loss and rollouts, checked before the stages before it run
-        loss = DistillLoss(d.signal, d.beta, d.temperature, d.top_k, d.estimator_use)
-        check_sampled_signal(loss, RolloutConfig(1, 1, d.think_fraction, Switch.SOFT, None, (
-            ("temperature", d.rollout_temperature), ("top_k", 0), ("top_p", 1.0))))
-    except (ValueError, TrainConfigError) as e:
-        raise TrainConfigError(f"distill (rollout.temperature is distill.rollout_temperature here): {e}") from e
-    mesh = train_lib.mesh_shape(config.mesh)
+    mesh = resolve_mesh(config.mesh, None)
     for cfg in (teacher, student):
-        train_lib.check_shardable(cfg, mesh)
+        check_shardable(cfg, mesh)
+    levels, budgets = config.task.levels, config.task.budgets
     return Recipe(config, teacher, student, levels, budgets, eval_lib.EvalConfig(
         levels=levels, per_level=config.task.test_per_level, budgets=(*budgets, None),
         follow_conversations=config.task.follow_conversations, max_new_tokens=config.eval.max_new_tokens,
@@ -193,27 +256,33 @@ def validate(config: ml_collections.ConfigDict) -> Recipe:
 
 
 # ------------------------------------------------------------------------- stage configs
-# Each training stage is one of the library's own runs, configured from the recipe.
+# Each training stage is one of the library's own jobs, composed from the recipe.
 
 
-def _sft_config(r: Recipe, model: ml_collections.ConfigDict, w: "Workdir", *, steps: int, batch_size: int,
-                seq_len: int, learning_rate: float, warmup: int, every: int) -> ml_collections.ConfigDict:
-    c = train_lib.default_config()
-    c.seed = r.config.seed
-    name, overrides = model_preset(model.preset, model.overrides.to_dict())
-    c.model.preset = name
-    c.model.overrides = ml_collections.ConfigDict({**overrides, **_vocab(r, w)})
-    c.model.dtype = r.config.dtype
-    c.tokenizer = w.tokenizer
-    c.mesh.update(r.config.mesh.to_dict())
-    c.data.update(format="jsonl", kind="chat", paths=w.path("data", "sft.jsonl"), seq_len=seq_len,
-                  batch_size=batch_size, packing="first_fit", num_threads=1, seed=r.config.seed)
-    # Constant after warmup: in runs this short a decay cost accuracy (README).
-    c.optimizer.update(learning_rate=learning_rate, warmup_steps=warmup, weight_decay=0.01, end_learning_rate_ratio=1.0)
-    c.train.update(steps=steps, ce_chunk_len=r.config.train.ce_chunk_len, log_every=max(1, steps // 10),
-                   peak_flops=r.config.train.peak_flops)
-    c.checkpoint.update(every=every, keep=10_000)
-    return c
+def _model_section(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig) -> ModelConfig:
+    name, overrides = model_preset(model.preset, model.overrides)
+    return ModelConfig(preset=name, overrides={**overrides, **_vocab(r, w)}, dtype=r.config.dtype)
+
+
+def _job_sections(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig, *, steps: int, learning_rate: float,
+                  warmup: int, every: int) -> dict[str, Any]:
+    """The sections the recipe's train and distill jobs share. Constant learning rate after warmup:
+    in runs this short a decay cost accuracy (README)."""
+    return dict(
+        seed=r.config.seed, tokenizer=w.tokenizer, model=_model_section(r, w, model), mesh=r.config.mesh,
+        optimizer=OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup, weight_decay=0.01,
+                                  end_learning_rate_ratio=1.0),
+        train=StepConfig(steps=steps, ce_chunk_len=r.config.train.ce_chunk_len, log_every=max(1, steps // 10),
+                         peak_flops=r.config.train.peak_flops),
+        checkpoint=CheckpointConfig(every=every, keep=10_000))
+
+
+def _sft_config(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig, *, steps: int, batch_size: int,
+                seq_len: int, learning_rate: float, warmup: int, every: int) -> TrainConfig:
+    data = DataConfig(format="jsonl", kind="chat", paths=w.path("data", "sft.jsonl"), seq_len=seq_len,
+                      batch_size=batch_size, packing="first_fit", num_threads=1, seed=r.config.seed)
+    return TrainConfig(**_job_sections(r, w, model, steps=steps, learning_rate=learning_rate, warmup=warmup,
+                                       every=every), data=data)
 
 
 def _vocab(r: Recipe, w: "Workdir") -> dict[str, int]:
@@ -231,52 +300,36 @@ def student_seq_len(r: Recipe) -> int:
     return r.config.teacher.seq_len
 
 
-def teacher_config(r: Recipe, w: "Workdir") -> ml_collections.ConfigDict:
+def teacher_config(r: Recipe, w: "Workdir") -> TrainConfig:
     t = r.config.teacher
-    return _sft_config(r, t, w, steps=t.steps, batch_size=t.batch_size, seq_len=t.seq_len,
+    return _sft_config(r, w, t, steps=t.steps, batch_size=t.batch_size, seq_len=t.seq_len,
                        learning_rate=t.learning_rate, warmup=t.warmup_steps, every=t.steps)
 
 
-def direct_config(r: Recipe, w: "Workdir") -> ml_collections.ConfigDict:
+def direct_config(r: Recipe, w: "Workdir") -> TrainConfig:
     s = r.config.student
     steps = s.off_policy_steps + s.on_policy_steps
-    return _sft_config(r, s, w, steps=steps, batch_size=s.batch_size, seq_len=student_seq_len(r),
+    return _sft_config(r, w, s, steps=steps, batch_size=s.batch_size, seq_len=student_seq_len(r),
                        learning_rate=s.learning_rate, warmup=s.warmup_steps,
                        every=max(1, steps // r.config.eval.curve_points))
 
 
-def distill_config(r: Recipe, w: "Workdir") -> ml_collections.ConfigDict:
-    s, d = r.config.student, r.config.distill
-    c = distill_config_lib.default_config()
-    c.seed = r.config.seed
-    name, overrides = model_preset(s.preset, s.overrides.to_dict())
-    c.model.preset = name
-    c.model.overrides = ml_collections.ConfigDict({**overrides, **_vocab(r, w)})
-    c.model.dtype = r.config.dtype
-    c.tokenizer = w.tokenizer
-    c.mesh.update(r.config.mesh.to_dict())
-    c.teacher.init_from = w.path("teacher")
-    c.teacher.dtype = r.config.dtype
-    c.prompts.update(paths=w.path("data", "prompts.jsonl"), batch_size=s.batch_size, seed=r.config.seed)
-    max_prompt = r.config.teacher.seq_len - r.config.eval.max_new_tokens
-    c.rollout.update(max_prompt_len=max_prompt, max_new_tokens=r.config.eval.max_new_tokens,
-                     think_fraction=d.think_fraction, thinking_budget=d.thinking_budget,
-                     temperature=d.rollout_temperature, top_k=0, top_p=1.0)
-    c.distill.update(signal=d.signal, beta=d.beta, temperature=d.temperature, top_k=d.top_k,
-                     estimator_use=d.estimator_use)
+def distill_config(r: Recipe, w: "Workdir") -> DistillConfig:
+    s, d, e = r.config.student, r.config.distill, r.config.eval
     # Both phases keep a constant rate like the teacher and direct runs; phase 1 also takes direct's
     # warmup, so distilled and direct differ only in their data until phase 2.
-    c.optimizer.update(learning_rate=s.on_policy_learning_rate, warmup_steps=0, weight_decay=0.01,
-                       end_learning_rate_ratio=1.0)
-    c.off_policy.update(steps=s.off_policy_steps, modes="both", temperature=d.teacher_temperature,
-                        keep_unfinished=d.keep_unfinished,
-                        max_new_tokens=r.config.eval.max_new_tokens, seq_len=student_seq_len(r),
-                        batch_size=s.batch_size, learning_rate=s.learning_rate, warmup_steps=s.warmup_steps)
-    c.train.update(steps=s.on_policy_steps, ce_chunk_len=r.config.train.ce_chunk_len,
-                   log_every=max(1, s.on_policy_steps // 10), peak_flops=r.config.train.peak_flops)
-    every = max(1, (s.off_policy_steps + s.on_policy_steps) // r.config.eval.curve_points)
-    c.checkpoint.update(every=every, keep=10_000)
-    return c
+    sections = _job_sections(r, w, s, steps=s.on_policy_steps, learning_rate=s.on_policy_learning_rate, warmup=0,
+                             every=max(1, (s.off_policy_steps + s.on_policy_steps) // e.curve_points))
+    return DistillConfig(
+        **sections,
+        teacher=DistillTeacherConfig(init_from=w.path("teacher"), dtype=r.config.dtype),
+        prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"), batch_size=s.batch_size, seed=r.config.seed),
+        rollout=d.rollout(max_prompt_len=r.config.teacher.seq_len - e.max_new_tokens, max_new_tokens=e.max_new_tokens),
+        distill=d.loss,
+        off_policy=OffPolicyConfig(steps=s.off_policy_steps, modes="both", temperature=d.teacher_temperature,
+                                   keep_unfinished=d.keep_unfinished, max_new_tokens=e.max_new_tokens,
+                                   seq_len=student_seq_len(r), batch_size=s.batch_size, learning_rate=s.learning_rate,
+                                   warmup_steps=s.warmup_steps))
 
 
 # ------------------------------------------------------------------------------------ workdir
@@ -295,9 +348,9 @@ class Workdir:
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
-    def _claim(self, config: ml_collections.ConfigDict) -> None:
+    def _claim(self, config: RecipeConfig) -> None:
         """Records the config in a fresh workdir; refuses one that holds another recipe's run."""
-        mine = json.loads(config.to_json_best_effort())
+        mine = json.loads(config_dict(config).to_json_best_effort())
         path = self.path(RECIPE_FILE)
         if os.path.exists(path):
             with open(path) as f:
@@ -462,7 +515,7 @@ STAGE_FNS: dict[str, Callable[[Recipe, Workdir], dict[str, Any]]] = {
 }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
+def run(config: RecipeConfig | ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
     """Runs the stages WORKDIR has not finished; returns every stage's record."""
     recipe = validate(config)
     w = Workdir(workdir, recipe)
