@@ -184,7 +184,7 @@ def main() -> None:
         config.rollout.max_prompt_len, config.rollout.max_new_tokens = 32, 32
         config.rollout.thinking_budget = 16
         config.train.ce_chunk_len = 64
-        exp = distill_config.validate(config)
+        exp = distill_config.resolve_distill(distill_config.distill_config(config))
         teacher_params = nnx.to_pure_dict(nnx.state(distill_run.load_teacher(exp, mesh), nnx.Param))
     step_fn = distill_run.DistillStep(exp, mesh, tokenizer, teacher_params)
     records = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}], "tools": None}
@@ -205,7 +205,7 @@ def main() -> None:
     results["decode_engine_greedy_tokens_per_s"] = decode_tps
     results["rollout_over_decode"] = rollout_tps / decode_tps
 
-    state = step_lib.init_train_state(full, exp.train.optimizer, mesh, params=params)
+    state = step_lib.init_train_state(full, exp.student.optimizer, mesh, params=params)
     times = []
     for i in range(3):
         state, metrics = step_fn(state, records)

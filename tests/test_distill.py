@@ -18,14 +18,14 @@ import qwen3_jax as q
 from infer.engine import Engine
 from infer.rollout import Mode
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, kept_mask
-from qwen3_jax.errors import DataError
+from qwen3_jax.errors import ConfigError, DataError
 from qwen3_jax.model import abstract_model
 from qwen3_jax.sharding import ShardingRules
 from qwen3_jax.tokenizer import Tokenizer
 from train import distill
 from train import step as step_lib
-from train import train as train_lib
 from train.checkpoint import load_params
+from train.config import OptimizerConfig
 from train.distill import config as dconfig
 from train.distill import rollout as distill_rollout
 from train.distill import run as distill_run
@@ -262,7 +262,7 @@ def test_objective_scores_the_completion_under_both_models():
     np.testing.assert_allclose(terms.sums["divergence"] / batch["loss_mask"].sum(), expected, rtol=1e-5)
 
 
-OPT = step_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, decay_steps=100, end_learning_rate_ratio=0.1,
+OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, decay_steps=100, end_learning_rate_ratio=0.1,
                                eps=1e-4)
 
 
@@ -320,6 +320,10 @@ def assets(tmp_path_factory):
     return root, tokenizer, teacher
 
 
+def resolve(cd):
+    return dconfig.resolve_distill(dconfig.distill_config(cd))
+
+
 def distill_config(root, **overrides):
     c = dconfig.default_config()
     c.model.preset = "tiny-dense"
@@ -344,7 +348,7 @@ def distill_config(root, **overrides):
 
 def greedy_agreement(student: q.Qwen3, teacher: q.Qwen3, tokenizer, records) -> float:
     """Fraction of the teacher's greedy completion tokens that are the student's argmax too."""
-    rollout = distill_rollout.RolloutConfig(40, 24, 1.0, "soft", None, ())
+    rollout = dconfig.RolloutConfig(max_prompt_len=40, max_new_tokens=24, think_fraction=1.0)
     prompts = [distill_rollout.render_prompt(r, Mode.NO_THINK, tokenizer, rollout) for r in records]
     completions = Engine.for_tokenizer(teacher, tokenizer).generate(
         prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=())
@@ -357,13 +361,13 @@ def greedy_agreement(student: q.Qwen3, teacher: q.Qwen3, tokenizer, records) -> 
 def test_distillation_lowers_the_divergence_and_raises_greedy_agreement(assets, tmp_path):
     root, tokenizer, teacher = assets
     config = distill_config(root, **{"train.steps": 30})
-    exp = dconfig.validate(config)
+    exp = resolve(config)
     records = [json.loads(line) for line in open(root / "prompts.jsonl")][-16:]
-    before = greedy_agreement(q.init_model(exp.train.model, seed=config.seed), teacher, tokenizer, records)
+    before = greedy_agreement(q.init_model(exp.student.model, seed=config.seed), teacher, tokenizer, records)
     summary = distill_run.run(config, str(tmp_path))
     mesh = q.make_mesh({"data": 1}, jax.devices()[:1])
-    params = load_params(str(tmp_path), exp.train.model, mesh)
-    student = nnx.merge(nnx.graphdef(abstract_model(exp.train.model)), params)
+    params = load_params(str(tmp_path), exp.student.model, mesh)
+    student = nnx.merge(nnx.graphdef(abstract_model(exp.student.model)), params)
     after = greedy_agreement(student, teacher, tokenizer, records)
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     first, last = np.mean([m["divergence"] for m in metrics[:3]]), np.mean([m["divergence"] for m in metrics[-3:]])
@@ -410,7 +414,7 @@ def test_off_policy_phase_then_on_policy_in_one_run(assets, tmp_path):
     assert all(r["messages"][-2]["content"].endswith("/" + r["mode"]) for r in records)
     sft = [json.loads(line) for line in open(tmp_path / "w" / "off_policy" / "metrics.jsonl")]
     assert [m["step"] for m in sft] == [1, 2]
-    cfg = dconfig.validate(config).train.model
+    cfg = resolve(config).student.model
     mesh = q.make_mesh({"data": 1}, jax.devices()[:1])
     after_sft = load_params(str(tmp_path / "w" / "off_policy"), cfg, mesh)
     assert not np.allclose(after_sft["runs"][0]["mlp"]["up_proj"], q.init_model(cfg, seed=0).runs[0].mlp.up_proj[...])
@@ -436,8 +440,8 @@ def test_off_policy_phase_then_on_policy_in_one_run(assets, tmp_path):
 ])
 def test_config_errors_are_named(assets, overrides, message):
     root, _, _ = assets
-    with pytest.raises(train_lib.TrainConfigError, match=message):
-        dconfig.validate(distill_config(root, **overrides))
+    with pytest.raises(ConfigError, match=message):
+        resolve(distill_config(root, **overrides))
 
 
 def test_sampled_token_signal_with_filtered_rollouts_is_refused_naming_the_fields(assets):
@@ -445,28 +449,28 @@ def test_sampled_token_signal_with_filtered_rollouts_is_refused_naming_the_field
     the default rollout (Qwen's per-mode temperature, top-k, top-p) is refused, the exact one accepted."""
     root, _, _ = assets
     k3 = {"distill.signal": "k3", "distill.estimator_use": "loss", "distill.temperature": 0.9}
-    with pytest.raises(train_lib.TrainConfigError, match=(
+    with pytest.raises(ConfigError, match=(
             r"distill.signal='k3' .* distill.temperature=0.9 .* rollout.temperature=0.6, rollout.top_p=0.95, "
             r"rollout.top_k=20 .* set rollout.temperature=0.9, rollout.top_k=0, rollout.top_p=1.0")):
-        dconfig.validate(distill_config(root, **k3))
-    with pytest.raises(train_lib.TrainConfigError, match=r"no_think rollouts sample with rollout.top_k=20"):
-        dconfig.validate(distill_config(root, **k3, **{"rollout.think_fraction": 0.0, "rollout.temperature": 0.9,
+        resolve(distill_config(root, **k3))
+    with pytest.raises(ConfigError, match=r"no_think rollouts sample with rollout.top_k=20"):
+        resolve(distill_config(root, **k3, **{"rollout.think_fraction": 0.0, "rollout.temperature": 0.9,
                                                        "rollout.top_p": 1.0}))
     exact = {"rollout.temperature": 0.9, "rollout.top_k": 0, "rollout.top_p": 1.0, "rollout.min_p": 0.0}
-    assert dconfig.validate(distill_config(root, **k3, **exact)).loss.signal == "k3"
-    assert dconfig.validate(distill_config(root, **{"distill.signal": "full"})).loss.signal == "full"
+    assert resolve(distill_config(root, **k3, **exact)).config.distill.signal == "k3"
+    assert resolve(distill_config(root, **{"distill.signal": "full"})).config.distill.signal == "full"
 
 
 def test_teacher_with_another_vocabulary_is_refused(assets, tmp_path):
     root, tokenizer, _ = assets
     q.save_model(q.init_model(q.preset("tiny-dense", vocab_size=VOCAB + 64)), tmp_path / "t")
-    with pytest.raises(train_lib.TrainConfigError, match=r"teacher's vocab_size \(384\) differs"):
-        dconfig.validate(distill_config(root, **{"teacher.init_from": str(tmp_path / "t")}))
+    with pytest.raises(ConfigError, match=r"teacher's vocab_size \(384\) differs"):
+        resolve(distill_config(root, **{"teacher.init_from": str(tmp_path / "t")}))
 
 
 def test_too_long_prompt_is_named_not_truncated(assets):
     root, tokenizer, _ = assets
-    rollout = distill_rollout.RolloutConfig(8, 8, 1.0, "soft", None, ())
+    rollout = dconfig.RolloutConfig(max_prompt_len=8, max_new_tokens=8, think_fraction=1.0)
     with pytest.raises(DataError, match=r"more than rollout.max_prompt_len=8"):
         distill_rollout.render_prompt({"messages": [{"role": "user", "content": "What is 1 plus 2?"}]}, Mode.THINK,
                               tokenizer, rollout)
@@ -512,5 +516,5 @@ def test_shipped_distill_configs_validate(path, assets, tmp_path, monkeypatch):
     config.prompts.paths = str(root / "prompts.jsonl")
     devices = max(8, math.prod(v for v in config.mesh.values() if v > 0))
     monkeypatch.setattr(jax, "device_count", lambda: devices)
-    exp = dconfig.validate(config)
-    assert exp.teacher.vocab_size == exp.train.model.vocab_size
+    exp = resolve(config)
+    assert exp.teacher.vocab_size == exp.student.model.vocab_size

@@ -13,7 +13,7 @@ import qwen3_jax as q
 from qwen3_jax.model import count_params
 from qwen3_jax.tokenizer import Tokenizer
 from train.miniature import recipe
-from train.train import TrainConfigError
+from qwen3_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def test_a_workdir_holding_another_recipes_run_is_refused(smoke_run):
     workdir, _ = smoke_run
     other = smoke_config()
     other.teacher.steps = 5
-    with pytest.raises(TrainConfigError, match=r"holds another recipe's run \(fields that differ: teacher.steps\)"):
+    with pytest.raises(ConfigError, match=r"holds another recipe's run \(fields that differ: teacher.steps\)"):
         recipe.run(other, str(workdir))
 
 
@@ -112,7 +112,7 @@ def test_a_workdir_holding_another_recipes_run_is_refused(smoke_run):
 def test_bad_configs_are_named_before_anything_runs(change, message, tmp_path):
     c = smoke_config()
     change(c)
-    with pytest.raises(TrainConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         recipe.run(c, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
 
