@@ -25,7 +25,7 @@ from infer import request
 from infer.request import RequestError
 from infer.sampling import (
     UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_forces, budget_init,
-    prompt_think_open, sample, update_seen,
+    budget_mask, prompt_think_open, sample, update_seen,
 )
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
@@ -130,7 +130,8 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
     def body(carry):
         s, i = carry
         keys = jax.vmap(jax.random.fold_in)(rows.keys_B, s.num_generated_B)
-        sampled = sample(s.logits_BxV, rows.sampling, keys, s.seen_BxV, max_candidates=max_candidates)
+        logits_BxV = budget_mask(s.budget, s.logits_BxV)
+        sampled = sample(logits_BxV, rows.sampling, keys, s.seen_BxV, max_candidates=max_candidates)
         forced_B = budget_forces(s.budget)
         tok_B, budget = budget_apply(s.budget, sampled, rows.forced_ids_F)
         active = ~s.done_B

@@ -288,10 +288,11 @@ def _draw_full(logits_BxV: jax.Array, cutoff_B: jax.Array, tie_id_B: jax.Array, 
 # The budget belongs to the reply. Thinking tokens are the tokens a row samples while a <think>
 # block is open (the </think> that closes a block included, forced tokens excluded), counted over
 # every block of the reply. Once the count reaches the budget inside an open block, the row emits
-# the forced stop-thinking ids, one per step, and forcing ends the block. A block the row opens
-# after the budget is spent is closed the same way at once; a block opened after a natural close
-# with budget left counts on from where the reply stood. Whether the reply starts inside a block
-# is read from the turn being generated only (`prompt_think_open`).
+# the forced stop-thinking ids, one per step, and forcing ends the block. A block opened after a
+# natural close with budget left counts on from where the reply stood. Once the budget is spent and
+# no block is open, the row may not think again: `budget_mask` removes <think> and </think> from its
+# logits, so the rest of the reply is answer. Whether the reply starts inside a block is read from
+# the turn being generated only (`prompt_think_open`).
 
 
 class ThinkTags(NamedTuple):
@@ -313,7 +314,7 @@ class BudgetState:
     in_think: bool, a <think> block is open.
     count: i32 thinking tokens the reply has generated, over all its blocks (forced ones excluded).
     forcing_pos: i32 index into the forced ids of this step's forced token; -1 = not forcing.
-    done: bool, the budget is spent: a block that is or becomes open is closed by forcing.
+    done: bool, the budget is spent: an open block is closed by forcing, and no block opens again.
     think_id, end_think_id: i32 ids of <think> and </think> in the row's vocabulary.
     """
 
@@ -373,6 +374,18 @@ def budget_forces(state: BudgetState) -> jax.Array:
     return (state.done & state.in_think) | (state.forcing_pos >= 0)
 
 
+def budget_mask(state: BudgetState, logits_BxV: jax.Array) -> jax.Array:
+    """`logits_BxV` with <think> and </think> set to -inf in the rows whose budget is spent while no
+    block is open, for `sample` to draw from: such a row answers for the rest of the reply. A
+    </think> is masked too because parsers split the reply at its last </think>, so a stray one would
+    turn the answer before it into thinking. A tag id of -1 masks nothing.
+    """
+    ids_V = jnp.arange(logits_BxV.shape[-1], dtype=jnp.int32)
+    tags_BxV = (ids_V == state.think_id[:, None]) | (ids_V == state.end_think_id[:, None])
+    closed_B = state.done & ~state.in_think
+    return jnp.where(closed_B[:, None] & tags_BxV, -jnp.inf, logits_BxV)
+
+
 def budget_apply(
     state: BudgetState, sampled_B: jax.Array, forced_ids_F: jax.Array
 ) -> tuple[jax.Array, BudgetState]:
@@ -380,8 +393,9 @@ def budget_apply(
 
     A row whose budget is spent while a block is open emits `forced_ids_F` (static length >= 1),
     one per step, instead of its samples; the block is closed when the forced ids end (by their
-    </think>, or by their end if they hold none) and sampling resumes. Budget 0 forces from the
-    first token generated with a block open. See the section comment for the counting rules.
+    </think>, or by their end if they hold none) and sampling resumes, from logits passed through
+    `budget_mask`. Budget 0 forces from the first token generated with a block open. See the
+    section comment for the counting rules.
     """
     num_forced = forced_ids_F.shape[0]
     start_B = state.done & state.in_think & (state.forcing_pos < 0)

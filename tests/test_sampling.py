@@ -16,7 +16,9 @@ from infer.sampling import (
     UNLIMITED_BUDGET,
     SamplingParams,
     budget_apply,
+    budget_forces,
     budget_init,
+    budget_mask,
     kept_mask,
     prompt_think_open,
     sample,
@@ -384,10 +386,9 @@ def _run_budget(rows, sampled_TxB, forced_F, **ids):
 
 
 def test_budget_is_the_replys_over_every_think_block_under_jit_scan():
-    """Issue 13, case 5: thinking tokens count over all blocks of the reply; a block opened once the
-    budget is spent is closed at once; after a natural close a new block counts on. Sibling:
-    vllm-project/vllm#53572 (answer tokens after a natural close counted and the stop text forced
-    into the answer)."""
+    """Issue 13, case 5: thinking tokens count over all blocks of the reply; after a natural close
+    with budget left a new block counts on. Sibling: vllm-project/vllm#53572 (answer tokens after a
+    natural close counted and the stop text forced into the answer)."""
     steps, forced = 40, QWEN3_STOP_THINKING_IDS
     F = forced.size
     # (prompt leaves <think> open, budget, {step: sampled think tag}, steps where forcing starts)
@@ -398,9 +399,9 @@ def test_budget_is_the_replys_over_every_think_block_under_jit_scan():
         (False, 0, {}, []),  # thinking off: no block, nothing forced
         (False, 2, {2: THINK_START_ID}, [5]),  # opens <think> at 2, then counts steps 3 and 4
         (True, 6, {2: THINK_END_ID, 4: THINK_START_ID}, [8]),  # 3 counted (0-2), then 5, 6, 7
-        (True, 1, {26: THINK_START_ID}, [1, 27]),  # reopened after the budget ran out: closed at once
+        (True, 4, {1: THINK_END_ID, 2: THINK_START_ID, 3: THINK_END_ID, 4: THINK_START_ID}, [6]),  # 0-1, 3, 5
         (True, 10, {2: THINK_END_ID}, []),  # answer tokens after a natural close do not count
-        (True, 2, {1: THINK_END_ID, 3: THINK_START_ID}, [4]),  # closed exactly at the budget, reopened
+        (True, 2, {1: THINK_END_ID}, []),  # closed exactly at the budget: spent, nothing forced
     ]
     sampled = 1000 + 100 * np.arange(len(rows))[None, :] + np.arange(steps)[:, None]
     want = sampled.copy()
@@ -411,10 +412,10 @@ def test_budget_is_the_replys_over_every_think_block_under_jit_scan():
             want[s: s + F, b] = forced[: steps - s]
     final, emitted = _run_budget(rows, sampled, forced)
     np.testing.assert_array_equal(emitted, want)
-    np.testing.assert_array_equal(final.in_think, [False, False, True, False, False, False, True, False, False])
-    np.testing.assert_array_equal(np.asarray(final.count)[[1, 4, 5, 7, 8]], [3, 2, 6, 3, 2])
-    np.testing.assert_array_equal(final.forcing_pos, [-1, -1, -1, -1, -1, -1, 13, -1, -1])
-    # done: the budget is spent, so any block the row opens is closed at once.
+    np.testing.assert_array_equal(final.in_think, [False, False, True, False, False, False, False, False, False])
+    np.testing.assert_array_equal(np.asarray(final.count)[[1, 4, 5, 6, 7, 8]], [3, 2, 6, 4, 3, 2])
+    np.testing.assert_array_equal(final.forcing_pos, -1)
+    # done: the budget is spent, so the row may not open a block again (see budget_mask).
     np.testing.assert_array_equal(final.done, [True, True, False, True, True, True, True, False, True])
 
 
@@ -430,7 +431,120 @@ def test_forced_ids_without_end_think_still_close_the_block():
 
 def test_budget_with_another_vocabularys_think_ids():
     sampled = np.array([[5], [2], [6], [1], [6], [6]])  # think id 1, end-think id 2 in this vocabulary
-    final, emitted = _run_budget([(True, 2)], sampled, np.array([40, 2]), think_id=1, end_think_id=2)
-    # 5 and the sampled 2 (which closes the block) spend the budget; the reopened block is closed at once.
-    assert emitted[:, 0].tolist() == [5, 2, 6, 1, 40, 2]
-    assert not bool(final.in_think[0])
+    final, emitted = _run_budget([(True, 3)], sampled, np.array([40, 2]), think_id=1, end_think_id=2)
+    # 5 and the sampled 2 (which closes the block) count; the block 1 opens counts on and is forced at 3.
+    assert emitted[:, 0].tolist() == [5, 2, 6, 1, 6, 40]
+    assert bool(final.in_think[0]) and int(final.count[0]) == 3 and int(final.forcing_pos[0]) == 1
+    masked = budget_mask(final.replace(in_think=jnp.asarray([False])), jnp.zeros((1, 8)))
+    np.testing.assert_array_equal(np.isinf(masked[0]), [False, True, True] + [False] * 5)
+
+
+def test_budget_mask_only_in_rows_spent_outside_a_block():
+    """<think> and </think> are masked exactly in the rows whose budget is spent with no block open:
+    closed by the forced text or by the model with the budget's last token. A tag id of -1 (the
+    vocabulary lacks it) masks nothing, not the last token."""
+    state = budget_init([True, True, False, False, True, False], [0, 5, 0, 5, UNLIMITED_BUDGET, 0])
+    state = state.replace(think_id=state.think_id.at[5].set(-1), end_think_id=state.end_think_id.at[5].set(-1))
+    state = state.replace(in_think=state.in_think.at[1].set(False), count=state.count.at[1].set(5),
+                          done=state.done.at[1].set(True))  # row 1: the model closed at the budget
+    masked_BxV = np.isinf(np.asarray(budget_mask(state, jnp.zeros((6, THINK_END_ID + 2)))))
+    tags = [THINK_START_ID, THINK_END_ID]
+    np.testing.assert_array_equal(masked_BxV[:, tags], [[0, 0], [1, 1], [1, 1], [0, 0], [0, 0], [0, 0]])
+    assert masked_BxV.sum() == 4
+
+
+# A bigram model that always wants to think: after any token, <think> is the likeliest next token
+# and </think> the next likeliest, in a 64-token vocabulary whose tags are 1 and 2.
+THINK, END, VOCAB, STEPS = 1, 2, 64, 48
+FORCED = np.array([40, 41, END, 42])
+# (prompt leaves <think> open, budget): rows with different budgets, one unlimited.
+REOPEN_ROWS = [(True, 0), (True, 1), (True, 5), (False, 3), (True, UNLIMITED_BUDGET), (False, 0), (True, 12)]
+SAMPLING_PATHS = {
+    "greedy": {"temperature": 0.0},
+    "temperature": {"temperature": 1.0},  # top_k 0: the full-vocabulary path
+    "top_k": {"temperature": 1.0, "top_k": 3},  # the candidate path
+    "top_p": {"temperature": 1.0, "top_p": 0.8, "top_k": 30},  # top_k past max_candidates: full path
+    "min_p": {"temperature": 0.8, "min_p": 0.1},
+    "qwen_thinking": dict(THINKING_SAMPLING),
+}
+
+
+def _reopening_logits() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    table_VxV = np.full((VOCAB, VOCAB), -10.0, np.float32)
+    table_VxV[:, 10:30] = rng.uniform(0.0, 2.0, (VOCAB, 20))  # the other tokens: 10..29
+    table_VxV[:, THINK], table_VxV[:, END] = 8.0, 6.0
+    return table_VxV
+
+
+def _decode_reopening(rows, params: SamplingParams, seed: int = 0):
+    """The engine's decode step (`infer.engine._decode`) on the bigram model: mask, sample, apply the
+    budget. Returns (tokens, forced flags), each [B, STEPS]."""
+    table_VxV = jnp.asarray(_reopening_logits())
+
+    @jax.jit
+    def run(state, params, keys_B, last_B):
+        def step(carry, i):
+            state, last_B = carry
+            logits_BxV = budget_mask(state, table_VxV[last_B])
+            sampled_B = sample(logits_BxV, params, jax.vmap(jax.random.fold_in, (0, None))(keys_B, i),
+                               max_candidates=16)
+            forced_B = budget_forces(state)
+            tokens_B, state = budget_apply(state, sampled_B, jnp.asarray(FORCED))
+            return (state, tokens_B), (tokens_B, forced_B)
+
+        _, (tokens_TxB, forced_TxB) = jax.lax.scan(step, (state, last_B), jnp.arange(STEPS))
+        return tokens_TxB.T, forced_TxB.T
+
+    state = budget_init([r[0] for r in rows], [r[1] for r in rows], think_id=THINK, end_think_id=END)
+    last_B = jnp.where(jnp.asarray([r[0] for r in rows]), THINK, 20)
+    tokens, forced = run(state, params, _keys(seed, len(rows)), last_B)
+    return np.asarray(tokens), np.asarray(forced)
+
+
+def _answer_start(tokens, forced, prompt_open: bool, budget: int) -> int:
+    """Checks one reply of a spent budget: `budget` thinking tokens, then the forced text when the
+    budget ran out inside a block, then answer only (no tag, nothing forced). Returns where the
+    answer starts."""
+    in_think, count, t = prompt_open, 0, 0
+    while count < budget:
+        assert not forced[t], t
+        count += in_think
+        in_think = {THINK: True, END: False}.get(int(tokens[t]), in_think)
+        t += 1
+    if in_think:
+        assert tokens[t: t + FORCED.size].tolist() == FORCED.tolist() and forced[t: t + FORCED.size].all()
+        t += FORCED.size
+    answer = tokens[t:].tolist()
+    assert THINK not in answer and END not in answer and not forced[t:].any(), (t, tokens.tolist())
+    return t
+
+
+@pytest.mark.parametrize("path", SAMPLING_PATHS)
+def test_a_spent_budget_ends_in_an_answer_on_every_sampling_path(path):
+    """Issue 27: a model that always reopens <think> still answers once the budget is spent. The
+    reply is the budget's thinking tokens (plus the tokens between blocks), the forced text when the
+    budget ran out in a block, then answer tokens only; a row without a budget keeps thinking."""
+    params = SamplingParams.make(len(REOPEN_ROWS), **SAMPLING_PATHS[path])
+    tokens, forced = _decode_reopening(REOPEN_ROWS, params)
+    for b, (prompt_open, budget) in enumerate(REOPEN_ROWS):
+        if budget == UNLIMITED_BUDGET:
+            assert not forced[b].any() and THINK in tokens[b, STEPS // 2:]
+            continue
+        start = _answer_start(tokens[b], forced[b], prompt_open, budget)
+        assert STEPS - start >= STEPS // 2, (b, start)  # the answer is most of the reply
+    if path == "greedy":  # the model never closes a block itself: forced exactly at the budget
+        assert [_answer_start(tokens[b], forced[b], *REOPEN_ROWS[b]) for b in (0, 1, 2, 3, 5, 6)] == [
+            0 + 4, 1 + 4, 5 + 4, 1 + 3 + 4, 0, 12 + 4]
+
+
+def test_a_spent_budget_ends_in_an_answer_with_every_sampling_path_in_one_batch():
+    """The same, with each row on its own sampling path: the mask and the budget are per row."""
+    paths = list(SAMPLING_PATHS.values())
+    rows = [(True, 4)] * len(paths) + [(True, UNLIMITED_BUDGET)]
+    columns = {k: [p.get(k, d) for p in paths + [paths[1]]] for k, d in
+               (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0))}
+    tokens, forced = _decode_reopening(rows, SamplingParams.make(len(rows), **columns), seed=3)
+    for b, (prompt_open, budget) in enumerate(rows[:-1]):
+        _answer_start(tokens[b], forced[b], prompt_open, budget)
+    assert not forced[-1].any() and THINK in tokens[-1, STEPS // 2:]

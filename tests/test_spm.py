@@ -30,3 +30,7 @@ def test_spm_cli_trains_model_with_control_tokens(tmp_path):
         [*cmd[:4], str(tmp_path / "nope.txt"), *args], capture_output=True, text=True, cwd=repo
     )
     assert missing.returncode != 0 and "nope.txt" in missing.stderr
+    # Issue 27: the README's --vocab_size 8000 on a small corpus says which size works.
+    too_big = subprocess.run([*cmd[:-1], "8000"], capture_output=True, text=True, cwd=repo)
+    assert too_big.returncode != 0 and "error: --vocab_size 8000 is more pieces than this text yields: at most" \
+        in too_big.stderr and "Pass --vocab_size" in too_big.stderr and "INTERNAL" not in too_big.stderr

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 
 import sentencepiece as spm
@@ -122,7 +123,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             extra_symbols=args.extra_symbol,
         )
     except (FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. vocab_size too high
-        parser.error(str(e))
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
+        parser.error(str(e) if most is None else (
+            f"--vocab_size {args.vocab_size} is more pieces than this text yields: at most {most[1]} (the 256 "
+            f"byte pieces, the control tokens and what the text gives). Pass --vocab_size {most[1]} or less, "
+            "or train on more text."))
     print(path)
 
 
