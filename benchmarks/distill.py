@@ -43,9 +43,10 @@ from train.distill import config as distill_config
 from train.distill import rollout as distill_rollout
 from train.distill import run as distill_run
 from train.distill.divergence import DistillLoss, divergence
-from train.step import Terms
+from train.config import OptimizerConfig, StepConfig
+from train.objectives import Terms, lm_objective
 
-OPT = step_lib.OptimizerConfig(learning_rate=1e-5, warmup_steps=0, decay_steps=1000, end_learning_rate_ratio=0.1)
+OPT = OptimizerConfig(learning_rate=1e-5, warmup_steps=0, decay_steps=1000, end_learning_rate_ratio=0.1)
 SIGNALS = {
     "full": DistillLoss("full", beta=1.0),
     "top_k": DistillLoss("top_k", top_k=64),
@@ -96,8 +97,8 @@ def memory_mib(update, inputs, mesh) -> tuple[float, float]:
 
 def sft_update_temp_mib(student, inputs, mesh, chunk_len=256) -> float:
     """Temporaries of the student's own SFT update at the same shape: what distillation adds to."""
-    objective = functools.partial(step_lib.lm_objective, graphdef=nnx.graphdef(abstract_model(student)), cfg=student,
-                                  step_cfg=step_lib.StepConfig(ce_chunk_len=chunk_len))
+    objective = functools.partial(lm_objective, graphdef=nnx.graphdef(abstract_model(student)), cfg=student,
+                                  step_cfg=StepConfig(ce_chunk_len=chunk_len))
     state, batch, _ = inputs
     return memory_mib(step_lib.compile_update(objective, student, 1, OPT, mesh), (state, batch, None), mesh)[1]
 
