@@ -67,14 +67,12 @@ def update_flops(student: Qwen3Config, teacher: Qwen3Config, seq_len: int) -> fl
     return flops_per_token(student, seq_len) + flops_per_token(teacher, seq_len) / 3
 
 
-@functools.cache
 def compile_distill_update(
     student: Qwen3Config, teacher: Qwen3Config, loss: DistillLoss, step_cfg: StepConfig, opt: OptimizerConfig,
     mesh: jax.sharding.Mesh,
 ):
     """The jitted update (`train.step.compile_update` of `distill_objective`), with the teacher's
-    parameters as its frozen argument sharded by the rule table. Cached per configs and mesh, so
-    runs in one process (a resumed stage, tests) compile it once."""
+    parameters as its frozen argument sharded by the rule table."""
     objective = functools.partial(
         distill_objective, graphdef=nnx.graphdef(abstract_model(student)), cfg=student,
         teacher_graphdef=nnx.graphdef(abstract_model(teacher)), loss=loss, chunk_len=step_cfg.ce_chunk_len,
