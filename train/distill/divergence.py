@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from qwen3_jax.errors import ConfigError
 from qwen3_jax.sharding import ShardingRules, constrain
+from train.objectives import scan_vocab_chunks
 
 SIGNALS = ("full", "top_k", "k1", "k3")
 ESTIMATOR_USES = ("loss", "reward")
@@ -162,7 +163,7 @@ def chunked_sums(
     chunk's [B, C, V] float32 logits of both models exist only inside it, and the backward pass
     recomputes them (`jax.checkpoint`) rather than keeping them. The teacher side is constant
     (`stop_gradient`). Student and teacher may differ in width (D != E) and dtype, not in vocab.
-    Raises ValueError when the vocabularies differ or `chunk_len` does not divide T.
+    Raises ConfigError when the vocabularies differ, ValueError when `chunk_len` does not divide T.
     """
     B, T, _ = student_hidden_BxTxD.shape
     if student_w_DxV.shape[-1] != teacher_w_ExV.shape[-1]:
@@ -172,17 +173,11 @@ def chunked_sums(
         )
     if teacher_hidden_BxTxE.shape[:2] != (B, T):
         raise ConfigError(f"teacher hidden {teacher_hidden_BxTxE.shape} does not cover the student's [B, T] = {(B, T)}")
-    C = min(chunk_len, T)
-    if T % C:
-        raise ConfigError(f"chunk_len={chunk_len} must divide the sequence length {T}")
     teacher_hidden_BxTxE = jax.lax.stop_gradient(teacher_hidden_BxTxE)
     teacher_w_ExV = jax.lax.stop_gradient(teacher_w_ExV)
 
-    def chunks(x):  # [B, T, ...] -> [T / C, B, C, ...]
-        return x.reshape(B, T // C, C, *x.shape[2:]).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_sums(w_s, w_t, hs_BxCxD, ht_BxCxE, y_BxC, m_BxC):
+    def chunk_sums(weights, hs_BxCxD, ht_BxCxE, y_BxC, m_BxC):
+        w_s, w_t = weights
         f32 = jnp.float32
         s_BxCxV = jnp.einsum("BCD,DV->BCV", hs_BxCxD, w_s, preferred_element_type=f32)
         t_BxCxV = jnp.einsum("BCE,EV->BCV", ht_BxCxE, w_t, preferred_element_type=f32)
@@ -191,14 +186,7 @@ def chunked_sums(
         terms = token_terms(s_BxCxV, t_BxCxV, y_BxC, loss)
         return DistillSums(*(jnp.sum(m_BxC * x_BxC) for x_BxC in terms))
 
-    def body(carry, xs):
-        return DistillSums(*(a + b for a, b in zip(carry, chunk_sums(student_w_DxV, teacher_w_ExV, *xs)))), None
-
-    # Gathered over the fsdp axes once, not in every chunk (see step.chunked_cross_entropy).
-    student_w_DxV = constrain(student_w_DxV, (None, "vocab"), rules)
-    teacher_w_ExV = constrain(teacher_w_ExV, (None, "vocab"), rules)
-    zero = jnp.zeros((), jnp.float32)
-    xs = (chunks(student_hidden_BxTxD), chunks(teacher_hidden_BxTxE), chunks(targets_BxT),
-          chunks(mask_BxT.astype(jnp.float32)))
-    sums, _ = jax.lax.scan(body, DistillSums(zero, zero, zero, zero), xs)
-    return sums
+    return scan_vocab_chunks(
+        chunk_sums, (student_w_DxV, teacher_w_ExV),
+        (student_hidden_BxTxD, teacher_hidden_BxTxE, targets_BxT, mask_BxT.astype(jnp.float32)),
+        chunk_len=chunk_len, rules=rules)
