@@ -193,7 +193,7 @@ FAULTS = (
           "if actual[name][1] != digest:", "if False:",
           ("tests/test_resume.py", "-k", "corrupt_step")),
     # ---- issue 22: sampled-token distillation signals and the rollout's sampling
-    Fault("sampled_signal_rule_checks_temperature_only", "train/distill/rollout.py",
+    Fault("sampled_signal_rule_checks_temperature_only", "train/distill/config.py",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if v != exact.get(k, v)]",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if k == \"temperature\" and v != exact[k]]",
           ("tests/test_distill.py", "-k", "unbiased or filtered_rollouts")),
