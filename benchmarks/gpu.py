@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwen3_jax as q
-from benchmarks.common import report, timeit
+from benchmarks.common import parse_args, report, timeit
 from infer.engine import Engine
 from qwen3_jax import attention as A
 from qwen3_jax.sharding import make_mesh
@@ -140,10 +140,8 @@ def attention_32k(T: int, peak: float) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on any backend")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argparse.ArgumentParser(), argv)
     smoke = args.smoke
     kind = jax.devices()[0].device_kind
     print(f"device: {kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
@@ -168,7 +166,7 @@ def main() -> None:
         except Exception:  # one failing section must not hide the others' figures
             results[name] = {"error": traceback.format_exc(limit=3)[-1500:]}
         print(name, f"({time.perf_counter() - t:.0f} s):", results[name], flush=True)
-    report("gpu_smoke" if smoke else "gpu", results)
+    report("gpu", results, args.results_dir)
 
 
 if __name__ == "__main__":
