@@ -83,8 +83,10 @@ def _commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(__file__))
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=os.path.dirname(__file__)).stdout.strip()
+        # Results files written by earlier benchmarks do not make the code uncommitted.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)benchmarks/results"], capture_output=True, text=True, timeout=10,
+                               cwd=os.path.dirname(__file__)).stdout.strip()
         return out.stdout.strip() + ("+uncommitted" if dirty else "") if out.returncode == 0 else None
     except OSError:
         return None
