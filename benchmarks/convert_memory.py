@@ -172,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=f"scratch directory on a disk with {SPACE_FACTOR}x the model's bytes free "
                              "(about 41 GB at --layers 2); deleted afterwards")
     parser.add_argument("--no_report", action="store_true", help="do not write benchmarks/results/convert_memory.json")
-    parser.add_argument("--smoke", action="store_true", help="tiny widths, 1 layer, 4 experts; writes no results")
+    parser.add_argument("--smoke", action="store_true", help="tiny widths, 1 layer, 8 experts; writes no results")
     args = parser.parse_args(argv)
     widths = Shape()
     if args.smoke:
-        args.layers, args.experts, args.no_report, widths = 1, 4, True, SMOKE
+        args.layers, args.experts, args.no_report, widths = 1, 8, True, SMOKE
     if os.path.exists(args.dir):
         raise SystemExit(f"--dir {args.dir} exists; remove it or pick another")
     tensors = hf_tensors(args.layers, args.experts, widths)
