@@ -9,9 +9,11 @@ run's peak resident set (the kernel's ru_maxrss of that child: anonymous and fil
 against the largest single tensor and the model's bytes, with wall times. A converter that holds
 the model peaks near the model's bytes; a streaming one near the largest tensor, whatever the
 number of layers. Finally checks that HF -> Orbax -> HF gave back identical bytes for a spread of
-tensors. The files (about 3x the model's bytes) live under --dir and are deleted afterwards.
+tensors. The files (HF in, Orbax, HF out: 3.3x the model's bytes, about 41 GB free disk at the
+default --layers 2, 25 GB at --layers 1) live under --dir, checked for space before anything is
+written, and are deleted afterwards.
 
-    python -m benchmarks.convert_memory [--layers 2] [--dir /tmp/convert_memory]
+    python -m benchmarks.convert_memory [--layers 2] [--dir /tmp/convert_memory] [--smoke]
 """
 
 from __future__ import annotations
@@ -24,21 +26,36 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple, Sequence
 
 import ml_dtypes
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 4096, 64, 4, 128
-EXPERTS, MOE_WIDTH, VOCAB, FULL_LAYERS = 128, 1536, 151936, 94
+EXPERTS, FULL_LAYERS = 128, 94
 BF16 = np.dtype(ml_dtypes.bfloat16)
-SHARD_BYTES = 4 << 30
 BLOCK_BYTES = 64 << 20
+SPACE_FACTOR = 3.3  # disk needed over the model's bytes: HF in, Orbax, HF out, and headroom
 
 
-def hf_tensors(layers: int, experts: int) -> list[tuple[str, tuple[int, ...]]]:
+class Shape(NamedTuple):
+    """Tensor widths of the synthetic checkpoint (default: Qwen3-235B-A22B's) and its shard size."""
+    hidden: int = 4096
+    heads: int = 64
+    kv_heads: int = 4
+    head_dim: int = 128
+    moe_width: int = 1536
+    vocab: int = 151936
+    shard_bytes: int = 4 << 30
+
+
+SMOKE = Shape(hidden=64, heads=4, kv_heads=2, head_dim=16, moe_width=32, vocab=512, shard_bytes=64 << 10)
+
+
+def hf_tensors(layers: int, experts: int, shape: Shape = Shape()) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of a Qwen3-235B-A22B checkpoint with `layers` layers, in the
     order of the released files (embedding, layers, final norm, lm_head)."""
+    HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MOE_WIDTH, VOCAB = shape[:6]
     out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -65,14 +82,14 @@ def _bf16_block(rng: np.random.Generator, n: int) -> np.ndarray:
     return ((bits & 0x807F) | ((120 + ((bits >> 7) & 7)) << 7)).astype(np.uint16).view(BF16)
 
 
-def write_checkpoint(path: str, layers: int, experts: int) -> int:
+def write_checkpoint(path: str, layers: int, experts: int, widths: Shape = Shape()) -> int:
     """Writes the synthetic checkpoint a block at a time; returns its number of safetensors files."""
     os.makedirs(path)
-    tensors = hf_tensors(layers, experts)
+    tensors = hf_tensors(layers, experts, widths)
     shards, acc = [[]], 0
     for name, shape in tensors:
         nbytes = math.prod(shape) * 2
-        if shards[-1] and acc + nbytes > SHARD_BYTES:
+        if shards[-1] and acc + nbytes > widths.shard_bytes:
             shards.append([])
             acc = 0
         shards[-1].append((name, shape))
@@ -101,10 +118,10 @@ def write_checkpoint(path: str, layers: int, experts: int) -> int:
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     config = {
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": VOCAB,
-        "hidden_size": HIDDEN, "intermediate_size": 12288, "moe_intermediate_size": MOE_WIDTH,
-        "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM, "num_experts": experts, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": widths.vocab,
+        "hidden_size": widths.hidden, "intermediate_size": 12288, "moe_intermediate_size": widths.moe_width,
+        "num_hidden_layers": layers, "num_attention_heads": widths.heads, "num_key_value_heads": widths.kv_heads,
+        "head_dim": widths.head_dim, "num_experts": experts, "num_experts_per_tok": 8, "norm_topk_prob": True,
         "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "max_position_embeddings": 40960, "tie_word_embeddings": False, "hidden_act": "silu",
         "attention_bias": False, "torch_dtype": "bfloat16",
@@ -147,23 +164,31 @@ def spot_check(a: str, b: str, names: list[str]) -> None:
             raise SystemExit(f"round trip changed {name}")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=EXPERTS, help="fewer for a quick trial; the figures use 128")
-    parser.add_argument("--dir", default="/tmp/convert_memory", help="scratch directory (about 3x the model's bytes)")
+    parser.add_argument("--dir", default="/tmp/convert_memory",
+                        help=f"scratch directory on a disk with {SPACE_FACTOR}x the model's bytes free "
+                             "(about 41 GB at --layers 2); deleted afterwards")
     parser.add_argument("--no_report", action="store_true", help="do not write benchmarks/results/convert_memory.json")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny widths, 1 layer, 8 experts; writes no results")
+    args = parser.parse_args(argv)
+    widths = Shape()
+    if args.smoke:
+        args.layers, args.experts, args.no_report, widths = 1, 8, True, SMOKE
     if os.path.exists(args.dir):
         raise SystemExit(f"--dir {args.dir} exists; remove it or pick another")
-    tensors = hf_tensors(args.layers, args.experts)
+    tensors = hf_tensors(args.layers, args.experts, widths)
     model_bytes = sum(math.prod(s) * 2 for _, s in tensors)
     largest = max(tensors, key=lambda t: math.prod(t[1]))
     largest_bytes = math.prod(largest[1]) * 2
     parent = os.path.dirname(os.path.abspath(args.dir))
     free_disk = shutil.disk_usage(parent).free
-    if free_disk < 3.3 * model_bytes:
-        raise SystemExit(f"{parent} has {free_disk / 2**30:.1f} GiB free; this run needs {3.3 * model_bytes / 2**30:.1f}")
+    if free_disk < SPACE_FACTOR * model_bytes:
+        raise SystemExit(f"{parent} has {free_disk / 1e9:.1f} GB free; this run writes up to "
+                         f"{SPACE_FACTOR * model_bytes / 1e9:.1f} GB there ({SPACE_FACTOR}x the {model_bytes / 1e9:.1f} GB "
+                         f"model at --layers {args.layers}): pass --dir on a disk with more space")
     with open("/proc/meminfo") as f:
         available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
     print(f"model {model_bytes / 2**30:.2f} GiB, largest tensor {largest[0]} {largest_bytes / 2**30:.2f} GiB, "
@@ -172,7 +197,7 @@ def main() -> None:
     hf_in, orbax, hf_out = (os.path.join(args.dir, n) for n in ("hf", "orbax", "hf_out"))
     try:
         t = time.perf_counter()
-        n_files = write_checkpoint(hf_in, args.layers, args.experts)
+        n_files = write_checkpoint(hf_in, args.layers, args.experts, widths)
         build_s = time.perf_counter() - t
         base = baseline_rss()
         to_orbax_s, to_orbax_rss = run_converter(["--src", hf_in, "--dst", orbax])
@@ -197,8 +222,9 @@ def main() -> None:
 
     full = hf_tensors(FULL_LAYERS, EXPERTS)
     results = {
-        "shape": (f"Qwen3-235B-A22B tensors (hidden {HIDDEN}, {HEADS}/{KV_HEADS} heads of {HEAD_DIM}, "
-                  f"{args.experts} experts of {MOE_WIDTH} stored per expert, vocab {VOCAB}, untied), "
+        "shape": (f"Qwen3-235B-A22B tensors (hidden {widths.hidden}, {widths.heads}/{widths.kv_heads} heads of "
+                  f"{widths.head_dim}, {args.experts} experts of {widths.moe_width} stored per expert, vocab "
+                  f"{widths.vocab}, untied), "
                   f"{args.layers} of {FULL_LAYERS} layers, bfloat16, ~4 GiB safetensors shards with an index"),
         "command": f"python -m benchmarks.convert_memory --layers {args.layers}"
                    + (f" --experts {args.experts}" if args.experts != EXPERTS else ""),

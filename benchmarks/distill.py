@@ -1,13 +1,13 @@
 """On-policy distillation: memory of the chunked update against full logits, what each signal costs,
 the update's MFU, the rollout's tokens/s against plain decoding, and the host time between them.
 
-    python -m benchmarks.distill [--layers 2 --batch 2 --length 256 --memory_length 2048]
+    python -m benchmarks.distill [--layers 2 --batch 2 --length 256 --memory_length 2048] [--smoke]
 
 Shapes: a Qwen3-0.6B-shaped student and a Qwen3-1.7B-shaped teacher (real widths, real 151,936
 vocabulary) with `--layers` layers each, float32. In one run:
 
 - compiled peak memory (`memory_analysis`, nothing executed) of the update at `--memory_length`
-  tokens per row: chunked (train.distill.divergence.chunked_sums) against a naive update that holds both
+  tokens per row: chunked (train.divergence.chunked_sums) against a naive update that holds both
   models' [B, T, V] float32 logits, and for each signal (full, top_k, k1, k3); and the part the
   distillation adds: temporaries above the student's own SFT update at the same shape;
 - update step time per signal at `--length`, and the full signal's MFU against the measured
@@ -34,16 +34,16 @@ import numpy as np
 from flax import nnx
 
 import qwen3_jax as q
-from benchmarks.common import matmul_peak_flops, report, timeit
+from benchmarks.common import matmul_peak_flops, parse_args, recording, timeit
 from infer.engine import Engine
 from qwen3_jax.model import abstract_model
 from qwen3_jax.tokenizer import Tokenizer
 from train import step as step_lib
+from train.config import OptimizerConfig, StepConfig
 from train.distill import config as distill_config
 from train.distill import rollout as distill_rollout
 from train.distill import run as distill_run
 from train.distill.divergence import DistillLoss, divergence
-from train.config import OptimizerConfig, StepConfig
 from train.objectives import Terms, lm_objective
 
 OPT = OptimizerConfig(learning_rate=1e-5, warmup_steps=0, decay_steps=1000, end_learning_rate_ratio=0.1)
@@ -103,21 +103,35 @@ def sft_update_temp_mib(student, inputs, mesh, chunk_len=256) -> float:
     return memory_mib(step_lib.compile_update(objective, student, 1, OPT, mesh), (state, batch, None), mesh)[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--memory_length", type=int, default=2048)
-    args = parser.parse_args()
+    args = parse_args(parser, argv)
     mesh = q.make_mesh({"data": 1})
-    student = q.preset("qwen3-0.6b", num_layers=args.layers)
-    teacher = q.preset("qwen3-1.7b", num_layers=args.layers)
-    results: dict = {
-        "shape": f"student qwen3-0.6b-shaped, teacher qwen3-1.7b-shaped, {args.layers} layers each, vocab 151936, "
-                 f"float32; memory at batch {args.batch} x {args.memory_length}, timing at batch {args.batch} x "
-                 f"{args.length}",
-    }
+    # The smoke run keeps the real vocabulary: the rollout renders prompts with Qwen3's tokenizer.
+    small = dict(vocab_size=151936, num_layers=1)
+    if args.smoke:
+        args.layers, args.batch, args.length, args.memory_length = 1, 2, 32, 64
+        student = teacher = full = q.preset("tiny-dense", **small)
+    else:
+        student = q.preset("qwen3-0.6b", num_layers=args.layers)
+        teacher = q.preset("qwen3-1.7b", num_layers=args.layers)
+        full = q.preset("qwen3-0.6b")
+    with recording("distill", args) as results:
+        sections(args, mesh, student, teacher, full, results)
+
+
+def sections(args, mesh, student, teacher, full, results: dict) -> None:
+    """Fills `results` section by section (see the module docstring)."""
+    results["shape"] = (
+        f"student qwen3-0.6b-shaped, teacher qwen3-1.7b-shaped, {args.layers} layers each, vocab 151936, "
+        f"float32; memory at batch {args.batch} x {args.memory_length}, timing at batch {args.batch} x {args.length}")
+
+    # The smoke run compiles two signals (one of them the full divergence), not four.
+    signals = {k: SIGNALS[k] for k in ("full", "top_k")} if args.smoke else SIGNALS
 
     # ---- compiled memory: chunked vs naive, and per signal
     # The peak also holds what any update of this student holds (state, activations, attention
@@ -127,7 +141,7 @@ def main() -> None:
     memory, temp = {}, {}
     memory["naive_full_logits"], temp["naive_full_logits"] = memory_mib(
         compile_update(student, teacher, SIGNALS["full"], mesh, naive_objective), abstract, mesh)
-    for name, loss in SIGNALS.items():
+    for name, loss in signals.items():
         memory[f"chunked_{name}"], temp[f"chunked_{name}"] = memory_mib(
             compile_update(student, teacher, loss, mesh), abstract, mesh)
     sft_temp = sft_update_temp_mib(student, abstract, mesh)
@@ -149,7 +163,7 @@ def main() -> None:
     t_params = nnx.to_pure_dict(nnx.state(q.init_model(teacher, seed=1, mesh=mesh), nnx.Param))
     params = nnx.to_pure_dict(nnx.state(q.init_model(student, seed=0, mesh=mesh), nnx.Param))
     step_s = {}
-    for name, loss in SIGNALS.items():
+    for name, loss in signals.items():
         update = compile_update(student, teacher, loss, mesh)
         holder = {"state": step_lib.init_train_state(student, OPT, mesh, params=jax.tree.map(jnp.copy, params))}
 
@@ -158,7 +172,7 @@ def main() -> None:
             jax.block_until_ready(metrics)
 
         step_s[name] = timeit(one, repeats=3)
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(256 if args.smoke else 2048)
     flops = distill_run.update_flops(student, teacher, T) * B * T
     results["update_step_s"] = step_s
     results["update_time_over_full"] = {k: v / step_s["full"] for k, v in step_s.items()}
@@ -167,7 +181,6 @@ def main() -> None:
     del t_params, params, holder
 
     # ---- rollout vs plain decode, host overhead: full-depth Qwen3-0.6B shape, as benchmarks/decode.py
-    full = q.preset("qwen3-0.6b")
     tokenizer = Tokenizer.qwen3()
     with tempfile.TemporaryDirectory() as tmp:
         model = q.init_model(full, seed=0, mesh=mesh)
@@ -178,7 +191,9 @@ def main() -> None:
                 f.write(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}]})
                         + "\n")
         config = distill_config.default_config()
-        config.model.preset = "qwen3-0.6b"
+        config.model.preset = "tiny-dense" if args.smoke else "qwen3-0.6b"
+        if args.smoke:
+            config.model.overrides = dict(vocab_size=151936, num_layers=1)
         config.teacher.init_from = os.path.join(tmp, "t")
         config.prompts.paths = os.path.join(tmp, "prompts.jsonl")
         config.prompts.batch_size = 8
@@ -214,7 +229,7 @@ def main() -> None:
     steady = times[1:]
     results["distill_step_times_s"] = steady
     results["host_overhead_fraction"] = float(np.mean([t["host_time"] / t["step_time"] for t in steady]))
-    report("distill", results)
+
 
 
 if __name__ == "__main__":

@@ -6,9 +6,14 @@
 #
 # It uses the machine's GPU build of jax when there is one (installing the project's other
 # requirements beside it, from PyPI or, offline, from wheels in .whl/), else installs the CUDA 13
-# build of the pinned jax.
+# build of the pinned jax. Without a visible NVIDIA GPU (nvidia-smi) it stops first, installing
+# nothing (for a check of the script itself on any machine: python -m benchmarks.gpu --smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! nvidia-smi --query-gpu=name --format=csv,noheader >/dev/null 2>&1; then
+  echo "benchmarks/gpu.sh: no NVIDIA GPU found (nvidia-smi missing or failing); nothing installed or run" >&2
+  exit 1
+fi
 # The requirements this machine lacks (by distribution name), never jax or jaxlib: installing the
 # pinned CPU build over a GPU one would take the GPU away.
 missing=$(python3 - <<'PY'
@@ -29,6 +34,6 @@ fi
 if [ -n "$missing" ]; then
   pip install -q --no-deps $missing 2>/dev/null || pip install -q --no-deps --no-index --find-links .whl $missing
 fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1
 timeout 480 python3 -m benchmarks.gpu "$@"

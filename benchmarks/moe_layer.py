@@ -3,7 +3,7 @@
 The masked reference runs all 128 experts on every token; the grouped path should cost what the
 8 active experts cost, i.e. about as much as a dense SwiGLU of width 8 x 768 on the same tokens.
 
-    python -m benchmarks.moe_layer [--tokens 512]
+    python -m benchmarks.moe_layer [--tokens 512] [--smoke]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import matmul_peak_flops, report, timeit
+from benchmarks.common import matmul_peak_flops, parse_args, recording, timeit
 from qwen3_jax import moe as moe_lib
 from qwen3_jax.config import preset
 
@@ -31,11 +31,14 @@ def masked_reference(x_BxTxD, router_DxE, gate_ExDxI, up_ExDxI, down_ExIxD, k: i
     return jnp.einsum("BTED,BTE->BTD", y, dense_w_BxTxE.astype(y.dtype))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=512)
-    args = parser.parse_args()
-    cfg = preset("qwen3-30b-a3b")
+    args = parse_args(parser, argv)
+    name = "tiny-moe" if args.smoke else "qwen3-30b-a3b"
+    cfg = preset(name)
+    if args.smoke:
+        args.tokens = 16
     D, E, I, K = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     keys = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(keys[0], (1, args.tokens, D), jnp.float32)
@@ -52,21 +55,21 @@ def main() -> None:
     wg, wu, wd = gate[:K].transpose(1, 0, 2).reshape(D, K * I), up[:K].transpose(1, 0, 2).reshape(D, K * I), down[:K].reshape(K * I, D)
     dense_equiv = jax.jit(lambda x: (jax.nn.silu(x[0] @ wg) * (x[0] @ wu)) @ wd)
 
-    diff = float(jnp.abs(grouped(x) - masked(x)).max())
-    t_grouped = timeit(lambda: grouped(x).block_until_ready())
-    t_masked = timeit(lambda: masked(x).block_until_ready(), repeats=2)
-    t_dense = timeit(lambda: dense_equiv(x).block_until_ready())
-    active_flops = 2 * 3 * args.tokens * K * D * I
-    peak = matmul_peak_flops()
-    report("moe_layer", {
-        "shape": f"qwen3-30b-a3b MoE layer, {args.tokens} tokens, {E} experts top-{K}, float32, blocked grouped matmul",
-        "grouped_speedup_vs_masked_reference": t_masked / t_grouped,
-        "ideal_speedup_if_cost_tracks_active_params": E / K,
-        "grouped_time_over_dense_swiglu_of_active_width": t_grouped / t_dense,
-        "grouped_active_flops_utilisation_vs_matmul_peak": active_flops / t_grouped / peak,
-        "max_abs_diff_vs_reference": diff,
-        "grouped_s": t_grouped, "masked_s": t_masked, "dense_active_width_s": t_dense,
-    })
+    with recording("moe_layer", args) as results:
+        results["shape"] = f"{name} MoE layer, {args.tokens} tokens, {E} experts top-{K}, float32, blocked grouped matmul"
+        results["max_abs_diff_vs_reference"] = float(jnp.abs(grouped(x) - masked(x)).max())
+        t_grouped = timeit(lambda: grouped(x).block_until_ready())
+        t_masked = timeit(lambda: masked(x).block_until_ready(), repeats=2)
+        t_dense = timeit(lambda: dense_equiv(x).block_until_ready())
+        results.update({"grouped_s": t_grouped, "masked_s": t_masked, "dense_active_width_s": t_dense})
+        active_flops = 2 * 3 * args.tokens * K * D * I
+        peak = matmul_peak_flops(256 if args.smoke else 2048)
+        results.update({
+            "grouped_speedup_vs_masked_reference": t_masked / t_grouped,
+            "ideal_speedup_if_cost_tracks_active_params": E / K,
+            "grouped_time_over_dense_swiglu_of_active_width": t_grouped / t_dense,
+            "grouped_active_flops_utilisation_vs_matmul_peak": active_flops / t_grouped / peak,
+        })
 
 
 if __name__ == "__main__":

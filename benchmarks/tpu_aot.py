@@ -6,6 +6,7 @@ e.g. `jax[tpu]` of the same jax version in a separate environment):
     python -m benchmarks.tpu_aot                                   # all presets, kinds and lengths
     python -m benchmarks.tpu_aot --preset qwen3-8b --kind train --length 4096
     python -m benchmarks.tpu_aot --readme                          # re-render the README table only
+    python -m benchmarks.tpu_aot --smoke                           # one small case, printed, nothing saved
 
 Training compiles `train.step.make_train_step` (float32 master weights and AdamW state sharded
 as the trainer shards them, bfloat16 compute, the config's remat policy, microbatches and
@@ -41,6 +42,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -401,16 +403,23 @@ def write_readme(rows: list[dict], path: str = README) -> None:
         f.write(text[:start] + "\n" + render(rows) + "\n" + text[end:])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", action="append", choices=PRESETS, help="repeatable; default: all")
     parser.add_argument("--kind", choices=("train", "serve"), action="append", help="default: both")
     parser.add_argument("--length", type=int, action="append",
                         help=f"train: {TRAIN_LENGTHS}, serve: {SERVE_CONTEXTS}; default: both of the kind's")
     parser.add_argument("--readme", action="store_true", help="only re-render the README table from the results")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="one small case (qwen3-0.6b serving), printed, not saved")
+    args = parser.parse_args(argv)
+    if not args.readme and importlib.util.find_spec("libtpu") is None:
+        raise SystemExit(f"benchmarks.tpu_aot compiles through libtpu, which is not installed: pip install "
+                         f"'jax[tpu]=={jax.__version__}' (in a separate environment; no TPU is needed)")
     # Compiling only opens no TPU, so another process holding libtpu's lock (a test) is no conflict.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if args.smoke:
+        print(json.dumps(run_case("qwen3-0.6b", "serve", SERVE_CONTEXTS[0]), indent=2, default=str))
+        return
     if not args.readme:
         for name in args.preset or PRESETS:
             for kind in args.kind or ("train", "serve"):

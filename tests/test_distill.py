@@ -178,7 +178,7 @@ def test_sampled_token_signals_are_unbiased_exactly_under_the_sampling_validatio
         q = behaviour_policy(s, sampling)
         expected = sum(q[:, y, None] * grad_y[y] for y in range(40))
         error = np.abs(expected - exact).max() / np.abs(exact).max()
-        accepted = not distill_rollout.biasing_settings(sampling, loss.temperature)
+        accepted = not dconfig.biasing_settings(sampling, loss.temperature)
         assert accepted == (error < 1e-4), (sampling, error)
         assert accepted or error > 0.05, (sampling, error)
 
