@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer import request
-from infer.request import RequestError
+from infer import checks
 from infer.sampling import (
     UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_forces, budget_init,
     prompt_think_open, sample, update_seen,
 )
+from qwen3_jax.errors import RequestError
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
 from qwen3_jax.sharding import ShardingRules, auto_mesh, to_host
@@ -69,12 +69,12 @@ def bucket(n: int) -> int:
 def _row_keys(seed, n: int, batch: int) -> jax.Array:
     """[batch] PRNG keys: split from one int seed, or each row's own (padding rows get seed 0)."""
     if np.ndim(seed) == 0:
-        return jax.random.split(jax.random.key(request.seed(seed)), batch)
+        return jax.random.split(jax.random.key(checks.seed(seed)), batch)
     seeds = list(seed)
     if len(seeds) != n:
         raise RequestError(f"seed has {len(seeds)} values for {n} prompts")
     for i, s in enumerate(seeds):
-        if not request.is_int(s) or not 0 <= s < 2**32:
+        if not checks.is_int(s) or not 0 <= s < 2**32:
             raise RequestError(f"seed must be an int or one int in [0, 2**32) per prompt; prompt {i} has {s!r}")
     return jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
 
@@ -158,10 +158,10 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
 def _validate_prompts(
     prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int, context_name: str,
 ) -> list[list[int]]:
-    max_new_tokens = request.positive_int(max_new_tokens, "max_new_tokens")
+    max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens")
     out = []
-    for i, p in enumerate(request.non_empty_list(prompts, "prompts")):
-        ids = request.token_ids(p, f"prompt {i}", vocab_size)
+    for i, p in enumerate(checks.non_empty_list(prompts, "prompts")):
+        ids = checks.token_ids(p, f"prompt {i}", vocab_size)
         if not ids:
             raise RequestError(f"prompt {i} is empty")
         if len(ids) + max_new_tokens > context:
@@ -174,11 +174,11 @@ def _validate_prompts(
 
 def _budgets(thinking_budget, batch: int) -> np.ndarray:
     if not isinstance(thinking_budget, (list, tuple, np.ndarray)):  # one value for every prompt
-        budget = request.optional_budget(thinking_budget, "thinking_budget")
+        budget = checks.optional_budget(thinking_budget, "thinking_budget")
         return np.full(batch, UNLIMITED_BUDGET if budget is None else budget, np.int32)
     if len(thinking_budget) != batch:
         raise RequestError(f"thinking_budget has {len(thinking_budget)} values for {batch} prompts")
-    budgets = [request.optional_budget(v, f"thinking_budget[{i}]") for i, v in enumerate(thinking_budget)]
+    budgets = [checks.optional_budget(v, f"thinking_budget[{i}]") for i, v in enumerate(thinking_budget)]
     return np.asarray([UNLIMITED_BUDGET if b is None else b for b in budgets], np.int32)
 
 
@@ -218,8 +218,8 @@ class Engine:
         self.max_len = max_len
         self.prefill_chunk = int(prefill_chunk)
         self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
-        self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else request.token_ids(
-            request.non_empty_list(forced_ids, "forced_ids"), "forced_ids", self.cfg.vocab_size), np.int32)
+        self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else checks.token_ids(
+            checks.non_empty_list(forced_ids, "forced_ids"), "forced_ids", self.cfg.vocab_size), np.int32)
 
     @property
     def context(self) -> int:
@@ -257,7 +257,7 @@ class Engine:
         `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
         do not depend on which rows share its batch. With `return_forced`, returns (tokens,
         forced): per token, whether the thinking budget forced it rather than sampling it.
-        Bad arguments raise before anything runs: `infer.request.RequestTypeError` /
+        Bad arguments raise before anything runs: `infer.checks.RequestTypeError` /
         `RequestError` (ValueErrors) naming the argument and prompt, ValueError from
         `SamplingParams.make` for sampling values (NaN included).
         """
@@ -282,9 +282,9 @@ class Engine:
         sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        presence_penalty=presence_penalty)
         budgets = _budgets(thinking_budget, n)
-        stop_ids = tuple(request.token_ids(stop_token_ids, "stop_token_ids", self.cfg.vocab_size))
+        stop_ids = tuple(checks.token_ids(stop_token_ids, "stop_token_ids", self.cfg.vocab_size))
         if chunk is not None:
-            request.positive_int(chunk, "chunk")
+            checks.positive_int(chunk, "chunk")
 
         # Pad the batch to the data-parallel degree with rows that start finished.
         B = -(-n // self._batch_multiple()) * self._batch_multiple()

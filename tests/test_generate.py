@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 import qwen3_jax as q
 from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
-from infer import request as engine_request
 from infer.engine import Engine, generate
-from infer.messages import chat_turn, complete, incremental_text, last_soft_switch, sampling_defaults, stream_text
+from infer.rollout import Completion
+from infer.text import chat_turn, complete, incremental_text, stream_text
 from qwen3_jax import chat
+from qwen3_jax.errors import RequestError
 from qwen3_jax.tokenizer import (
     END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, STOP_THINKING_TEXT, THINK_ID, Tokenizer, _byte_alphabet,
 )
@@ -278,18 +279,18 @@ PROMPT_FAULTS = {  # fault: ({entry kind: bad prompts}, error type, message)
 ARGUMENT_FAULTS = {  # fault: (kwargs, error type, message)
     "nan_temperature": ({"temperature": float("nan")}, ValueError, r"temperature must be finite; row 0 has nan"),
     "nan_top_p": ({"top_p": [float("nan")]}, ValueError, r"top_p must be finite"),
-    "stop_id_out_of_range": ({"stop_token_ids": [V + 5]}, engine_request.RequestError,
+    "stop_id_out_of_range": ({"stop_token_ids": [V + 5]}, RequestError,
                              rf"stop_token_ids has token ids outside \[0, {V}\): \[{V + 5}\]"),
-    "negative_stop_id": ({"stop_token_ids": [2, -1]}, engine_request.RequestError, r"stop_token_ids has token ids outside"),
-    "stop_ids_not_a_list": ({"stop_token_ids": 7}, engine_request.RequestTypeError,
+    "negative_stop_id": ({"stop_token_ids": [2, -1]}, RequestError, r"stop_token_ids has token ids outside"),
+    "stop_ids_not_a_list": ({"stop_token_ids": 7}, RequestError,
                             r"stop_token_ids must be a list of token ids \(ints\), got int 7"),
-    "float_token_budget": ({"max_new_tokens": 4.0}, engine_request.RequestTypeError,
+    "float_token_budget": ({"max_new_tokens": 4.0}, RequestError,
                            r"max_new_tokens must be a positive int, got float 4.0"),
-    "bool_token_budget": ({"max_new_tokens": True}, engine_request.RequestTypeError,
+    "bool_token_budget": ({"max_new_tokens": True}, RequestError,
                           r"max_new_tokens must be a positive int, got bool True"),
-    "float_thinking_budget": ({"thinking_budget": 2.5}, engine_request.RequestTypeError,
-                              r"thinking_budget must be None or an int >= 0, got float 2.5"),
-    "string_seed": ({"seed": "7"}, engine_request.RequestTypeError, r"seed must be an int or one int per prompt, got str"),
+    "float_thinking_budget": ({"thinking_budget": 2.5}, RequestError,
+                              r"thinking_budget(\[0\])? must be None or an int >= 0, got float 2.5"),
+    "string_seed": ({"seed": "7"}, RequestError, r"seed must be an int or one int per prompt, got str"),
 }
 
 
@@ -302,8 +303,8 @@ ENTRY_POINTS = {  # name: (kind of prompts, call(model, engine, tokenizer, promp
     "infer.generate": ("ids", lambda m, e, t, p, kw: generate(m, p, forced_ids=e.forced_ids, **kw)),
     "Engine.generate": ("ids", lambda m, e, t, p, kw: e.generate(p, **kw)),
     "Engine.stream": ("ids", lambda m, e, t, p, kw: next(e.stream(p, **kw))),
-    "messages.complete": ("conversations", lambda m, e, t, p, kw: complete(e, t, p, **kw)),
-    "messages.stream_text": ("messages", lambda m, e, t, p, kw: next(stream_text(e, t, p, **kw))),
+    "text.complete": ("conversations", lambda m, e, t, p, kw: complete(e, t, p, **kw)),
+    "text.stream_text": ("messages", lambda m, e, t, p, kw: next(stream_text(e, t, p, **kw))),
 }
 GOOD_PROMPTS = {"ids": [[1, 2, 3]], "conversations": [[USER]], "messages": [USER]}
 
@@ -317,6 +318,8 @@ def test_every_entry_point_names_a_bad_request(qwen3_vocab_model, qwen3_engine, 
         prompts, kwargs = prompts[kind], {}
     else:
         prompts, (kwargs, error, message) = GOOD_PROMPTS[kind], ARGUMENT_FAULTS[fault]
+        if kind != "ids":  # the text layer takes one sampling value for every conversation
+            kwargs = {k: v[0] if k == "top_p" else v for k, v in kwargs.items()}
     engine, tokenizer = qwen3_engine
     with pytest.raises(error, match=message):
         call(qwen3_vocab_model, engine, tokenizer, prompts, {"max_new_tokens": 2, **kwargs})
@@ -324,13 +327,13 @@ def test_every_entry_point_names_a_bad_request(qwen3_vocab_model, qwen3_engine, 
 
 def test_engine_arguments_of_the_wrong_kind_are_named(qwen3_vocab_model, qwen3_engine):
     engine, _ = qwen3_engine
-    with pytest.raises(engine_request.RequestError, match="chunk must be a positive int, got -1"):
+    with pytest.raises(RequestError, match="chunk must be a positive int, got -1"):
         next(engine.stream([[1, 2]], max_new_tokens=2, chunk=-1))  # was an endless loop of empty chunks
-    with pytest.raises(engine_request.RequestError, match="forced_ids is empty"):
+    with pytest.raises(RequestError, match="forced_ids is empty"):
         Engine(qwen3_vocab_model, forced_ids=[])
-    with pytest.raises(engine_request.RequestTypeError, match=r"forced_ids must be a list of token ids \(ints\), but it holds 3.7"):
+    with pytest.raises(RequestError, match=r"forced_ids must be a list of token ids \(ints\), but it holds 3.7"):
         Engine(qwen3_vocab_model, forced_ids=[3.7])
-    with pytest.raises(engine_request.RequestError, match=r"thinking_budget\[1\] must be None or an int >= 0, got -2"):
+    with pytest.raises(RequestError, match=r"thinking_budget\[1\] must be None or an int >= 0, got -2"):
         engine.generate([[1], [2]], max_new_tokens=2, thinking_budget=[None, -2])
 
 
@@ -437,9 +440,10 @@ class _RecordingEngine:
     def __init__(self, reply):
         self.reply, self.calls = list(reply), []
 
-    def generate(self, prompts, **settings):
+    def generate(self, prompts, return_forced=False, **settings):
         self.calls.append((prompts, settings))
-        return [list(self.reply) for _ in prompts]
+        ids = [list(self.reply) for _ in prompts]
+        return (ids, [[False] * len(i) for i in ids]) if return_forced else ids
 
     def stream(self, prompts, *, chunk, **settings):
         self.calls.append((prompts, {"chunk": chunk, **settings}))
@@ -456,47 +460,27 @@ def _user(text):
     return {"role": "user", "content": text}
 
 
-@pytest.mark.parametrize("messages, flag", [
-    ([], None),
-    ([_user("hi"), {"role": "user", "content": None}], None),
-    ([_user("explain /think")], "/think"),
-    ([_user("/think first, then /no_think")], "/no_think"),
-    ([_user("/no_think first, then /think")], "/think"),
-    ([_user("a /no_think"), _user("b /think")], "/think"),  # the latest message with a flag wins
-    ([_user("a /think"), _user("b")], "/think"),  # a message without one leaves the earlier flag
-    ([{"role": "system", "content": "/no_think"}, _user("hi")], "/no_think"),
-    ([_user("/no_think"), {"role": "assistant", "content": "/think"}], "/no_think"),  # the model's text is not read
-])
-def test_last_soft_switch(messages, flag):
-    assert last_soft_switch(messages) == flag
-
-
-def test_sampling_defaults_follow_the_hard_and_soft_switches():
-    assert sampling_defaults([_user("hi")], enable_thinking=True) == QWEN_THINKING
-    assert sampling_defaults([_user("hi /no_think")], enable_thinking=True) == QWEN_NON_THINKING
-    assert sampling_defaults([_user("hi /no_think"), _user("now /think")], enable_thinking=True) == QWEN_THINKING
-    assert sampling_defaults([_user("hi /think")], enable_thinking=False) == QWEN_NON_THINKING  # the hard switch wins
-
-
 def test_complete_renders_each_conversation_and_parses_the_reply(qwen3_tokenizer):
     tok = qwen3_tokenizer
     reply = tok.encode("<think>\nhmm\n</think>\n\nok") + [IM_END_ID]
     engine = _RecordingEngine(reply)
     conversations = [[_user("hi")], [_user("and you? /no_think")]]
-    results = complete(engine, tok, conversations, max_new_tokens=5)
-    assert results == [("hmm", "ok", reply)] * 2
+    results = complete(engine, tok, conversations, max_new_tokens=5, thinking_budget=3)
+    assert results == [Completion(reply, [False] * len(reply), "hmm", "ok", finished=True, thinking_closed=True)] * 2
     (prompts, settings), = engine.calls
     assert prompts == [tok.encode(chat.render(c, add_generation_prompt=True)) for c in conversations]
-    # The first conversation's mode sets the defaults; the tokenizer's stop ids end every reply.
-    assert settings == {"max_new_tokens": 5, **QWEN_THINKING, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+    # Each conversation's mode sets its sampling defaults and whether the budget applies; the
+    # tokenizer's stop ids end every reply.
+    assert settings == {"max_new_tokens": 5, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID), "thinking_budget": [3, None],
+                        "seed": 0, **{k: [QWEN_THINKING[k], QWEN_NON_THINKING[k]] for k in QWEN_THINKING}}
 
     engine = _RecordingEngine(reply)
     complete(engine, tok, conversations[::-1], max_new_tokens=5, enable_thinking=False, temperature=0.0,
              thinking_budget=3)
     (prompts, settings), = engine.calls
     assert prompts[0][-4:] == [THINK_ID, 271, END_THINK_ID, 271]  # the empty think block: thinking off
-    assert settings == {"max_new_tokens": 5, **QWEN_NON_THINKING, "temperature": 0.0, "thinking_budget": 3,
-                        "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+    assert settings == {"max_new_tokens": 5, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID), "thinking_budget": [None] * 2,
+                        "seed": 0, **{k: [v] * 2 for k, v in {**QWEN_NON_THINKING, "temperature": 0.0}.items()}}
 
 
 def test_stream_text_yields_the_decoded_reply_in_pieces(qwen3_tokenizer):
@@ -504,12 +488,12 @@ def test_stream_text_yields_the_decoded_reply_in_pieces(qwen3_tokenizer):
     reply = tok.encode("<think>\nhmm\n</think>\n\nok 😀") + [IM_END_ID]
     engine = _RecordingEngine(reply)
     messages = [_user("hi /no_think")]
-    pieces = list(stream_text(engine, tok, messages, max_new_tokens=9, chunk=3, top_k=5))
+    pieces = list(stream_text(engine, tok, messages, max_new_tokens=9, chunk=3, top_k=5, thinking_budget=2))
     assert len(pieces) > 1 and "".join(pieces) == "<think>\nhmm\n</think>\n\nok 😀"
     (prompts, settings), = engine.calls
     assert prompts == [tok.encode(chat.render(messages, add_generation_prompt=True))]
-    assert settings == {"chunk": 3, "max_new_tokens": 9, **QWEN_NON_THINKING, "top_k": 5,
-                        "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+    assert settings == {"chunk": 3, "max_new_tokens": 9, "seed": 0, "thinking_budget": None, **QWEN_NON_THINKING,
+                        "top_k": 5, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
 
 
 # ----------------------------------------------------------------------------- command lines
