@@ -138,7 +138,7 @@ def baseline_rss() -> int:
 def spot_check(a: str, b: str, names: list[str]) -> None:
     """Raises unless tensors `names` hold identical bytes in the checkpoints `a` and `b`."""
     sys.path.insert(0, ROOT)
-    from qwen3_jax.hf import SafetensorsReader
+    from qwen3_jax.safetensors import SafetensorsReader
 
     ra, rb = SafetensorsReader(a), SafetensorsReader(b)
     for name in names:

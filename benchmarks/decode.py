@@ -20,6 +20,7 @@ import torch
 from flax import nnx
 
 import qwen3_jax as q
+from qwen3_jax.model import count_params
 from benchmarks.common import hf_qwen3_0_6b_shaped, memory_bandwidth, report, timeit
 from infer import engine as engine_lib
 from infer.engine import Engine
@@ -100,7 +101,7 @@ def main() -> None:
                 hf.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return run
 
-    total, _ = q.count_params(model.cfg)
+    total, _ = count_params(model.cfg)
     short, long = 8, 8 + args.new_tokens
 
     def step_s(run, prompts, *, repeats, long_s=None):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwen3_jax as q
+from qwen3_jax.model import count_params
 from benchmarks.common import report, timeit
 from infer.engine import Engine
 from qwen3_jax import attention as A
@@ -99,7 +100,7 @@ def decode_rate(name: str, layers: int | None, batch: int, prompt: int, new: int
     run = lambda n: (lambda: engine.generate(prompts, max_new_tokens=n, **kw))  # noqa: E731
     short, long = new // 4, new
     step_s = (timeit(run(long), repeats=3) - timeit(run(short), repeats=3)) / (long - short)
-    total, _ = q.count_params(cfg)
+    total, _ = count_params(cfg)
     # Every weight read once per step, plus the KV cache up to the mean context of the timed steps.
     context = prompt + (short + long) / 2
     cache_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * batch * 2

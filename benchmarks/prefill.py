@@ -14,6 +14,7 @@ import torch
 from flax import nnx
 
 import qwen3_jax as q
+from qwen3_jax.model import count_params
 from benchmarks.common import hf_qwen3_0_6b_shaped, matmul_peak_flops, report, timeit, torch_matmul_peak_flops
 from infer import engine as engine_lib
 
@@ -52,7 +53,7 @@ def main() -> None:
         hf_gen_s = timeit(lambda: hf(toks_t, use_cache=True, logits_to_keep=1).logits)
 
     n_tok = args.batch * args.length
-    total, _ = q.count_params(cfg)
+    total, _ = count_params(cfg)
     # Forward FLOPs: 2 per weight per token (the vocab projection included) plus attention scores.
     attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.length * args.length / 2 * args.batch
     flops = 2 * total * n_tok + attn

@@ -9,7 +9,8 @@ from absl import flags
 
 from infer.engine import Engine
 from infer.rollout import SAMPLING_KEYS
-from qwen3_jax.checkpoint import load_any, quiet_orbax_logs
+from qwen3_jax.checkpoint import load_any
+from qwen3_jax.cli import quiet_orbax_logs
 from qwen3_jax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS

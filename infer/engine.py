@@ -30,7 +30,8 @@ from qwen3_jax.errors import RequestError
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
 from qwen3_jax.sharding import ShardingRules, auto_mesh, to_host
-from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT, Tokenizer
+from qwen3_jax.ids import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT
+from qwen3_jax.tokenizer import Tokenizer
 
 DEFAULT_STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
 MIN_BUCKET = 16

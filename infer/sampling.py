@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qwen3_jax.tokenizer import END_THINK_ID, IM_START_ID, THINK_ID
+from qwen3_jax.ids import END_THINK_ID, IM_START_ID, THINK_ID
 
 UNLIMITED_BUDGET = -1  # any negative thinking budget means "no limit"
 

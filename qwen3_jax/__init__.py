@@ -1,15 +1,30 @@
-"""qwen3-jax: Qwen3 dense and MoE models in JAX / Flax NNX."""
+"""qwen3-jax: Qwen3 dense and MoE models in JAX / Flax NNX.
 
-from qwen3_jax.config import PRESETS, ConfigError, Qwen3Config, YarnScaling, from_hf_config, preset, to_hf_config
-from qwen3_jax.checkpoint import load_any, load_model, save_model
-from qwen3_jax.hf import CheckpointError, from_hf, to_hf
-from qwen3_jax.model import ForwardOutput, Qwen3, abstract_model, count_params, init_model
-from qwen3_jax.sharding import MESH_AXES, ShardingRules, auto_mesh, make_mesh
+Names load on first use, so importing a submodule (the tokenizer, the sampling kernels' ids) does not
+import Orbax. Everything else is importable from its module (`qwen3_jax.hf_config`, `.sharding`, ...).
+"""
 
-__all__ = [
-    "PRESETS", "ConfigError", "Qwen3Config", "YarnScaling", "from_hf_config", "preset", "to_hf_config",
-    "load_any", "load_model", "save_model",
-    "CheckpointError", "from_hf", "to_hf",
-    "ForwardOutput", "Qwen3", "abstract_model", "count_params", "init_model",
-    "MESH_AXES", "ShardingRules", "auto_mesh", "make_mesh",
-]
+import importlib
+
+_EXPORTS = {
+    "Qwen3Config": "qwen3_jax.config", "preset": "qwen3_jax.config",
+    "Qwen3": "qwen3_jax.model", "init_model": "qwen3_jax.model",
+    "load_any": "qwen3_jax.checkpoint", "save_model": "qwen3_jax.checkpoint",
+    "from_hf": "qwen3_jax.hf", "to_hf": "qwen3_jax.hf",
+    "make_mesh": "qwen3_jax.sharding",
+    "Tokenizer": "qwen3_jax.tokenizer",
+    "ConfigError": "qwen3_jax.errors", "CheckpointError": "qwen3_jax.errors",
+}
+__all__ = [*_EXPORTS, "chat"]
+
+
+def __getattr__(name: str):
+    if name == "chat":
+        return importlib.import_module("qwen3_jax.chat")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qwen3_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,26 +1,10 @@
 """Causal GQA attention kernels: the einsum reference, blockwise (flash-style), splash (TPU), cuDNN (GPU).
 
-All four compute softmax(q k^T / sqrt(H) + mask) v with the same mask: a query at cache slot
-q_slot sees key slots <= q_slot (and, for packed rows, only keys of its own segment). They differ
-in what they materialise:
-
-- `einsum`: the [B, N, T, S] scores, in float32. The exact reference; fastest on CPU for short rows.
-- `blockwise`: one [B, N, block_q, block_kv] tile at a time, with the online softmax of
-  FlashAttention (Dao et al. 2022, Algorithm 1; the backward pass is its Algorithm 2, recomputing
-  tiles from the saved log-sum-exp). Pure JAX, so it bounds memory on every backend, for training,
-  prefill and decode over a KV cache. Tiles wholly above the causal diagonal are skipped.
-- `splash`: the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`),
-  causal with segment ids, GQA by head groups; for calls without a KV cache (training, scoring).
-- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention) on GPU,
-  bfloat16/float16, for calls without a KV cache and without packed segments.
-
-`auto` picks per call: splash on TPU and cuDNN on GPU where they apply, blockwise otherwise. A
-call whose rows fit in one tile (T <= block_q and S <= block_kv) runs the einsum reference under
-`blockwise` too: with one tile the online softmax is the plain one, and this keeps short-sequence
-numerics (and the tuned CPU decode path) bit-identical to the reference.
-
-Shapes in names: B batch, T queries, S key slots, K kv heads, G query heads per kv head (N = K*G),
-H head_dim. Keys come [B, K, H, S] and values [B, K, S, H], the KV cache's layout.
+All compute softmax(q k^T / sqrt(H) + mask) v with one mask: a query at cache slot q_slot sees key
+slots <= q_slot (and, for packed rows, only its own segment's). `auto` picks per call: splash on
+TPU and cuDNN on GPU where they apply (no KV cache; cuDNN also bf16/f16 and unpacked), blockwise
+otherwise; rows that fit one tile run the einsum reference. Shapes: B batch, T queries, S key
+slots, K kv heads, G query heads per kv head (N = K*G), H head_dim; keys [B, K, H, S], values [B, K, S, H].
 """
 
 from __future__ import annotations
@@ -30,12 +14,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.sharding import current_mesh_axes, target_platform
-
-IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn")
 
 _F32 = jnp.float32
 _MASKED = jnp.finfo(jnp.float32).min
@@ -70,8 +51,7 @@ def einsum_attention(q_BxTxKxGxH, k_BxKxHxS, v_BxKxSxH, mask: Mask) -> jax.Array
     visible_BxTxS = mask.block(0, T, 0, k_BxKxHxS.shape[-1])
     scale = q_BxTxKxGxH.shape[-1] ** -0.5
     if T == 1:
-        # T squeezed out of the contractions: with it, XLA:CPU adds transposes and copies around
-        # both dots, 3.5x (128 slots) to 11x (1K slots) slower at batch 8.
+        # T squeezed out of the contractions: with it, XLA:CPU adds transposes and copies around both dots.
         q_BxKxGxH = q_BxTxKxGxH[:, 0]
         scores = jnp.einsum("BKGH,BKHS->BKGS", q_BxKxGxH, k_BxKxHxS, preferred_element_type=_F32)
         scores = jnp.where(visible_BxTxS[:, None], scores * scale, _MASKED)

@@ -1,15 +1,9 @@
 """Qwen3 ChatML: the one place that turns messages into prompt/training text and parses replies.
 
-`render` reproduces the official hybrid-thinking Qwen3 `chat_template` (tokenizer_config.json of
-Qwen3-0.6B ... Qwen3-235B-A22B) character for character, so SFT data and decoding prompts match
-what the released models were trained on. It follows the template revision that treats non-string
-content as ""; for string contents it renders exactly like the April 2025 original. Messages use
-the OpenAI/HF shape::
-
-    {"role": "system" | "user" | "assistant" | "tool",
-     "content": str,
-     "reasoning_content": str,            # assistant, optional; else inline <think>...</think>
-     "tool_calls": [{"function": {"name": str, "arguments": dict | str}}]}   # assistant, optional
+`render` reproduces the official hybrid-thinking Qwen3 `chat_template` character for character.
+Messages use the OpenAI/HF shape: {"role": "system" | "user" | "assistant" | "tool", "content": str,
+"reasoning_content": str (assistant, optional; else inline <think>...</think>),
+"tool_calls": [{"function": {"name": str, "arguments": dict | str}}] (assistant, optional)}.
 """
 
 from __future__ import annotations
@@ -18,6 +12,8 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from qwen3_jax.ids import END_THINK_TEXT, THINK_TEXT
 
 if TYPE_CHECKING:  # only for annotations: rendering and text parsing need no tokenizer
     from qwen3_jax.tokenizer import Tokenizer
@@ -129,14 +125,14 @@ def parse_completion(text: str) -> tuple[str, str]:
     Trailing ``<|im_end|>``/``<|endoftext|>`` (text decoded with special tokens) are removed.
     """
     text = _strip_stop_markers(text)
-    before, sep, after = text.rpartition("</think>")
+    before, sep, after = text.rpartition(END_THINK_TEXT)
     if sep:
         return _clean_thinking(before), after.strip("\n")
     return _split_without_end_think(text)
 
 
 def parse_completion_ids(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, str]:
-    """`parse_completion` on generated ids, splitting at the last ``</think>`` id (151668).
+    """`parse_completion` on generated ids, splitting at the last ``</think>`` id (`ids.END_THINK_ID`).
 
     Splitting on ids rather than text does not depend on how the model spelled other text; the
     parts are decoded with special tokens skipped (``<|im_end|>`` goes, ``<think>`` stays).
@@ -205,9 +201,9 @@ def _assistant_body(message: Message, *, after_query: bool, is_last: bool) -> st
     reasoning = message.get("reasoning_content")
     if not isinstance(reasoning, str):
         reasoning = ""
-        if "</think>" in content:
-            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-            content = content.split("</think>")[-1].lstrip("\n")
+        if END_THINK_TEXT in content:
+            reasoning = content.split(END_THINK_TEXT)[0].rstrip("\n").split(THINK_TEXT)[-1].lstrip("\n")
+            content = content.split(END_THINK_TEXT)[-1].lstrip("\n")
     # Only turns after the last user query keep a think block: the current answer (always, so
     # a reply without reasoning gets the empty block) and multi-step tool-call turns with reasoning.
     if after_query and (is_last or reasoning):
@@ -271,10 +267,10 @@ def _strip_stop_markers(text: str) -> str:
 
 
 def _clean_thinking(text: str) -> str:
-    return text.strip("\n").removeprefix("<think>").strip("\n")
+    return text.strip("\n").removeprefix(THINK_TEXT).strip("\n")
 
 
 def _split_without_end_think(text: str) -> tuple[str, str]:
-    if text.lstrip("\n").startswith("<think>"):
+    if text.lstrip("\n").startswith(THINK_TEXT):
         return _clean_thinking(text), ""
     return "", text.strip("\n")

@@ -1,69 +1,42 @@
-"""Orbax checkpoints of a model's parameters, and loading whichever checkpoint format a path holds.
+"""Saving and loading model checkpoints, and loading whichever format a path holds.
 
-Three formats are read: Hugging Face (config.json + *.safetensors), qwen3-jax (below), and the
-trainer's (`train/checkpoint.py` writes WORKDIR/checkpoints/<step>/{state,data,model_config}; the
-params are read back here, so inference and conversion need not import the trainer).
-
-A qwen3-jax checkpoint directory holds:
-
-    params/          Orbax (OCDBT) tree of the parameters, the nested dict of `nnx.state(model, nnx.Param)`
-    config.json      the architecture in Hugging Face form, so one config reader serves both formats
-    qwen3_jax.json   runtime fields HF config.json has no place for (dtypes, scan, remat, MoE and attention kernels)
-
-Tensors are stored whole (Orbax records only how they were sharded), and each one is restored
-straight into the shards of its target sharding, so a checkpoint written on 8 devices loads on any
-mesh, or on one device, without a host copy of the model. Training state (optimizer, data
-iterator, step) lives in the trainer's own checkpoints; `load_any` restores only their params.
-
-Storage chunks never span two layers or two experts (nor exceed `CHUNK_BYTES`), so a checkpoint
-can also be read and written a block at a time without the model in host memory: `save_streamed`
-writes one from a block reader (the converter's path, for models larger than host memory), and
-`open_params` reads any of the three formats a block at a time through TensorStore. Both use
-Orbax's own TensorStore specs, so what `save_streamed` writes is an ordinary Orbax checkpoint.
+Formats read: Hugging Face (config.json + *.safetensors), qwen3-jax (`save_model`: params/ as an
+Orbax tree, config.json, qwen3_jax.json for the runtime fields) and the trainer's step folders
+(`qwen3_jax.layout`; their params only). Parameters are restored straight into their shardings on
+any mesh. Block-wise reading and writing, for models larger than host memory, is `qwen3_jax.stream`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
-from absl import flags, logging
-from etils import epath
 from flax import nnx
-# Orbax's own spec builder and metadata store, so streamed arrays are stored as Orbax stores
-# arrays; neither has a public path in the pinned orbax-checkpoint (tests/test_convert.py checks).
-from orbax.checkpoint._src.metadata import array_metadata_store
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
-from qwen3_jax.hf import CheckpointError, from_hf, hf_param_readers, stacked_dims
-from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.sharding import auto_mesh, state_shardings
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.errors import CheckpointError
+from qwen3_jax.hf import from_hf, stacked_dims
+from qwen3_jax.hf_config import from_hf_config, to_hf_config
+from qwen3_jax.layout import TRAINER_CHECKPOINTS, TRAINER_MODEL_CONFIG, TRAINER_STATE, trainer_steps
+from qwen3_jax.model import Qwen3, abstract_model, abstract_params
 
 PARAMS_DIR = "params"
 MARKER = "qwen3_jax.json"  # written last: its presence means the checkpoint is complete
 FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("scan_layers", "remat", "moe_impl", "moe_chunk_tokens", "dtype", "param_dtype", "attention",
                   "attention_block_q", "attention_block_kv")
-# The trainer's layout: WORKDIR/checkpoints/<step>/{state,data,data_info,model_config} (train/checkpoint.py).
-TRAINER_CHECKPOINTS = "checkpoints"
-TRAINER_STATE, TRAINER_DATA, TRAINER_MODEL_CONFIG = "state", "data", "model_config"
-TRAINER_DATA_INFO = "data_info"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # formats never read
 FORMAT_HELP = (
     f"a Hugging Face checkpoint (config.json + *.safetensors), a qwen3-jax checkpoint ({MARKER} + "
     f"{PARAMS_DIR}/) or a trainer checkpoint (a workdir, its {TRAINER_CHECKPOINTS}/ directory or one step folder)"
 )
-CHUNK_BYTES = 256 << 20  # storage chunk limit: the unit of block-wise reads and writes
-Reader = Callable[[tuple, tuple[slice, ...]], np.ndarray]  # (param path, one slice per dim) -> block
+# Storage chunks never span two layers or two experts, nor exceed this: the unit of block-wise I/O.
+CHUNK_BYTES = 256 << 20
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -84,47 +57,27 @@ def save_model(model: Qwen3, path: str | os.PathLike) -> None:
     Every process of a multi-host job must call it (Orbax writes each host's shards); returns once
     the data is on disk.
     """
-    path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, PARAMS_DIR)) or os.path.exists(os.path.join(path, MARKER)):
-        raise FileExistsError(f"{path} already holds a checkpoint; save to a new directory")
-    os.makedirs(path, exist_ok=True)
+    path = new_checkpoint_dir(path)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), params, save_args=_save_args(model.cfg, params))
+        ckptr.save(os.path.join(path, PARAMS_DIR), params, save_args=save_args(model.cfg, params))
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        _write_model_files(model.cfg, path)
+        write_model_files(model.cfg, path)
 
 
-def save_streamed(cfg: Qwen3Config, read: Reader, path: str | os.PathLike) -> None:
-    """Writes the checkpoint `save_model` would write for a model of `cfg` whose parameters
-    `read(param_path, index)` returns block by block (in `cfg.param_dtype`), without the model.
-
-    Each storage chunk is read, written and dropped in turn, so host memory stays about one chunk
-    (at most CHUNK_BYTES, and one layer or expert of a stacked parameter) plus what `read` holds.
-    Single-process only. Raises FileExistsError if `path` already holds a checkpoint.
-    """
+def new_checkpoint_dir(path: str | os.PathLike) -> str:
+    """`path` made absolute and created. Raises FileExistsError if it already holds a checkpoint."""
     path = os.path.abspath(path)
     if os.path.exists(os.path.join(path, PARAMS_DIR)) or os.path.exists(os.path.join(path, MARKER)):
         raise FileExistsError(f"{path} already holds a checkpoint; save to a new directory")
     os.makedirs(path, exist_ok=True)
-    flat = {
-        tuple(p): _Streamed(tuple(v.shape), np.dtype(v.dtype), lambda index, p=tuple(p): read(p, index))
-        for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))
-    }
-    params = nnx.to_pure_dict(nnx.from_flat_state(flat))
-    # Orbax takes the ArrayMetadata store (write shapes in _METADATA) from the jax.Array handler.
-    store = array_metadata_store.Store()
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=store)), (_Streamed, _StreamedHandler(store)))
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), args=ocp.args.PyTreeSave(params, _save_args(cfg, params)))
-    _write_model_files(cfg, path)
+    return path
 
 
-def _save_args(cfg: Qwen3Config, params: dict) -> dict:
+def save_args(cfg: Qwen3Config, params: dict) -> dict:
     """Per parameter, chunks of one layer (and one expert) of a stacked parameter, each at most
-    CHUNK_BYTES, so that block-wise readers (`open_params`) read each chunk once."""
+    CHUNK_BYTES, so that block-wise readers (`qwen3_jax.stream.open_params`) read each chunk once."""
     def args(keypath, _):
         path = tuple(k.key for k in keypath)
         return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=tuple(range(stacked_dims(path, cfg))))
@@ -132,49 +85,10 @@ def _save_args(cfg: Qwen3Config, params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(args, params)
 
 
-def _write_model_files(cfg: Qwen3Config, path: str) -> None:
+def write_model_files(cfg: Qwen3Config, path: str) -> None:
     _write_json(os.path.join(path, "config.json"), to_hf_config(cfg))
     runtime = {name: getattr(cfg, name) for name in RUNTIME_FIELDS}
     _write_json(os.path.join(path, MARKER), {"format_version": FORMAT_VERSION, "runtime": runtime})
-
-
-class _Streamed:
-    """A parameter `save_streamed` writes block by block: `read(index)` gives the block at `index`."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, read: Callable[[tuple[slice, ...]], np.ndarray]):
-        self.shape, self.dtype, self.read = shape, dtype, read
-
-
-class _StreamedHandler(ocp.type_handlers.ArrayHandler):
-    """Writes `_Streamed` leaves exactly as Orbax writes a one-device jax.Array of that shape and
-    dtype (same TensorStore spec, chunk shape and metadata, recorded as a jax.Array so the plain
-    ArrayHandler restores it), but one chunk at a time, each written before the next is read."""
-
-    def __init__(self, store: array_metadata_store.Store):
-        super().__init__(enable_write_sharding_file=False, array_metadata_store=store)
-
-    async def serialize(self, values: Sequence[_Streamed], infos: Sequence[ocp.type_handlers.ParamInfo],
-                        args: Sequence[ocp.SaveArgs] | None = None) -> list:
-        args = args or [ocp.SaveArgs()] * len(values)
-        metadatas = []
-        for value, info, arg in zip(values, infos, args):
-            await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info, arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
-                use_ocdbt=info.is_ocdbt_checkpoint, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
-            )
-            store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-            chunk = spec.metadata.chunk_shape
-            for pos in np.ndindex(*(-(-n // c) for n, c in zip(value.shape, chunk))):
-                index = tuple(slice(p * c, min((p + 1) * c, n)) for p, c, n in zip(pos, chunk, value.shape))
-                block = value.read(index)
-                if block.shape != tuple(s.stop - s.start for s in index) or block.dtype != value.dtype:
-                    raise ValueError(f"{info.name}: the reader gave {block.dtype}{list(block.shape)} for block {index}")
-                await store[index].write(block)
-            metadatas.append(spec.metadata)
-        await self._array_metadata_store.write(
-            checkpoint_dir=infos[0].parent_dir, array_metadatas=metadatas, process_index=jax.process_index())
-        return []
 
 
 def load_config(path: str | os.PathLike, **config_overrides: Any) -> Qwen3Config:
@@ -209,11 +123,11 @@ def load_model(
     compute dtype (as in `from_hf`); by default both are what the model was saved with. A mesh with
     Explicit axes (jax.make_mesh) is used as its `auto_mesh` twin.
     """
-    cfg = load_config(path, **_dtype_overrides(dtype, config_overrides))
+    cfg = load_config(path, **dtype_overrides(dtype, config_overrides))
     params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
 
     def restore(target):
-        _check_shapes(_saved_params("orbax", params_dir), target, params_dir)
+        check_shapes(saved_params("orbax", params_dir), target, params_dir)
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(params_dir, target)
 
@@ -243,11 +157,11 @@ def load_any(
         return load_model(weights_dir, mesh=mesh, dtype=dtype, **config_overrides)
     if fmt == "hf":
         return from_hf(weights_dir, mesh=mesh, dtype=jnp.float32 if dtype is None else dtype, **config_overrides)
-    cfg = load_any_config(weights_dir, **_dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
+    cfg = load_any_config(weights_dir, **dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
     state_dir = os.path.abspath(os.path.join(weights_dir, TRAINER_STATE))  # Orbax takes absolute paths only
 
     def restore(target):
-        _check_shapes(_saved_params("trainer", state_dir), target, state_dir)
+        check_shapes(saved_params("trainer", state_dir), target, state_dir)
         return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
             item={"params": target},
             restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
@@ -257,48 +171,7 @@ def load_any(
     return _restore_model(cfg, mesh, restore)
 
 
-def open_params(
-    path: str | os.PathLike, *, step: int | None = None, dtype=None, **config_overrides: Any,
-) -> tuple[str, Qwen3Config, Reader]:
-    """Opens the checkpoint at `path` (any format, as `load_any`) for reading a block at a time.
-
-    Returns the format ("hf", "orbax" or "trainer"), the config (dtypes as `load_any` gives them)
-    and `read(param_path, index)`: the block of that parameter at `index` (one slice per dim) as a
-    host array in our layout and `cfg.param_dtype`. Only the tensors (HF) or storage chunks
-    (Orbax, through TensorStore with no data cache) that the block overlaps are read, so host
-    memory stays about one block plus one chunk. Raises what `load_any` raises for a checkpoint
-    that does not match its config, before anything is read.
-    """
-    fmt, weights_dir = locate_checkpoint(path, step=step)
-    if fmt == "hf":
-        cfg = from_hf_config(weights_dir, **_dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
-        cfg, reads = hf_param_readers(weights_dir, cfg)
-        return fmt, cfg, lambda param, index: reads[param](index)
-    if fmt == "orbax":
-        cfg = load_config(weights_dir, **_dtype_overrides(dtype, config_overrides))
-        directory, prefix = os.path.join(os.path.abspath(weights_dir), PARAMS_DIR), ()
-    else:
-        cfg = load_any_config(weights_dir, **_dtype_overrides(jnp.float32 if dtype is None else dtype, config_overrides))
-        directory, prefix = os.path.join(os.path.abspath(weights_dir), TRAINER_STATE), ("params",)
-    abstract = nnx.state(abstract_model(cfg), nnx.Param)
-    _check_shapes(_saved_params(fmt, directory), nnx.to_pure_dict(abstract), directory)
-    with open(os.path.join(directory, "_METADATA")) as f:  # how Orbax stored the arrays
-        use_zarr3 = json.load(f).get("use_zarr3", False)
-    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(directory))
-    context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
-    dtypes = {tuple(p): np.dtype(v.dtype) for p, v in nnx.to_flat_state(abstract)}
-    stores: dict[tuple, ts.TensorStore] = {}
-
-    def read(param: tuple, index: tuple[slice, ...]) -> np.ndarray:
-        if param not in stores:  # Orbax names an array by its tree path joined with dots
-            spec = ts_utils.ArrayReadSpec(directory, ".".join(map(str, prefix + param)), use_zarr3, use_ocdbt=use_ocdbt)
-            stores[param] = ts.open(ts.Spec(spec.json), open=True, context=context).result()
-        return stores[param][index].read().result().astype(dtypes[param], copy=False)
-
-    return fmt, cfg, read
-
-
-def _saved_params(fmt: str, directory: str):
+def saved_params(fmt: str, directory: str):
     """The tree of parameter metadata (shapes) an Orbax `directory` holds: a qwen3-jax params/
     directory, or a trainer's state/ (whose params subtree it is)."""
     if fmt == "orbax":
@@ -369,31 +242,10 @@ def locate_checkpoint(path: str | os.PathLike, *, step: int | None = None) -> tu
     return "trainer", os.path.join(root, str(max(steps) if step is None else step))
 
 
-def trainer_steps(root: str | os.PathLike) -> list[int]:
-    """The saved steps (ascending) in a trainer `checkpoints/` directory: committed step folders
-    holding the train state (Orbax renames a step's folder into place once it is fully written)."""
-    steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
-    return sorted(s for s in steps if os.path.isdir(os.path.join(root, str(s), TRAINER_STATE)))
-
-
-def checkpoint_dirs(path: str | os.PathLike) -> list[str]:
-    """Where files that ship with the checkpoint at `path` (its tokenizer) are looked for, innermost
-    first: `path`, then, for a trainer step folder or `checkpoints/` directory, the directories
-    above it up to the run's workdir (the trainer writes its tokenizer at the workdir's root)."""
-    path = os.path.abspath(path)
-    dirs = [path]
-    if os.path.isdir(os.path.join(path, TRAINER_STATE)):
-        path = os.path.dirname(path)
-        dirs.append(path)
-    if os.path.basename(path) == TRAINER_CHECKPOINTS:
-        dirs.append(os.path.dirname(path))
-    return dirs
-
-
 # ------------------------------------------------------------------------------- helpers
 
 
-def _dtype_overrides(dtype, config_overrides: dict[str, Any]) -> dict[str, Any]:
+def dtype_overrides(dtype, config_overrides: dict[str, Any]) -> dict[str, Any]:
     """`config_overrides` with `dtype` (if not None) as both parameter and compute dtype; explicit
     overrides win."""
     if dtype is None:
@@ -406,15 +258,11 @@ def _restore_model(cfg: Qwen3Config, mesh: jax.sharding.Mesh | None, restore) ->
     """The model of `cfg` with the params `restore(target)` returns, where `target` holds a
     ShapeDtypeStruct per param in its sharding on `mesh` (the first device without one). A mesh
     with Explicit axes (jax.make_mesh) is used as its `auto_mesh` twin."""
-    mesh = auto_mesh(mesh)
     graphdef, state = nnx.split(abstract_model(cfg))
-    abstract = nnx.to_pure_dict(state)
+    target = abstract_params(cfg, mesh)
     if mesh is None:
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: single, abstract)
-    else:
-        shardings = nnx.to_pure_dict(state_shardings(state, mesh, cfg.rules))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), target)
     nnx.replace_by_pure_dict(state, restore(target))
     return nnx.merge(graphdef, state)
 
@@ -431,7 +279,7 @@ def _flat(tree) -> dict[str, Any]:
     return {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
 
 
-def _check_shapes(saved_tree, target, where: str) -> None:
+def check_shapes(saved_tree, target, where: str) -> None:
     """Names the parameters whose presence or shape differs, before Orbax fails less clearly."""
     saved, wanted = _flat(saved_tree), _flat(target)
     missing, unexpected = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
@@ -445,10 +293,3 @@ def _check_shapes(saved_tree, target, where: str) -> None:
                 f"parameter {name} has shape {list(saved[name].shape)} in {where} but the config needs "
                 f"{list(want.shape)}"
             )
-
-
-def quiet_orbax_logs() -> None:
-    """For command lines: Orbax logs every save and restore at absl INFO; show warnings only,
-    unless the user asked for a level with --verbosity (--verbosity=0 shows them)."""
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)

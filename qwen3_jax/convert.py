@@ -1,20 +1,11 @@
 """Converts checkpoints to Hugging Face safetensors or qwen3-jax Orbax directories.
 
     python -m qwen3_jax.convert --src Qwen3-8B --dst qwen3-8b-jax
-    python -m qwen3_jax.convert --src qwen3-8b-sft --dst Qwen3-8B-sft --to hf --dtype bfloat16
-    python -m qwen3_jax.convert --src runs/sft [--step 2000] --dst Qwen3-8B-sft --to hf
+    python -m qwen3_jax.convert --src runs/sft [--step 2000] --dst Qwen3-8B-sft --to hf --dtype bfloat16
 
-The source is any checkpoint `qwen3_jax.load_any` reads: HF, qwen3-jax, or a trainer checkpoint
-(a workdir or its checkpoints/ directory, whose latest step or `--step` is converted, or one step
-folder). The direction defaults to "the other format" (HF for a trainer checkpoint); naming the
-source's own format re-writes it (for example to change the dtype or the shard size). The dtype
-defaults to the source's (float32 for a trainer checkpoint: its master weights). Tokenizer files
-are copied along (from a trainer's workdir), so the result serves decoding and fine-tuning as is.
-
-The model never sits in memory: parameters stream from source to destination a block at a time
-(one HF tensor, or one storage chunk of at most 256 MiB that never spans two layers or experts),
-so host memory stays about the largest such block whatever the model's size (measured on
-Qwen3-235B-A22B shapes by benchmarks/convert_memory.py). Single-process; no accelerator is used.
+The source is any checkpoint `load_any` reads; the direction defaults to the other format (HF for
+a trainer's), the dtype to the source's; tokenizer files are copied along. Parameters stream a
+block at a time, so host memory stays about one block whatever the model's size. Single-process.
 """
 
 from __future__ import annotations
@@ -29,10 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-from qwen3_jax.checkpoint import locate_checkpoint, open_params, save_streamed
+from qwen3_jax.checkpoint import locate_checkpoint
 from qwen3_jax.config import DTYPES
-from qwen3_jax.hf import CheckpointError, write_hf
+from qwen3_jax.errors import CheckpointError
+from qwen3_jax.hf import write_hf
 from qwen3_jax.model import abstract_model
+from qwen3_jax.stream import open_params, save_streamed
 from qwen3_jax.tokenizer import tokenizer_dir
 
 FORMATS = ("orbax", "hf")

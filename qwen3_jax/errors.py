@@ -23,3 +23,9 @@ class RequestError(ValueError):
 
 class TrainingError(RuntimeError):
     """A run that cannot go on: a non-finite loss, a checkpoint that could not be written."""
+
+
+def need(cond: bool, msg: str) -> None:
+    """Raises ConfigError(msg) unless `cond`."""
+    if not cond:
+        raise ConfigError(msg)

@@ -1,19 +1,10 @@
 """Hugging Face Qwen3 / Qwen3-MoE safetensors checkpoints <-> qwen3-jax models.
 
-One table (`_hf_tensor`) maps each parameter of the abstract model to its Hugging Face tensor name;
-the abstract model supplies shapes, logical axes and shardings, so loading, exporting and shape
-checks all follow from the same description. Loading memory-maps the safetensors files and builds
-each device shard with `jax.make_array_from_callback`, reading only the tensors (and rows) that
-shard needs: host memory stays around one checkpoint tensor, never the model. Each read maps only
-its own tensor and unmaps it when the result is dropped, so pages read stay resident only as long
-as the block that needs them. Export (`write_hf`) streams the other way: it plans the shard files
-from shapes, writes each file's header first and then each tensor as it is read, in blocks of rows.
-
-MoE experts load from either layout transformers writes: one tensor per expert and projection
-(`mlp.experts.{e}.gate_proj.weight`, the released checkpoints' layout, which `to_hf` writes) or,
-per layer, the fused v5 tensors `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows)
-and `mlp.experts.down_proj` [E, H, I] (`save_pretrained(..., save_original_format=False)`).
-Layers may differ in layout.
+One table (`_hf_tensor`) maps each parameter of the abstract model to its Hugging Face tensor name.
+Loading builds each device shard from a memory map, reading only the tensors (and rows) it needs;
+export streams file by file, a block of rows at a time: host memory stays about one HF tensor.
+MoE experts load per expert (`mlp.experts.{e}.gate_proj.weight`, what `to_hf` writes) or fused
+per layer (transformers v5: `mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]).
 """
 
 from __future__ import annotations
@@ -21,200 +12,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import warnings
 from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from qwen3_jax.config import Qwen3Config, from_hf_config, to_hf_config
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.hf_config import from_hf_config, to_hf_config
 from qwen3_jax.errors import CheckpointError
 from qwen3_jax.model import Qwen3, abstract_model
+from qwen3_jax.safetensors import INDEX, SafetensorsReader, header_bytes, write_rows
 from qwen3_jax.sharding import auto_mesh, state_shardings
-
-
-# ----------------------------------------------------------------------- safetensors I/O
-
-_ST_DTYPES = {
-    "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-INDEX = "model.safetensors.index.json"
-_MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
-
-
-class SafetensorsReader:
-    """Lazy, memory-mapped view of every tensor in a checkpoint directory (one file or an index).
-
-    What a checkpoint claims is checked before any tensor is read, and every violation is a
-    CheckpointError naming the file (and tensor): the header length against the file size, the
-    header a JSON object, each tensor a supported float dtype (F32, F16, BF16, F64) with a shape
-    of non-negative ints and data offsets inside the file that span exactly dtype size x shape
-    bytes without overlapping another tensor's (a truncated file fails here); an index must be a
-    JSON object whose `weight_map` sends tensor names to shard files inside `path` (no absolute
-    path, `..` or symlink out of it) that exist and hold those tensors. Only safetensors are read:
-    nothing is ever unpickled.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        index = os.path.join(path, INDEX)
-        weight_map = _read_index(index) if os.path.exists(index) else None
-        if weight_map is not None:
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no .safetensors files in {path}")
-        self._entries: dict[str, tuple[str, str, list[int], int, int]] = {}
-        found_in: dict[str, str] = {}
-        for name in files:
-            fpath = _shard_path(path, name, index)
-            for key, entry in _read_header(fpath).items():
-                if key in found_in:
-                    raise CheckpointError(f"tensor {key} is stored twice, in {found_in[key]} and in {name}")
-                found_in[key] = name
-                self._entries[key] = entry
-        for key, name in (weight_map or {}).items():
-            if found_in.get(key) != name:
-                raise CheckpointError(f"{index} says tensor {key} is in {name}, but {name} does not hold it")
-
-    def keys(self) -> set[str]:
-        return set(self._entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name][2])
-
-    def get(self, name: str) -> np.ndarray:
-        """A read-only memory map of tensor `name` alone: its pages are read when touched and
-        unmapped once the array and its views are dropped."""
-        if name not in self._entries:
-            raise CheckpointError(f"missing tensor {name} in {self.path}")
-        fpath, dtype, shape, begin, end = self._entries[name]
-        if end == begin:  # mmap refuses empty ranges
-            return np.empty(shape, _ST_DTYPES[dtype])
-        return np.memmap(fpath, dtype=_ST_DTYPES[dtype], mode="r", offset=begin, shape=tuple(shape))
-
-
-def _read_index(index: str) -> dict[str, str]:
-    """The `weight_map` of a safetensors index file, checked to map names to file names."""
-    try:
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-    except (ValueError, AttributeError) as e:  # not JSON, or not an object
-        raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in weight_map.items()):
-        raise CheckpointError(f"{index}: weight_map must map tensor names to file names, got {weight_map!r:.200}")
-    return weight_map
-
-
-def _shard_path(path: str, name: str, index: str) -> str:
-    """`path`/`name` for a shard the index lists, refused unless it stays inside `path`."""
-    root = os.path.realpath(path)
-    resolved = os.path.realpath(os.path.join(path, name))
-    if os.path.isabs(name) or os.path.commonpath([root, resolved]) != root:
-        raise CheckpointError(f"{index} lists shard {name!r}, which is outside the checkpoint directory {path}")
-    if not os.path.isfile(resolved):
-        raise CheckpointError(f"{index} lists shard {name}, which is missing from {path}")
-    return resolved
-
-
-def _read_header(fpath: str) -> dict[str, tuple[str, str, list[int], int, int]]:
-    """(file, dtype, shape, begin, end) per tensor of one safetensors file, every claim checked."""
-    size = os.path.getsize(fpath)
-    with open(fpath, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{fpath} has {size} bytes, too few for a safetensors header (truncated?)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise CheckpointError(
-                f"{fpath}: the header length field says {header_len} bytes, but the file has {size - 8} after it "
-                "(truncated, or not a safetensors file)")
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except ValueError as e:  # JSON or UTF-8
-        raise CheckpointError(f"{fpath}: the safetensors header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{fpath}: the safetensors header is a JSON {type(header).__name__}, not an object")
-    data_bytes = size - 8 - header_len
-    entries, spans = {}, []
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        where = f"{fpath}: tensor {key}"
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{where}: its header entry is not an object")
-        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{where} has dtype {dtype!r}; Qwen3 weights are one of {sorted(_ST_DTYPES)}")
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-            raise CheckpointError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
-                and offsets[0] <= offsets[1] <= data_bytes):
-            raise CheckpointError(
-                f"{where}: data_offsets {offsets!r} do not lie within the file's {data_bytes} data bytes (a truncated "
-                "file, or a header that lies)")
-        begin, end = offsets
-        needed = math.prod(shape) * _ST_DTYPES[dtype].itemsize
-        if end - begin != needed:
-            raise CheckpointError(
-                f"{where}: data_offsets span {end - begin} bytes, but {dtype} of shape {shape} is {needed} bytes")
-        entries[key] = (fpath, dtype, shape, 8 + header_len + begin, 8 + header_len + end)
-        if end > begin:
-            spans.append((begin, end, key))
-    spans.sort()
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
-        if begin < end:
-            raise CheckpointError(f"{fpath}: tensors {a} and {b} claim overlapping bytes")
-    return entries
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _safetensors_header(tensors: list[tuple[str, np.dtype, tuple[int, ...]]]) -> bytes:
-    """The length prefix and JSON header of a file holding `tensors` (name, dtype, shape) in order."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape in tensors:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        f.write(_safetensors_header([(name, arr.dtype, arr.shape) for name, arr in tensors.items()]))
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
-
-
-_WRITE_BLOCK_BYTES = 64 << 20
-
-
-def _write_rows(f, arr: np.ndarray, dtype: np.dtype) -> None:
-    """Writes `arr` (any strides) as C-order `dtype` bytes, converting a block of rows at a time so
-    a transposed view costs one block of extra memory, not a second copy of the tensor."""
-    if arr.ndim == 0 or arr.size == 0:
-        f.write(np.ascontiguousarray(arr, dtype).tobytes())
-        return
-    rows = max(1, _WRITE_BLOCK_BYTES // max(1, arr[0].size * dtype.itemsize))
-    for i in range(0, arr.shape[0], rows):
-        f.write(np.ascontiguousarray(arr[i: i + rows], dtype).view(np.uint8).data)
 
 
 # ------------------------------------------------------------------------- name mapping
@@ -524,10 +335,10 @@ def write_hf(cfg: Qwen3Config, read: Callable[[tuple, tuple[slice, ...]], np.nda
     )
     for fname, shard in zip(files, shards):
         with open(os.path.join(path, fname), "wb") as f:
-            f.write(_safetensors_header([(name, out_dtype, hf_shape) for name, _, _, hf_shape, _ in shard]))
+            f.write(header_bytes([(name, out_dtype, hf_shape) for name, _, _, hf_shape, _ in shard]))
             for _, path_, ix, _, rank in shard:
                 block = read(path_, tuple(slice(i, i + 1) for i in ix) + (slice(None),) * (rank - len(ix)))
-                _write_rows(f, _hf_tensor(path_, cfg).to_hf(block.reshape(block.shape[len(ix):])), out_dtype)
+                write_rows(f, _hf_tensor(path_, cfg).to_hf(block.reshape(block.shape[len(ix):])), out_dtype)
                 del block  # before the next read, or two tensors are held at once
         if progress is not None:
             progress(fname)

@@ -64,6 +64,7 @@ def _stack_layers(cfg: Qwen3Config, moe: bool, n: int, rngs: nnx.Rngs) -> Decode
         return DecoderLayer(cfg, moe, rngs=r)
 
     stack = make(rngs)
+    # By hand, not nnx.vmap's PARTITION_NAME: that writes Flax's `out_sharding` metadata, and the rules read `axes`.
     for _, var in nnx.iter_graph(stack):
         if isinstance(var, nnx.Param):
             var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
@@ -126,10 +127,11 @@ class Qwen3(nnx.Module):
         Without a cache, attention is causal over the T tokens (within segments if segment ids are
         given; segment id 0 marks padding and is left out of the MoE load-balancing statistics).
         With a cache, this call's keys are written at slots cache_start_B + t and queries attend to
-        every slot up to their own, so prefill and decode are the same call.
+        every slot up to their own, so prefill and decode are the same call. Token ids must be in
+        [0, vocab_size); they are checked where they enter (the engine's request checks, the trainer's
+        tokenizer-vs-model check), not here, where checking would copy them to the host.
         """
         cfg = self.cfg
-        _check_token_range(tokens_BxT, cfg.vocab_size)
         B, T = tokens_BxT.shape
         if cache is not None and segment_ids_BxT is not None:
             raise ValueError("segment_ids are for packed training sequences and cannot be combined with a KV cache")
@@ -227,25 +229,24 @@ def _unstack(stacked):
     return jax.jit(lambda t: [jax.tree.map(lambda a: a[i], t) for i in range(n)], out_shardings=[shardings] * n)(stacked)
 
 
-def _check_token_range(tokens, vocab_size: int) -> None:
-    """Rejects out-of-range ids when they are concrete (under jit they cannot be checked)."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
-    t = np.asarray(tokens)
-    if t.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {t.shape}")
-    if not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"tokens must be integer ids, got dtype {t.dtype}")
-    if t.size and (t.min() < 0 or t.max() >= vocab_size):
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {t.min()} max {t.max()}")
-
-
 # ------------------------------------------------------------------------------ construction
 
 
 def abstract_model(cfg: Qwen3Config) -> Qwen3:
     """The model with ShapeDtypeStruct leaves: nothing is allocated."""
     return nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
+
+
+def abstract_params(cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """The parameters as `nnx.to_pure_dict(nnx.state(model, nnx.Param))` lays them out, each a
+    ShapeDtypeStruct with its NamedSharding on `auto_mesh(mesh)` by `cfg.rules` (no sharding
+    without a mesh): a restore or `jax.jit` target. Nothing is allocated."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    shapes = nnx.to_pure_dict(state)
+    if mesh is None:
+        return shapes
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh, cfg.rules))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def init_model(cfg: Qwen3Config, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Qwen3:

@@ -1,30 +1,10 @@
 """Qwen3 sparse MoE block: softmax router -> top-k -> renormalise -> dropless grouped expert SwiGLU.
 
-Dropless: the token-expert pairs are sorted by expert and every pair is computed; nothing is
-capped by a capacity factor.
-
-Expert parallelism (`expert` mesh axis) runs under `jax.shard_map`, and by design a layer's
-forward pass has exactly these collectives (tests/test_sharding_hlo.py counts them):
-  - routing (softmax, top-k) on each device's own tokens: none (the partitioner, left to it,
-    all-gathers the [B, T, E] probabilities over every batch axis to run `top_k`);
-  - all-gather over `expert` of the tokens [B, T, D], their top-k expert ids and weights: each
-    expert shard sees the tokens of its expert group (the `expert` axis also splits the batch);
-  - psum over `tensor` of the partial outputs, whose expert width I is split over `tensor`;
-  - reduce-scatter (psum_scatter) over `expert`: each shard's sum over all experts of its own rows;
-  - outside the shard_map, an all-reduce of the router statistics over the batch axes, and on an
-    `fsdp` mesh FSDP's all-gathers of the router and expert weights.
-The backward pass has their transposes. Every token travels to every expert shard of its group;
-an all-to-all dispatch would send it only to the shards holding its K experts, at the price of a
-capacity bound or a ragged all-to-all, which this dropless layout avoids.
-
-Memory: an expert shard gathers its group's tokens [G*B*T, D] and makes their (token, expert)
-pairs [G*B*T*K, D], 34 GB for Qwen3-235B-A22B at 16 rows of 32,768 tokens. `moe_chunk_tokens`
-bounds both: each device's tokens go through the collectives and experts listed above in
-chunks under `jax.checkpoint`, `moe_chunk_tokens` gathered tokens per pass, so one chunk's arrays are
-live at a time; the backward pass recomputes each chunk (its expert matmuls and its all-gather)
-once more.
-
-Shapes: B batch, T length, D hidden, E experts (El local), I expert width, K top-k, M = B*T*K pairs.
+Dropless: every (token, expert) pair is computed, nothing is capped by a capacity factor. Expert
+parallelism (`expert` mesh axis) runs under `jax.shard_map` with a fixed set of collectives per
+layer (tests/test_sharding_hlo.py counts them); `moe_chunk_tokens` bounds the gathered tokens an
+expert shard holds at once. Shapes: B batch, T length, D hidden, E experts (El local), I expert
+width, K top-k, M = B*T*K pairs.
 """
 
 from __future__ import annotations
@@ -85,8 +65,7 @@ def route(
 def _blocked_grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array) -> jax.Array:
     """Grouped matmul by fixed-size row blocks, each block owned by one expert.
 
-    XLA:CPU lowers `ragged_dot` to a dense loop (~200x slower than a plain matmul at 30B-A3B
-    shapes), so on CPU each group is padded to a multiple of `block` rows and a scan multiplies
+    XLA:CPU lowers `ragged_dot` to a dense loop, so on CPU each group is padded to a multiple of `block` rows and a scan multiplies
     one block by its expert's weights, skipping unused blocks. Work is proportional to the routed
     pairs (plus at most E * (block - 1) padding rows), and it is differentiable.
     """
@@ -242,16 +221,3 @@ class MoE(nnx.Module):
         return jax.shard_map(body, in_specs=(act, act, gu, gu, dn), out_specs=(act, act, act), check_vma=False)(
             x_BxTxD, logits_BxTxE, gate, up, down
         )
-
-
-def masked_reference(x_BxTxD, router_DxE, gate_ExDxI, up_ExDxI, down_ExIxD, k: int, normalize: bool) -> jax.Array:
-    """Every expert on every token, weighted by the (zero outside top-k) routing weights.
-
-    The plain definition the dropless path is tested and benchmarked against.
-    """
-    logits = jnp.einsum("BTD,DE->BTE", x_BxTxD, router_DxE)
-    _, weights, idx = route(logits, k, normalize)
-    dense_w_BxTxE = jnp.einsum("BTK,BTKE->BTE", weights, jax.nn.one_hot(idx, router_DxE.shape[1]))
-    h = jax.nn.silu(jnp.einsum("BTD,EDI->BTEI", x_BxTxD, gate_ExDxI)) * jnp.einsum("BTD,EDI->BTEI", x_BxTxD, up_ExDxI)
-    y = jnp.einsum("BTEI,EID->BTED", h, down_ExIxD)
-    return jnp.einsum("BTED,BTE->BTD", y, dense_w_BxTxE.astype(y.dtype))

@@ -1,19 +1,9 @@
 """Logical axis names -> mesh axes, in one table, plus mesh construction.
 
-Sharding mode: **Auto** mesh axes, chosen deliberately. Parameters and step inputs/outputs get
-explicit NamedShardings at jit boundaries (pjit style), activations are pinned at layer
-boundaries with `with_sharding_constraint`, and XLA's partitioner places the collectives in
-between. Explicit (sharding-in-types) mode would force a sharding on every intermediate einsum;
-the two places that need manual control use `jax.shard_map`: the MoE block and the embedding
-lookup, where the partitioner would otherwise replicate activations (`layers.embed_tokens`).
-
-The model never takes a mesh argument: it reads the mesh installed by `jax.set_mesh`, and with
-no mesh installed every constraint is a no-op, so one code path serves 1 CPU and a TPU pod.
-
-`jax.make_mesh` makes Explicit axes by default in this JAX. Every public function that takes a
-mesh converts it once with `auto_mesh` (same devices, names and shape, Auto axes), so such a mesh
-gives the same numbers as `make_mesh`'s; a mesh installed with `jax.set_mesh` around a model call
-must have Auto axes (install `auto_mesh(mesh)`), which the model checks.
+Mesh axes are Auto: parameters get NamedShardings at jit boundaries, activations are pinned by
+`constrain`, and the MoE block and embedding lookup use `jax.shard_map`. The model reads the mesh
+installed by `jax.set_mesh` (none: every constraint is a no-op). Public functions taking a mesh
+convert it with `auto_mesh`; a mesh installed around a model call must have Auto axes.
 """
 
 from __future__ import annotations
@@ -125,7 +115,7 @@ def current_mesh_axes() -> tuple[str, ...]:
     if any(t == AxisType.Explicit for t in mesh.axis_types):
         raise ValueError(
             "the mesh installed with jax.set_mesh has Explicit axes (jax.make_mesh's default); qwen3-jax "
-            "needs Auto axes: install qwen3_jax.auto_mesh(mesh) instead"
+            "needs Auto axes: install qwen3_jax.sharding.auto_mesh(mesh) instead"
         )
     return tuple(mesh.axis_names)
 
@@ -214,6 +204,7 @@ def to_host(tree):
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules):
     """NamedShardings for every parameter of an nnx State (abstract or concrete) on `auto_mesh(mesh)`."""
+    # Not nnx.get_named_sharding: Flax 0.12.8's rule lookup keeps mesh axes the mesh lacks and never reports collisions.
     mesh = auto_mesh(mesh)
 
     def one(v):

@@ -22,13 +22,8 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from qwen3_jax.checkpoint import checkpoint_dirs
-
-ENDOFTEXT_ID = 151643
-IM_START_ID = 151644
-IM_END_ID = 151645
-THINK_ID = 151667
-END_THINK_ID = 151668
+from qwen3_jax.ids import STOP_THINKING_TEXT
+from qwen3_jax.layout import checkpoint_dirs
 
 # (id, content, special): `special` tokens are dropped by decode(skip_special_tokens=True).
 # <think>/</think> and the tool/FIM tokens are not special, so they survive that decode.
@@ -65,12 +60,6 @@ ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
 QWEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
     r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-# Forced into the stream when a thinking budget runs out (Qwen's own recipe; 24 Qwen3 tokens).
-STOP_THINKING_TEXT = (
-    "\n\nConsidering the limited time by the user, I have to give the solution based on the "
-    "thinking directly now.\n</think>\n\n"
 )
 
 # Generation stops at either; <|im_end|> first because it ends every chat turn.
@@ -279,7 +268,7 @@ def _token_id(value) -> int:
 def tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
     """The directory holding the tokenizer a checkpoint ships (`tokenizer.json` or `tokenizer.model`),
     or None: `path` itself, or for a trainer checkpoint given as its `checkpoints/` directory or a
-    step folder, the run's workdir (`qwen3_jax.checkpoint.checkpoint_dirs`)."""
+    step folder, the run's workdir (`qwen3_jax.layout.checkpoint_dirs`)."""
     for directory in map(Path, checkpoint_dirs(path)):
         if (directory / TOKENIZER_JSON).is_file() or (directory / SENTENCEPIECE_MODEL).is_file():
             return directory

@@ -1,14 +1,8 @@
-"""Test set-up: eight simulated CPU devices, float32 matmuls at full precision, and compile time cut.
+"""Test set-up: eight simulated CPU devices, float32 matmuls at full precision, compile time cut, shared fixtures.
 
-XLA_FLAGS must be set before jax is first imported, which is why this lives here. The suite is
-dominated by XLA:CPU compiling tiny models, not by running them (75% of the time of four heavy tests profiled), so
-(measured on 2 cores; the whole suite took 1,113 s with neither, 632 s with both and pytest-xdist):
-  - LLVM runs at optimisation level 0 (XLA's HLO passes, fusion included, are unchanged):
-    a backend compile takes ~40% less time;
-  - a persistent compilation cache, fresh for each session, is shared by the tests and the
-    subprocesses they start (CLIs, killed-and-resumed trainers), which compile the same programs
-    again: on test_generate.py + test_train.py, 122 of 511 compiles hit it and the time drops 27%.
-Set before jax is imported, as environment variables, so that subprocesses inherit them.
+XLA_FLAGS and the JAX cache variables are set here, before jax is first imported, as environment
+variables so that the subprocesses tests start inherit them: LLVM at optimisation level 0 (XLA's
+HLO passes unchanged) and a persistent compilation cache fresh for each session.
 """
 import os
 import shutil
@@ -42,3 +36,49 @@ def no_torch(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("no_torch")
     (path / "torch.py").write_text("raise ImportError('torch is not part of the training stack')\n")
     return str(path)
+
+
+HF_KINDS = ("dense_tied", "dense", "moe")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict:
+    """{kind: (transformers model, its saved directory)} for the tiny random checkpoints of
+    `helpers.hf_fixtures` (seeds 0, 1, 2). Shared: copy a directory before changing it."""
+    from helpers.hf_fixtures import make_hf_model, save_hf_model  # imports torch
+
+    out = {}
+    for seed, kind in enumerate(HF_KINDS):
+        hf = make_hf_model(kind, seed=seed)
+        out[kind] = (hf, save_hf_model(hf, tmp_path_factory.mktemp(kind)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    """The Qwen3 tokenizer (from the default cache, built once per session otherwise)."""
+    from qwen3_jax.tokenizer import Tokenizer
+
+    return Tokenizer.qwen3()
+
+
+SP_CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A 400-piece SentencePiece BPE model with Qwen's control tokens as user-defined symbols."""
+    import random
+
+    import sentencepiece as spm
+
+    directory = tmp_path_factory.mktemp("sp")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog time user solution thinking now give".split()
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "sp"), vocab_size=400, model_type="bpe",
+        user_defined_symbols=SP_CONTROL, byte_fallback=True, character_coverage=1.0, minloglevel=2,
+    )
+    return directory / "sp.model"

@@ -11,7 +11,6 @@ import torch
 from flax import nnx
 
 import qwen3_jax as q
-from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer.engine import Engine
 from qwen3_jax import attention as A
 from qwen3_jax.config import ConfigError
@@ -115,9 +114,8 @@ def test_splash_kernel_under_a_mesh_equals_one_device():
 
 
 @pytest.fixture(scope="module")
-def hf_dense(tmp_path_factory):
-    hf = make_hf_model("dense", seed=5)
-    return hf, save_hf_model(hf, tmp_path_factory.mktemp("dense"))
+def hf_dense(hf_checkpoints):
+    return hf_checkpoints["dense"]
 
 
 def test_blockwise_model_matches_transformers_and_its_gradient_matches_einsum(hf_dense):

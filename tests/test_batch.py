@@ -19,7 +19,8 @@ from infer.engine import Engine
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING
 from qwen3_jax.chat import EMPTY_THINK_BLOCK, render
 from qwen3_jax.errors import ConfigError
-from qwen3_jax.tokenizer import IM_END_ID, Tokenizer
+from qwen3_jax.ids import IM_END_ID
+from qwen3_jax.tokenizer import Tokenizer
 from train import data as data_lib
 
 CONTEXT, MAX_NEW = 256, 8

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qwen3_jax.chat import parse_completion, parse_completion_ids, render, render_for_training
-from qwen3_jax.tokenizer import END_THINK_ID, IM_END_ID, Tokenizer
+from qwen3_jax.ids import END_THINK_ID, IM_END_ID
+from qwen3_jax.tokenizer import Tokenizer
 
 TEMPLATE_PATH = Path(__file__).parent / "data" / "qwen3_chat_template.jinja"
 TEMPLATE = TEMPLATE_PATH.read_text()
@@ -184,8 +185,8 @@ def official():
 
 
 @pytest.fixture(scope="session")
-def qwen3() -> Tokenizer:
-    return Tokenizer.qwen3()
+def qwen3(qwen3_tokenizer) -> Tokenizer:
+    return qwen3_tokenizer
 
 
 @pytest.mark.parametrize("name,messages,tools", CASES, ids=[c[0] for c in CASES])

@@ -22,6 +22,8 @@ import torch
 import transformers
 
 import qwen3_jax as q
+from qwen3_jax.config import YarnScaling
+from qwen3_jax.hf_config import from_hf_config, to_hf_config
 from qwen3_jax.layers import rope_inv_freq
 
 transformers.logging.set_verbosity_error()
@@ -246,9 +248,9 @@ def test_config_reads_like_transformers(case_id, mt, changes, field):
         field = UNSUPPORTED[case_id]
     if ref is None or case_id in UNSUPPORTED:
         with pytest.raises(q.ConfigError, match=field):
-            q.from_hf_config(d)
+            from_hf_config(d)
         return
-    ours = _our_view(q.from_hf_config(d), ref)
+    ours = _our_view(from_hf_config(d), ref)
     np.testing.assert_allclose(ours.pop("inv_freq"), ref.pop("inv_freq"), rtol=3e-7, atol=0)
     assert ours.pop("attention_scaling") == pytest.approx(ref.pop("attention_scaling"), rel=1e-12)
     assert ours == ref
@@ -268,16 +270,16 @@ def test_every_field_transformers_declares_is_covered(mt):
 
 def test_issue_head_dim_default_loads_the_checkpoint_transformers_loads():
     """Issue 13, case 1: a qwen3 config.json without head_dim means 128, not hidden / heads."""
-    cfg = q.from_hf_config({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
+    cfg = from_hf_config({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
                             "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 32})
     assert cfg.head_dim == 128 and cfg.rope_theta == 10000.0 and cfg.max_position_embeddings == 32768
 
 
 def test_round_trip_through_to_hf_config_and_transformers():
-    cfg = q.preset("tiny-moe", eos_token_id=(5, 6), rope_scaling=q.YarnScaling(4.0, 64, attention_factor=1.3),
+    cfg = q.preset("tiny-moe", eos_token_id=(5, 6), rope_scaling=YarnScaling(4.0, 64, attention_factor=1.3),
                    mlp_only_layers=(1,), decoder_sparse_step=1)
-    hf = q.to_hf_config(cfg)
-    assert q.from_hf_config(hf) == cfg
+    hf = to_hf_config(cfg)
+    assert from_hf_config(hf) == cfg
     reloaded = transformers.Qwen3MoeConfig.from_dict({k: v for k, v in hf.items() if k != "model_type"})
     assert reloaded.eos_token_id == [5, 6] and reloaded.head_dim == cfg.head_dim
 
@@ -286,7 +288,7 @@ def test_context_length_is_what_serving_engines_derive():
     """YaRN: factor x original (vLLM's max_model_len; vllm-project/vllm-ascend#760), never below
     max_position_embeddings; a YaRN factor left null derives back to max_position_embeddings."""
     def context(rope_scaling, max_positions):
-        return q.from_hf_config({"model_type": "qwen3", "rope_scaling": rope_scaling,
+        return from_hf_config({"model_type": "qwen3", "rope_scaling": rope_scaling,
                                  "max_position_embeddings": max_positions}).context_length
 
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}

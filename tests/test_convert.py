@@ -21,13 +21,15 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import qwen3_jax as q
-from helpers.hf_fixtures import make_hf_model, save_hf_model
+from qwen3_jax.config import YarnScaling
+from qwen3_jax.hf_config import from_hf_config, to_hf_config
+from qwen3_jax.model import abstract_model
 from qwen3_jax import convert
-from qwen3_jax.checkpoint import (
-    CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, open_params, save_model,
-)
-from qwen3_jax.hf import SafetensorsReader, stacked_dims
+from qwen3_jax.checkpoint import CHUNK_BYTES, is_hf_checkpoint, is_orbax_checkpoint, load_any, load_model, save_model
+from qwen3_jax.hf import stacked_dims
+from qwen3_jax.safetensors import SafetensorsReader
 from qwen3_jax.sharding import state_shardings
+from qwen3_jax.stream import open_params
 
 KINDS = ("dense_tied", "moe")
 TOKENIZER_FILES = {"tokenizer.json": '{"model": {}}', "tokenizer_config.json": "{}", "merges.txt": "#v\n"}
@@ -35,12 +37,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Tiny transformers checkpoints with (stand-in) tokenizer files beside the weights."""
+def checkpoints(hf_checkpoints, tmp_path_factory):
+    """The shared tiny transformers checkpoints, copied, with (stand-in) tokenizer files beside the weights."""
     out = {}
-    for i, kind in enumerate(KINDS):
-        hf = make_hf_model(kind, seed=20 + i)
-        path = save_hf_model(hf, tmp_path_factory.mktemp(kind))
+    for kind in KINDS:
+        hf, src = hf_checkpoints[kind]
+        path = str(tmp_path_factory.mktemp(kind))
+        shutil.copytree(src, path, dirs_exist_ok=True)
         for name, text in TOKENIZER_FILES.items():
             with open(os.path.join(path, name), "w") as f:
                 f.write(text)
@@ -73,7 +76,7 @@ def _logits(model, tokens):
 
 def _random_model(cfg: q.Qwen3Config) -> q.Qwen3:
     """Random parameters without init_model's compile (seconds for a multi-run MoE)."""
-    graphdef, state = nnx.split(q.abstract_model(cfg))
+    graphdef, state = nnx.split(abstract_model(cfg))
     rng = np.random.RandomState(0)
     return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), state))
 
@@ -218,7 +221,7 @@ def test_restores_on_one_device_and_on_another_mesh(saved_on_8):
 def test_runtime_fields_and_config_survive(tmp_path):
     cfg = q.preset(
         "tiny-moe", scan_layers=False, remat="dots", moe_impl="blocked", moe_chunk_tokens=64, dtype="bfloat16",
-        param_dtype="bfloat16", mlp_only_layers=(1,), rope_scaling=q.YarnScaling(factor=4.0, original_max_position_embeddings=64),
+        param_dtype="bfloat16", mlp_only_layers=(1,), rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=64),
         max_position_embeddings=256,
     )
     model = _random_model(cfg)
@@ -426,7 +429,7 @@ def test_nothing_is_ever_unpickled(checkpoints, tmp_path, monkeypatch):
         load_any(pytorch)
 
 
-HF_CONFIGS = [q.to_hf_config(q.preset(name)) for name in ("tiny-dense", "tiny-moe")]
+HF_CONFIGS = [to_hf_config(q.preset(name)) for name in ("tiny-dense", "tiny-moe")]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
     | st.sampled_from(["qwen3", "qwen3_moe", "yarn", "default", "silu"]),
@@ -455,7 +458,7 @@ def hf_configs(draw) -> dict:
 @given(hf_configs())
 def test_from_hf_config_raises_only_config_errors_on_any_json(config):
     try:
-        cfg = q.from_hf_config(config)
+        cfg = from_hf_config(config)
     except q.ConfigError:
         return
     assert isinstance(cfg, q.Qwen3Config)

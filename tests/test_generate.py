@@ -22,9 +22,8 @@ from infer.rollout import Completion
 from infer.text import chat_turn, complete, incremental_text, stream_text
 from qwen3_jax import chat
 from qwen3_jax.errors import RequestError
-from qwen3_jax.tokenizer import (
-    END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, STOP_THINKING_TEXT, THINK_ID, Tokenizer, _byte_alphabet,
-)
+from qwen3_jax.ids import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, STOP_THINKING_TEXT, THINK_ID
+from qwen3_jax.tokenizer import Tokenizer, _byte_alphabet
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(7, 30)), [5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
 

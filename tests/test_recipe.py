@@ -10,6 +10,7 @@ import jax
 import pytest
 
 import qwen3_jax as q
+from qwen3_jax.model import count_params
 from qwen3_jax.tokenizer import Tokenizer
 from train import recipe
 from train.train import TrainConfigError
@@ -124,7 +125,7 @@ def test_the_config_scales_to_real_presets_on_an_8_device_mesh(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     r = recipe.validate(c)
     assert (r.teacher.vocab_size, r.student.vocab_size) == (151936, 151936)
-    assert q.count_params(r.teacher)[0] > 4 * q.count_params(r.student)[0]
+    assert count_params(r.teacher)[0] > 4 * count_params(r.student)[0]
 
 
 def test_shipped_miniature_config_validates():
@@ -134,4 +135,4 @@ def test_shipped_miniature_config_validates():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     r = recipe.validate(module.get_config())
-    assert q.count_params(r.teacher)[0] > 2 * q.count_params(r.student)[0]
+    assert count_params(r.teacher)[0] > 2 * count_params(r.student)[0]

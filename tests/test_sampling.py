@@ -22,9 +22,9 @@ from infer.sampling import (
     sample,
     update_seen,
 )
-from qwen3_jax.tokenizer import END_THINK_ID as THINK_END_ID
-from qwen3_jax.tokenizer import IM_END_ID, IM_START_ID
-from qwen3_jax.tokenizer import THINK_ID as THINK_START_ID
+from qwen3_jax.ids import END_THINK_ID as THINK_END_ID
+from qwen3_jax.ids import IM_END_ID, IM_START_ID
+from qwen3_jax.ids import THINK_ID as THINK_START_ID
 
 # STOP_THINKING_TEXT encoded with the Qwen3 tokenizer (qwen.tiktoken ranks plus
 # the Qwen3 added tokens); </think> is at index 22.

@@ -12,16 +12,8 @@ import sentencepiece as spm
 import tiktoken
 
 from qwen3_jax import tokenizer as tokenizer_module
-from qwen3_jax.tokenizer import (
-    ADDED_TOKENS,
-    END_THINK_ID,
-    ENDOFTEXT_ID,
-    IM_END_ID,
-    IM_START_ID,
-    STOP_THINKING_TEXT,
-    THINK_ID,
-    Tokenizer,
-)
+from qwen3_jax.ids import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, STOP_THINKING_TEXT, THINK_ID
+from qwen3_jax.tokenizer import ADDED_TOKENS, Tokenizer
 
 # The reference below is written out from the official Qwen2/Qwen3 tokenizer.json, not taken from
 # the code: its pre-tokenizer Split regex, and its added tokens in id order from 151643 (the first
@@ -259,26 +251,6 @@ def test_load_errors(tmp_path):
 # ---- SentencePiece ------------------------------------------------------------------------------
 
 SP_CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-
-@pytest.fixture(scope="session")
-def sp_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sp")
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog time user solution thinking now give".split()
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(directory / "sp"),
-        vocab_size=400,
-        model_type="bpe",
-        user_defined_symbols=SP_CONTROL,
-        byte_fallback=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return directory / "sp.model"
 
 
 def test_sentencepiece_wrapper(sp_model, tmp_path):

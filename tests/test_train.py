@@ -25,7 +25,7 @@ import transformers
 from flax import nnx
 
 from qwen3_jax import from_hf, make_mesh, preset, to_hf
-from qwen3_jax.hf import write_safetensors
+from helpers.safetensors_files import write_safetensors
 from qwen3_jax.model import abstract_model
 from train import data as data_lib
 from train import step as step_lib

@@ -38,10 +38,10 @@ from grain.checkpoint import CheckpointRestore, CheckpointSave
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from qwen3_jax.checkpoint import (
-    TRAINER_DATA, TRAINER_DATA_INFO, TRAINER_MODEL_CONFIG, TRAINER_STATE, load_any, load_any_config,
-)
-from qwen3_jax.config import Qwen3Config, to_hf_config
+from qwen3_jax.checkpoint import load_any, load_any_config
+from qwen3_jax.layout import TRAINER_DATA, TRAINER_DATA_INFO, TRAINER_MODEL_CONFIG, TRAINER_STATE
+from qwen3_jax.config import Qwen3Config
+from qwen3_jax.hf_config import to_hf_config
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.tokenizer import Tokenizer
 from train.step import Params, TrainState

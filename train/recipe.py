@@ -47,12 +47,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_dict
 
-from qwen3_jax.checkpoint import load_any, trainer_steps
+from qwen3_jax.checkpoint import load_any
+from qwen3_jax.layout import trainer_steps
 from qwen3_jax.chat import render
 from qwen3_jax.config import ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import to_hf
 from qwen3_jax.model import count_params
-from qwen3_jax.tokenizer import STOP_THINKING_TEXT, Tokenizer
+from qwen3_jax.ids import STOP_THINKING_TEXT
+from qwen3_jax.tokenizer import Tokenizer
 from train import distill as distill_lib
 from train import evaluate as eval_lib
 from train import task as task_lib

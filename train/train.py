@@ -56,7 +56,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_dict, config_flags
 
-from qwen3_jax.checkpoint import TRAINER_CHECKPOINTS, quiet_orbax_logs
+from qwen3_jax.cli import quiet_orbax_logs
+from qwen3_jax.layout import TRAINER_CHECKPOINTS
 from qwen3_jax.config import DTYPES, ConfigError, Qwen3Config, preset
 from qwen3_jax.hf import CheckpointError
 from qwen3_jax.model import abstract_model, count_params

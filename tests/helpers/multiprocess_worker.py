@@ -93,7 +93,7 @@ def work(args: argparse.Namespace) -> None:
 
     from infer.engine import generate
     from qwen3_jax import load_any, make_mesh
-    from qwen3_jax.checkpoint import TRAINER_CHECKPOINTS
+    from qwen3_jax.layout import TRAINER_CHECKPOINTS
     from qwen3_jax.sharding import to_host
     from train import data as data_lib
     from train import train as train_lib
@@ -167,7 +167,7 @@ def work(args: argparse.Namespace) -> None:
 def wait_for_checkpoint(workdir: str, timeout: float = 600.0) -> None:
     """Returns once the run in `workdir` (another job, started beside this one) has committed its
     step 1; its MANIFEST is written after the commit."""
-    from qwen3_jax.checkpoint import TRAINER_CHECKPOINTS
+    from qwen3_jax.layout import TRAINER_CHECKPOINTS
     from train.checkpoint import MANIFEST
 
     path = os.path.join(workdir, TRAINER_CHECKPOINTS, "1", MANIFEST)
