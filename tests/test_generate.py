@@ -48,7 +48,7 @@ def forced_ids():
 def test_greedy_matches_transformers_generate(hf_and_model):
     hf, model = hf_and_model
     stop = 5
-    ours = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0, stop_token_ids=(stop,), forced_ids=[0])
+    ours = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0, stop_token_ids=(stop,))
     for prompt, got in zip(PROMPTS, ours):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=stop, pad_token_id=0)
@@ -57,7 +57,7 @@ def test_greedy_matches_transformers_generate(hf_and_model):
 
 def test_seeds_top_k_one_and_parameter_changes_do_not_recompile(hf_and_model):
     _, model = hf_and_model
-    kw = dict(max_new_tokens=6, stop_token_ids=(), forced_ids=[0])
+    kw = dict(max_new_tokens=6, stop_token_ids=())
     greedy = generate(model, PROMPTS, temperature=0.0, **kw)
     before = engine_lib._decode._cache_size()
     a = generate(model, PROMPTS, temperature=1.0, top_k=0, top_p=1.0, seed=1, **kw)
@@ -70,7 +70,7 @@ def test_seeds_top_k_one_and_parameter_changes_do_not_recompile(hf_and_model):
 
 def test_per_row_seeds_make_a_row_independent_of_its_batch(hf_and_model):
     _, model = hf_and_model
-    kw = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(), forced_ids=[0])
+    kw = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=())
     rows = generate(model, PROMPTS, seed=[11, 12, 13, 14], **kw)
     order = [2, 0, 3, 1]  # each row beside other rows, at another position
     assert generate(model, [PROMPTS[i] for i in order], seed=[11 + i for i in order], **kw) == [rows[i] for i in order]
@@ -83,16 +83,16 @@ def test_mixed_prompt_lengths_compile_a_bounded_number_of_times(hf_and_model):
     rng = np.random.RandomState(0)
     before = engine_lib._prefill._cache_size()
     for n in rng.randint(1, 60, size=12):
-        generate(model, [list(rng.randint(0, 300, size=n)), [1, 2]], max_new_tokens=4, temperature=0.0, forced_ids=[0],
+        generate(model, [list(rng.randint(0, 300, size=n)), [1, 2]], max_new_tokens=4, temperature=0.0,
                  stop_token_ids=())
     assert engine_lib._prefill._cache_size() - before <= 3  # prompt buckets 16, 32, 64
 
 
 def test_stop_token_is_included_and_ends_the_row(hf_and_model):
     _, model = hf_and_model
-    free = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=(), forced_ids=[0])
+    free = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=())
     stop = free[1][3]
-    out = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,), forced_ids=[0])
+    out = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,))
     assert out[1] == free[1][: free[1].index(stop) + 1]
     cut = free[0].index(stop) + 1 if stop in free[0] else 8
     assert out[0] == free[0][:cut]
@@ -204,7 +204,7 @@ def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
     single = q.from_hf(path)
     sharded = q.from_hf(path, mesh=mesh)
     for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=10, seed=9)):
-        kw.update(max_new_tokens=8, stop_token_ids=(), forced_ids=[0])
+        kw.update(max_new_tokens=8, stop_token_ids=())
         assert generate(sharded, prompts, mesh=mesh, **kw) == generate(single, prompts, **kw)
 
 
@@ -225,7 +225,7 @@ def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
 )
 def test_bad_requests_are_named(hf_and_model, kwargs, message):
     _, model = hf_and_model
-    args = {"max_new_tokens": 4, "forced_ids": [0], "stop_token_ids": (), **kwargs}
+    args = {"max_new_tokens": 4, "stop_token_ids": (), **kwargs}
     with pytest.raises(ValueError, match=message):
         generate(model, PROMPTS, **args)
 
@@ -237,29 +237,29 @@ def test_yarn_extends_the_context_to_factor_times_original(tmp_path):
     model = q.from_hf(save_hf_model(hf, tmp_path))
     assert model.cfg.context_length == 128
     prompt = list(np.random.RandomState(1).randint(0, 300, size=60))
-    ours = generate(model, [prompt], max_new_tokens=8, temperature=0.0, stop_token_ids=(), forced_ids=[0])
+    ours = generate(model, [prompt], max_new_tokens=8, temperature=0.0, stop_token_ids=())
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert ours[0] == ref[0, len(prompt):].tolist()
     with pytest.raises(ValueError, match="121 tokens; with max_new_tokens=8 that exceeds the model's context of 128"):
-        generate(model, [[1] * 121], max_new_tokens=8, forced_ids=[0])
+        generate(model, [[1] * 121], max_new_tokens=8)
     # A max_len the user chooses wins, below the derived context and above it.
     with pytest.raises(ValueError, match="60 tokens; with max_new_tokens=8 that exceeds max_len=64"):
-        Engine(model, forced_ids=[0], max_len=64).generate([prompt], max_new_tokens=8, temperature=0.0)
-    longer = Engine(model, forced_ids=[0], max_len=200).generate([[1] * 121], max_new_tokens=8, temperature=0.0,
+        Engine(model, max_len=64).generate([prompt], max_new_tokens=8, temperature=0.0)
+    longer = Engine(model, max_len=200).generate([[1] * 121], max_new_tokens=8, temperature=0.0,
                                                                  stop_token_ids=())
     assert len(longer[0]) == 8
     for bad in (0, -5, 2.5, "64"):
         with pytest.raises(ValueError, match="max_len must be a positive int"):
-            Engine(model, forced_ids=[0], max_len=bad)
+            Engine(model, max_len=bad)
 
 
 def test_bad_prompts_are_named(hf_and_model):
     _, model = hf_and_model
     with pytest.raises(ValueError, match=r"prompt 1 has token ids outside \[0, 300\)"):
-        generate(model, [[1], [2, 300]], max_new_tokens=2, forced_ids=[0], stop_token_ids=())
+        generate(model, [[1], [2, 300]], max_new_tokens=2, stop_token_ids=())
     with pytest.raises(ValueError, match="prompt 0 is empty"):
-        generate(model, [[]], max_new_tokens=2, forced_ids=[0], stop_token_ids=())
+        generate(model, [[]], max_new_tokens=2, stop_token_ids=())
 
 
 # Every public entry point checks a request alike, before anything runs. A prompt fault is given
@@ -338,7 +338,7 @@ def test_engine_arguments_of_the_wrong_kind_are_named(qwen3_vocab_model, qwen3_e
 
 def test_streaming_chunks_concatenate_to_the_full_generation(hf_and_model):
     _, model = hf_and_model
-    engine = Engine(model, forced_ids=[0])
+    engine = Engine(model)
     kw = dict(max_new_tokens=9, temperature=0.0, stop_token_ids=())
     chunks = list(engine.stream(PROMPTS, chunk=2, **kw))
     assert len(chunks) == 5
@@ -542,7 +542,7 @@ def test_chunked_prefill_matches_transformers_greedy(hf_and_model):
     chunk, and four with rows ending in the first, second and third) decode as transformers does."""
     hf, model = hf_and_model
     prompts = [*PROMPTS, list(range(100, 140)), list(range(60, 78))]
-    engine = engine_lib.Engine(model, forced_ids=[0], prefill_chunk=16)
+    engine = engine_lib.Engine(model, prefill_chunk=16)
     ours = engine.generate(prompts, max_new_tokens=8, temperature=0.0, stop_token_ids=())
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
@@ -559,3 +559,24 @@ def test_lower_pads_a_chunked_prompt_and_checks_it_fits(hf_and_model):
     assert [a.shape for a in jax.tree.leaves(prefill.args_info) if a.shape == (2, 128)]  # the tokens
     with pytest.raises(ValueError, match=r"padded to prefill_chunk=64 multiples \(192\) exceeds slots=140"):
         engine.lower(2, 129, 10, 140)
+
+
+def test_engine_builds_no_tokenizer_and_refuses_a_budget_it_cannot_force(hf_and_model, monkeypatch, qwen3_tokenizer):
+    """Qwen3's stop-thinking ids are a constant (checked here against the tokenizer); a 300-token
+    vocabulary lacks them, so such an engine refuses a thinking budget instead of forcing ids."""
+    assert engine_lib.QWEN3_STOP_THINKING_IDS == qwen3_tokenizer.stop_thinking_ids
+    monkeypatch.setattr(Tokenizer, "qwen3", lambda *a, **k: pytest.fail("Engine built a tokenizer"))
+    _, model = hf_and_model
+    engine = Engine(model)
+    assert engine.forced_ids is None
+    with pytest.raises(RequestError, match="thinking_budget needs stop-thinking ids"):
+        engine.generate(PROMPTS, max_new_tokens=2, thinking_budget=1)
+
+
+def test_prefill_alone_gives_the_first_greedy_token(hf_and_model):
+    _, model = hf_and_model
+    engine = Engine(model)
+    logits = engine.prefill(PROMPTS, max_new_tokens=4)
+    assert logits.shape == (len(PROMPTS), model.cfg.vocab_size) and logits.dtype == jnp.float32
+    first = [row[0] for row in engine.generate(PROMPTS, max_new_tokens=1, temperature=0.0, stop_token_ids=())]
+    assert np.argmax(np.asarray(logits), axis=-1).tolist() == first
