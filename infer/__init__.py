@@ -1,5 +1,6 @@
-"""Decoding: compiled prefill + KV-cache decode, sampling, thinking budgets, chat."""
+"""Decoding: compiled prefill + KV-cache decode, sampling, thinking budgets, chat rollouts and text."""
 
 from infer.engine import Engine, generate
+from infer.text import chat_turn, complete
 
-__all__ = ["Engine", "generate"]
+__all__ = ["Engine", "generate", "complete", "chat_turn"]

@@ -2,18 +2,20 @@
 
     python -m infer.chat --checkpoint DIR [--step N] [--no_thinking] [--thinking_budget N]
 
-`/think` and `/no_think` in a message are passed to the model as text (Qwen3's soft switches);
-the sampling defaults follow the last flag. Type `/clear` to start over, `/exit` or EOF to quit.
+`/think` and `/no_think` in a message are passed to the model as text (Qwen3's soft switches); the
+sampling defaults and the thinking budget follow the last flag. `/clear` starts over, `/exit` or EOF quits.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app
+from absl import app, flags
 
 from infer import cli_common
-from infer.messages import chat_turn
+from infer.text import chat_turn
+
+FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
@@ -37,10 +39,9 @@ def main(argv: list[str]) -> None:
         print("assistant> ", end="", flush=True)
         try:
             reply = chat_turn(
-                engine, tokenizer, messages, max_new_tokens=cli_common.MAX_NEW_TOKENS.value,
-                write=lambda piece: print(piece, end="", flush=True),
-                enable_thinking=not cli_common.NO_THINKING.value, thinking_budget=cli_common.THINKING_BUDGET.value,
-                seed=cli_common.SEED.value, **cli_common.sampling_overrides(),
+                engine, tokenizer, messages, max_new_tokens=FLAGS.max_new_tokens,
+                write=lambda piece: print(piece, end="", flush=True), enable_thinking=not FLAGS.no_thinking,
+                thinking_budget=FLAGS.thinking_budget, seed=FLAGS.seed, **cli_common.sampling_overrides(),
             )
         except ValueError as e:
             print(f"\nerror: {e}", file=sys.stderr)
@@ -51,4 +52,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli_common.define_flags()
     app.run(main)

@@ -1,4 +1,4 @@
-"""Flags and loading shared by the generate, chat and batch command lines."""
+"""Flags and loading shared by the generate, chat and batch command lines (`define_flags` under `__main__`)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,30 @@ import jax.numpy as jnp
 from absl import flags
 
 from infer.engine import Engine
+from infer.rollout import SAMPLING_KEYS
 from qwen3_jax.checkpoint import load_any
 from qwen3_jax.cli import quiet_orbax_logs
 from qwen3_jax.tokenizer import Tokenizer
 
-CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Hugging Face, qwen3-jax or trainer checkpoint (a workdir, its checkpoints/ dir or a step folder).",
-    required=True,
-)
-STEP = flags.DEFINE_integer("step", None, "Step of a trainer workdir or checkpoints/ dir to load (default: the latest).")
-NO_THINKING = flags.DEFINE_bool("no_thinking", False, "Hard switch: render the empty think block (enable_thinking=False).")
-THINKING_BUDGET = flags.DEFINE_integer("thinking_budget", None, "Thinking tokens allowed per reply, over all its <think> blocks; then the stop-thinking text is forced.")
-MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 1024, "Tokens to generate at most.")
-TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy. Default: Qwen's value for the mode.")
-TOP_K = flags.DEFINE_integer("top_k", None, "0 = off. Default: Qwen's value for the mode.")
-TOP_P = flags.DEFINE_float("top_p", None, "In (0, 1]. Default: Qwen's value for the mode.")
-MIN_P = flags.DEFINE_float("min_p", None, "In [0, 1). Default: Qwen's value for the mode.")
-PRESENCE_PENALTY = flags.DEFINE_float("presence_penalty", None, "Penalty on already generated tokens (Qwen suggests 0-2).")
-SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype (float32 on CPU).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the shared flags in absl's global registry; call once, before `app.run`."""
+    flags.DEFINE_string("checkpoint", None, "Hugging Face, qwen3-jax or trainer checkpoint (a workdir, its "
+                        "checkpoints/ dir or a step folder).", required=True)
+    flags.DEFINE_integer("step", None, "Step of a trainer workdir or checkpoints/ dir to load (default: the latest).")
+    flags.DEFINE_bool("no_thinking", False, "Hard switch: render the empty think block (enable_thinking=False).")
+    flags.DEFINE_integer("thinking_budget", None, "Thinking tokens allowed per reply, over all its <think> blocks; "
+                         "then the stop-thinking text is forced.")
+    flags.DEFINE_integer("max_new_tokens", 1024, "Tokens to generate at most.")
+    flags.DEFINE_float("temperature", None, "0 = greedy. Default: Qwen's value for the mode.")
+    flags.DEFINE_integer("top_k", None, "0 = off. Default: Qwen's value for the mode.")
+    flags.DEFINE_float("top_p", None, "In (0, 1]. Default: Qwen's value for the mode.")
+    flags.DEFINE_float("min_p", None, "In [0, 1). Default: Qwen's value for the mode.")
+    flags.DEFINE_float("presence_penalty", None, "Penalty on already generated tokens (Qwen suggests 0-2).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype (float32 on CPU).")
 
 
 def load() -> tuple[Engine, Tokenizer]:
@@ -34,8 +39,8 @@ def load() -> tuple[Engine, Tokenizer]:
     cannot be loaded."""
     quiet_orbax_logs()
     try:
-        tokenizer = Tokenizer.from_checkpoint(CHECKPOINT.value)  # first: it fails fast, the model load does not
-        model = load_any(CHECKPOINT.value, step=STEP.value, dtype=jnp.dtype(DTYPE.value))
+        tokenizer = Tokenizer.from_checkpoint(FLAGS.checkpoint)  # first: it fails fast, the model load does not
+        model = load_any(FLAGS.checkpoint, step=FLAGS.step, dtype=jnp.dtype(FLAGS.dtype))
     except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"error: {e}")
     return Engine.for_tokenizer(model, tokenizer), tokenizer
@@ -43,8 +48,4 @@ def load() -> tuple[Engine, Tokenizer]:
 
 def sampling_overrides() -> dict:
     """The sampling flags the user set; unset ones fall back to the mode's defaults."""
-    values = {
-        "temperature": TEMPERATURE.value, "top_k": TOP_K.value, "top_p": TOP_P.value, "min_p": MIN_P.value,
-        "presence_penalty": PRESENCE_PENALTY.value,
-    }
-    return {k: v for k, v in values.items() if v is not None}
+    return {k: FLAGS[k].value for k in SAMPLING_KEYS if FLAGS[k].value is not None}

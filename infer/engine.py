@@ -21,19 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer import request
-from infer.request import RequestError
+from infer import checks
 from infer.sampling import (
     UNLIMITED_BUDGET, BudgetState, SamplingParams, ThinkTags, budget_apply, budget_forces, budget_init,
     budget_mask, prompt_think_open, sample, update_seen,
 )
+from qwen3_jax.errors import RequestError
 from qwen3_jax.layers import CACHE_AXES, KVCache
 from qwen3_jax.model import Qwen3, unstack_layers
 from qwen3_jax.sharding import ShardingRules, auto_mesh, to_host
-from qwen3_jax.ids import ENDOFTEXT_ID, IM_END_ID, STOP_THINKING_TEXT
+from qwen3_jax.ids import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID
 from qwen3_jax.tokenizer import Tokenizer
 
 DEFAULT_STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
+# STOP_THINKING_TEXT in the Qwen3 vocabulary (tests check it against the tokenizer).
+QWEN3_STOP_THINKING_IDS = (271, 82796, 279, 7199, 882, 553, 279, 1196, 11, 358, 614, 311, 2968, 279, 6291, 3118, 389,
+                           279, 7274, 5961, 1431, 624, END_THINK_ID, 271)
 MIN_BUCKET = 16
 CACHE_ROUND = 128
 
@@ -70,12 +73,12 @@ def bucket(n: int) -> int:
 def _row_keys(seed, n: int, batch: int) -> jax.Array:
     """[batch] PRNG keys: split from one int seed, or each row's own (padding rows get seed 0)."""
     if np.ndim(seed) == 0:
-        return jax.random.split(jax.random.key(request.seed(seed)), batch)
+        return jax.random.split(jax.random.key(checks.seed(seed)), batch)
     seeds = list(seed)
     if len(seeds) != n:
         raise RequestError(f"seed has {len(seeds)} values for {n} prompts")
     for i, s in enumerate(seeds):
-        if not request.is_int(s) or not 0 <= s < 2**32:
+        if not checks.is_int(s) or not 0 <= s < 2**32:
             raise RequestError(f"seed must be an int or one int in [0, 2**32) per prompt; prompt {i} has {s!r}")
     return jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
 
@@ -160,10 +163,10 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
 def _validate_prompts(
     prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, context: int, context_name: str,
 ) -> list[list[int]]:
-    max_new_tokens = request.positive_int(max_new_tokens, "max_new_tokens")
+    max_new_tokens = checks.positive_int(max_new_tokens, "max_new_tokens")
     out = []
-    for i, p in enumerate(request.non_empty_list(prompts, "prompts")):
-        ids = request.token_ids(p, f"prompt {i}", vocab_size)
+    for i, p in enumerate(checks.non_empty_list(prompts, "prompts")):
+        ids = checks.token_ids(p, f"prompt {i}", vocab_size)
         if not ids:
             raise RequestError(f"prompt {i} is empty")
         if len(ids) + max_new_tokens > context:
@@ -176,11 +179,11 @@ def _validate_prompts(
 
 def _budgets(thinking_budget, batch: int) -> np.ndarray:
     if not isinstance(thinking_budget, (list, tuple, np.ndarray)):  # one value for every prompt
-        budget = request.optional_budget(thinking_budget, "thinking_budget")
+        budget = checks.optional_budget(thinking_budget, "thinking_budget")
         return np.full(batch, UNLIMITED_BUDGET if budget is None else budget, np.int32)
     if len(thinking_budget) != batch:
         raise RequestError(f"thinking_budget has {len(thinking_budget)} values for {batch} prompts")
-    budgets = [request.optional_budget(v, f"thinking_budget[{i}]") for i, v in enumerate(thinking_budget)]
+    budgets = [checks.optional_budget(v, f"thinking_budget[{i}]") for i, v in enumerate(thinking_budget)]
     return np.asarray([UNLIMITED_BUDGET if b is None else b for b in budgets], np.int32)
 
 
@@ -193,9 +196,10 @@ class Engine:
 
     Prompts longer than `prefill_chunk` positions are prefilled that many at a time (see `_prefill`).
 
-    Thinking budgets (see `infer.sampling`) force `forced_ids` (default: Qwen3's stop-thinking text)
-    and read the tags `think_tags` names (default: Qwen3's ids; pass the tokenizer's for another
-    vocabulary).
+    Thinking budgets (see `infer.sampling`) force `forced_ids` (default: Qwen3's stop-thinking ids
+    when the vocabulary holds them, else none, and a budget is refused) and read the tags
+    `think_tags` names (default: Qwen3's ids). `Engine.for_tokenizer` takes both from a tokenizer.
+    On CPU the constructor copies the weights into per-layer arrays (`unstack_layers`).
     """
 
     def __init__(self, model: Qwen3, *, mesh: jax.sharding.Mesh | None = None,
@@ -220,8 +224,12 @@ class Engine:
         self.max_len = max_len
         self.prefill_chunk = int(prefill_chunk)
         self.think_tags = ThinkTags() if think_tags is None else ThinkTags(*think_tags)
-        self.forced_ids = np.asarray(_qwen3_forced_ids() if forced_ids is None else request.token_ids(
-            request.non_empty_list(forced_ids, "forced_ids"), "forced_ids", self.cfg.vocab_size), np.int32)
+        if forced_ids is None:
+            fits = max(QWEN3_STOP_THINKING_IDS) < self.cfg.vocab_size
+            self.forced_ids = np.asarray(QWEN3_STOP_THINKING_IDS, np.int32) if fits else None
+        else:
+            self.forced_ids = np.asarray(checks.token_ids(
+                checks.non_empty_list(forced_ids, "forced_ids"), "forced_ids", self.cfg.vocab_size), np.int32)
 
     @property
     def context(self) -> int:
@@ -259,9 +267,9 @@ class Engine:
         `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
         do not depend on which rows share its batch. With `return_forced`, returns (tokens,
         forced): per token, whether the thinking budget forced it rather than sampling it.
-        Bad arguments raise before anything runs: `infer.request.RequestTypeError` /
-        `RequestError` (ValueErrors) naming the argument and prompt, ValueError from
-        `SamplingParams.make` for sampling values (NaN included).
+        Bad arguments raise before anything runs: `qwen3_jax.errors.RequestError` (a ValueError)
+        naming the argument and prompt (also for a thinking budget on an engine without
+        stop-thinking ids), ValueError from `SamplingParams.make` for sampling values (NaN included).
         """
         tokens: list[list[int]] | None = None  # built from the first chunk: `_stream` validates `prompts`
         forced: list[list[bool]] = []
@@ -284,19 +292,16 @@ class Engine:
         sampling = SamplingParams.make(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        presence_penalty=presence_penalty)
         budgets = _budgets(thinking_budget, n)
-        stop_ids = tuple(request.token_ids(stop_token_ids, "stop_token_ids", self.cfg.vocab_size))
+        if self.forced_ids is None and np.any(budgets >= 0):
+            raise RequestError("thinking_budget needs stop-thinking ids this vocabulary lacks: build the engine with "
+                               "forced_ids, or with Engine.for_tokenizer")
+        stop_ids = tuple(checks.token_ids(stop_token_ids, "stop_token_ids", self.cfg.vocab_size))
         if chunk is not None:
-            request.positive_int(chunk, "chunk")
+            checks.positive_int(chunk, "chunk")
 
         # Pad the batch to the data-parallel degree with rows that start finished.
-        B = -(-n // self._batch_multiple()) * self._batch_multiple()
-        P = bucket(max(len(p) for p in prompts))
-        S = -(-(P + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
-        tokens = np.zeros((B, P), np.int32)
-        lengths = np.ones((B,), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = p
-            lengths[i] = len(p)
+        tokens, lengths, S = self._pad(prompts, max_new_tokens)
+        B = tokens.shape[0]
         pad = B - n
         sampling = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling)
         tags = self.think_tags
@@ -307,12 +312,10 @@ class Engine:
         budgets = np.concatenate([budgets, np.full(pad, UNLIMITED_BUDGET, np.int32)])
         keys = _row_keys(seed, n, B)
         rows = RowSettings(sampling, keys, jnp.full((B,), max_new_tokens, jnp.int32),
-                           jnp.asarray(stop_ids or (-1,), jnp.int32), jnp.asarray(self.forced_ids))
+                           jnp.asarray(stop_ids or (-1,), jnp.int32), self._forced_ids())
 
         with self._mesh_context():
-            cache = self._init_cache(B, S)
-            cache, logits = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                                     self.prefill_chunk)
+            cache, logits = self._prefill_padded(tokens, lengths, S)
             state = self._decode_state(cache, logits, jnp.asarray(lengths), n, max_new_tokens, in_think, budgets)
             emitted = np.zeros(n, np.int64)
             steps = jnp.asarray(chunk or max_new_tokens, jnp.int32)
@@ -328,6 +331,39 @@ class Engine:
                 emitted = counts
                 if bool(np.all(done)):
                     return
+
+    def prefill(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 1) -> jax.Array:
+        """Runs only the prefill `generate` would run for `prompts` (same buckets, chunks, batch
+        padding and cache size for `max_new_tokens`), for timing it; returns the float32 [B, V]
+        logits of each row's last prompt token, B the padded batch, without waiting for them.
+        Raises RequestError as `generate` does for bad prompts."""
+        name = f"the model's context of {self.context} positions" if self.max_len is None else f"max_len={self.max_len}"
+        prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, self.context, name)
+        tokens, lengths, S = self._pad(prompts, max_new_tokens)
+        with self._mesh_context():
+            return self._prefill_padded(tokens, lengths, S)[1]
+
+    def _pad(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """([B, P] right-padded tokens, [B] lengths, S cache slots): the batch padded to the data-parallel
+        degree with 1-token rows, P a prompt bucket."""
+        B = -(-len(prompts) // self._batch_multiple()) * self._batch_multiple()
+        P = bucket(max(len(p) for p in prompts))
+        S = -(-(P + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
+        tokens = np.zeros((B, P), np.int32)
+        lengths = np.ones((B,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        return tokens, lengths, S
+
+    def _prefill_padded(self, tokens_BxP: np.ndarray, lengths_B: np.ndarray, slots: int):
+        cache = self._init_cache(tokens_BxP.shape[0], slots)
+        return _prefill(self.graphdef, self.params, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), cache,
+                        self.prefill_chunk)
+
+    def _forced_ids(self) -> jax.Array:
+        # Without stop-thinking ids no budget is allowed, so the placeholder is never emitted.
+        return jnp.asarray(self.forced_ids if self.forced_ids is not None else [0], jnp.int32)
 
     def _decode_state(self, cache, logits_BxV, lengths_B, n: int, max_new_tokens: int, in_think, budgets) -> DecodeState:
         """The state before the first decode step; rows n.. are padding and start finished."""
@@ -395,7 +431,7 @@ class Engine:
                                cache=cache)
         rows = abstract(RowSettings(
             SamplingParams.make(batch), _row_keys(0, batch, batch), jnp.full((batch,), max_new_tokens, jnp.int32),
-            jnp.asarray(DEFAULT_STOP_IDS, jnp.int32), jnp.asarray(self.forced_ids),
+            jnp.asarray(DEFAULT_STOP_IDS, jnp.int32), self._forced_ids(),
         ))
         steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
         with self._mesh_context():
@@ -412,12 +448,6 @@ class Engine:
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
-
-
-@functools.cache
-def _qwen3_forced_ids() -> tuple[int, ...]:
-    """The stop-thinking text in the real Qwen3 vocabulary (built offline, cached on disk)."""
-    return tuple(Tokenizer.qwen3().encode(STOP_THINKING_TEXT))
 
 
 def generate(

@@ -10,23 +10,27 @@ import sys
 from absl import app, flags
 
 from infer import cli_common
-from infer.messages import complete
+from infer.text import complete
 
-PROMPT = flags.DEFINE_string("prompt", None, "The user message.", required=True)
-SYSTEM = flags.DEFINE_string("system", None, "Optional system message.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    cli_common.define_flags()
+    flags.DEFINE_string("prompt", None, "The user message.", required=True)
+    flags.DEFINE_string("system", None, "Optional system message.")
 
 
 def main(argv: list[str]) -> None:
     del argv
     engine, tokenizer = cli_common.load()
-    messages = ([{"role": "system", "content": SYSTEM.value}] if SYSTEM.value else []) + [
-        {"role": "user", "content": PROMPT.value}
+    messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else []) + [
+        {"role": "user", "content": FLAGS.prompt}
     ]
     try:
         (result,) = complete(
-            engine, tokenizer, [messages], max_new_tokens=cli_common.MAX_NEW_TOKENS.value,
-            enable_thinking=not cli_common.NO_THINKING.value, thinking_budget=cli_common.THINKING_BUDGET.value,
-            seed=cli_common.SEED.value, **cli_common.sampling_overrides(),
+            engine, tokenizer, [messages], max_new_tokens=FLAGS.max_new_tokens, enable_thinking=not FLAGS.no_thinking,
+            thinking_budget=FLAGS.thinking_budget, seed=FLAGS.seed, **cli_common.sampling_overrides(),
         )
     except ValueError as e:  # bad sampling parameters, over-long prompt, negative budget
         sys.exit(f"error: {e}")
@@ -35,4 +39,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from infer import request
-from infer.request import RequestError
+from infer import checks
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams
 from qwen3_jax import chat
-from qwen3_jax.errors import ConfigError, DataError
+from qwen3_jax.errors import ConfigError, DataError, RequestError
 
 if TYPE_CHECKING:  # annotations only
     from infer.engine import Engine
@@ -208,7 +207,7 @@ def generate_chat(
       RequestError: `modes` or a per-row `seed` does not match `prompts` in length; and what
         `Engine.generate` raises for the other arguments.
     """
-    prompts = request.non_empty_list(prompts, "prompts")
+    prompts = checks.non_empty_list(prompts, "prompts")
     modes = [Mode(m) for m in modes]
     if len(modes) != len(prompts):
         raise RequestError(f"modes has {len(modes)} values for {len(prompts)} prompts")

@@ -14,10 +14,11 @@ import pytest
 from absl import flags
 
 import qwen3_jax as q
-from infer import batch
+from infer import batch, rollout
 from infer.engine import Engine
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING
 from qwen3_jax.chat import EMPTY_THINK_BLOCK, render
+from qwen3_jax.errors import ConfigError
 from qwen3_jax.ids import IM_END_ID
 from qwen3_jax.tokenizer import Tokenizer
 from train import data as data_lib
@@ -41,7 +42,7 @@ MALFORMED = {  # line -> (text, what the report says)
     7: (json.dumps({"messages": [{"role": "user", "content": "word " * 300}]}), "the model's context leaves room for"),
     10: ('{"messages": [{"role": "user", "content": "x"}], "mode": "think"}', "field(s) ['mode'] would be overwritten"),
     11: ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}',
-         "the last message must be a user or tool message"),
+         "a prompt must not end with an assistant turn"),
 }
 NUM_LINES = 12  # line 8 is empty: skipped without a report
 
@@ -125,10 +126,11 @@ class ScriptedEngine:
             "no_think": tokenizer.encode("It is 2.") + [IM_END_ID],
         }
 
-    def generate(self, prompts, **kwargs):
+    def generate(self, prompts, return_forced=False, **kwargs):
         self.calls.append(kwargs)
-        return [self.replies["no_think" if p[-len(self.thinking_off):] == self.thinking_off else "think"]
-                for p in prompts]
+        ids = [self.replies["no_think" if p[-len(self.thinking_off):] == self.thinking_off else "think"]
+               for p in prompts]
+        return (ids, [[False] * len(i) for i in ids]) if return_forced else ids
 
 
 def test_records_round_trip_into_the_sft_loader(model, tokenizer, tmp_path):
@@ -153,7 +155,7 @@ def test_records_round_trip_into_the_sft_loader(model, tokenizer, tmp_path):
                                    for m in modes]
     assert call["top_p"] == [0.95, 0.8, 0.95, 0.8] and call["presence_penalty"] == [1.5] * 4
     assert call["thinking_budget"] == [5, None, 5, None]
-    assert call["seed"] == [batch.sample_seed(0, *key(r)) for r in records]
+    assert call["seed"] == [rollout.row_seed(0, *key(r)) for r in records]
 
     for record, source in zip(records, [inputs[0], inputs[0], inputs[1], inputs[1]]):
         flag = "/think" if record["mode"] == "think" else "/no_think"
@@ -196,7 +198,7 @@ def test_malformed_lines_are_named_and_counted(reference, prompts):
     summary, _, records, stderr = reference
     assert (summary.prompts, summary.malformed, summary.resumed) == (len(VALID), len(MALFORMED), 0)
     assert summary.written == len(records) == len(VALID) * 2 * 2 and summary.unfinished == summary.written
-    assert sorted(by_key(records)) == sorted((line, m, k) for line in VALID for m in batch.MODES for k in range(2))
+    assert sorted(by_key(records)) == sorted((line, m, k) for line in VALID for m in rollout.MODES for k in range(2))
     reports = stderr.splitlines()
     assert len(reports) == len(MALFORMED)
     for report, (line, (_, reason)) in zip(reports, sorted(MALFORMED.items())):
@@ -272,7 +274,7 @@ def test_unfinished_samples_are_dropped_and_counted(engine, tokenizer, prompts, 
 
 @pytest.fixture
 def verifier(tmp_path, monkeypatch):
-    """A module in the current directory, as a user's verifier would be."""
+    """A module in the current directory, which `python -m` puts on sys.path, as a user's verifier would be."""
     (tmp_path / "my_verifier.py").write_text(
         "def first_sample(record):\n    return record['sample'] == 0\n"
         "def broken(record):\n    return record['no_such_field']\n"
@@ -280,7 +282,7 @@ def verifier(tmp_path, monkeypatch):
         "NOT_CALLABLE = 3\n"
     )
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     sys.modules.pop("my_verifier", None)
 
@@ -304,7 +306,7 @@ def test_keep_writes_only_accepted_records(verifier, reference, engine, tokenize
 def test_keep_that_cannot_be_imported_is_named_before_any_generation(verifier, engine, tokenizer, prompts, spec,
                                                                      message):
     settings = batch.Settings(keep=spec)
-    with pytest.raises(batch.BatchError, match=message):
+    with pytest.raises(ConfigError, match=message):
         batch.generate_file(engine, tokenizer, prompts, "out.jsonl", settings)
     assert not os.path.exists(verifier / "out.jsonl")
 
@@ -315,7 +317,7 @@ def test_keep_that_cannot_be_imported_is_named_before_any_generation(verifier, e
 ])
 def test_keep_that_fails_is_named(verifier, model, tokenizer, prompts, spec, message):
     settings = batch.Settings(max_new_tokens=MAX_NEW, keep=spec)
-    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(batch.BatchError, match=message):
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(ConfigError, match=message):
         batch.generate_file(ScriptedEngine(model.cfg, tokenizer), tokenizer, prompts, "out.jsonl", settings)
 
 
@@ -326,14 +328,14 @@ def test_settings_and_outputs_that_cannot_be_resumed_are_named(reference, prompt
     _, ref_out, _, _ = reference
     out = str(tmp_path / "out.jsonl")
     shutil.copy(ref_out, out)
-    with pytest.raises(batch.BatchError, match="exists without .*progress, so infer.batch cannot resume it"):
+    with pytest.raises(ConfigError, match="exists without .*progress, so infer.batch cannot resume it"):
         batch.check(prompts, out, SETTINGS)
     shutil.copy(ref_out + batch.PROGRESS_SUFFIX, out + batch.PROGRESS_SUFFIX)
     batch.check(prompts, out, SETTINGS)
-    with pytest.raises(batch.BatchError, match="written with other settings \\(samples 2, now 3\\)"):
+    with pytest.raises(ConfigError, match="written with other settings \\(samples 2, now 3\\)"):
         batch.check(prompts, out, batch.Settings(samples=3, max_new_tokens=MAX_NEW, keep_unfinished=True))
     os.remove(out)
-    with pytest.raises(batch.BatchError, match="lists 4 done prompts but .* is missing"):
+    with pytest.raises(ConfigError, match="lists 4 done prompts but .* is missing"):
         batch.check(prompts, out, SETTINGS)
     for settings, message in [
         (batch.Settings(modes=("think", "maybe")), "modes must be distinct values of"),
@@ -341,9 +343,9 @@ def test_settings_and_outputs_that_cannot_be_resumed_are_named(reference, prompt
         (batch.Settings(thinking_budget=-1), "--thinking_budget must be an int >= 0"),
         (batch.Settings(sampling={"top_p": 1.5}), r"top_p must be in \(0, 1\]"),
     ]:
-        with pytest.raises(batch.BatchError, match=message):
+        with pytest.raises(ConfigError, match=message):
             batch.check(prompts, str(tmp_path / "new.jsonl"), settings)
-    with pytest.raises(batch.BatchError, match="is not a file"):
+    with pytest.raises(ConfigError, match="is not a file"):
         batch.check(str(tmp_path / "missing.jsonl"), str(tmp_path / "new.jsonl"), SETTINGS)
 
 
@@ -360,7 +362,7 @@ def test_generate_file_names_a_bad_request_before_generating(engine, tokenizer, 
     if settings is None:  # an empty prompt file
         source, settings = str(tmp_path / "empty.jsonl"), SETTINGS
         open(source, "w").close()
-    with pytest.raises(batch.BatchError, match=message):
+    with pytest.raises(ConfigError, match=message):
         batch.generate_file(engine, tokenizer, source, str(tmp_path / "out.jsonl"), settings)
     assert not os.path.exists(tmp_path / "out.jsonl")
 
@@ -369,8 +371,9 @@ def test_generate_file_names_a_bad_request_before_generating(engine, tokenizer, 
 
 
 def run_main(argv: list[str]) -> None:
-    """`python -m infer.batch ARGV` in this process (absl flags are global: reset them first)."""
-    batch.define_flags()
+    """`python -m infer.batch ARGV` in this process (absl flags are global: defined once, reset here)."""
+    if "prompts" not in flags.FLAGS:
+        batch.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["infer.batch", *argv])
     batch.main([])

@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 import qwen3_jax as q
 from helpers.hf_fixtures import make_hf_model, save_hf_model
 from infer import engine as engine_lib
-from infer import request as engine_request
 from infer.engine import Engine, generate
-from infer.messages import chat_turn, complete, incremental_text, last_soft_switch, sampling_defaults, stream_text
+from infer.rollout import Completion
+from infer.text import chat_turn, complete, incremental_text, stream_text
 from qwen3_jax import chat
+from qwen3_jax.errors import RequestError
 from qwen3_jax.ids import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, STOP_THINKING_TEXT, THINK_ID
 from qwen3_jax.tokenizer import Tokenizer, _byte_alphabet
 
@@ -47,7 +48,7 @@ def forced_ids():
 def test_greedy_matches_transformers_generate(hf_and_model):
     hf, model = hf_and_model
     stop = 5
-    ours = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0, stop_token_ids=(stop,), forced_ids=[0])
+    ours = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0, stop_token_ids=(stop,))
     for prompt, got in zip(PROMPTS, ours):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=stop, pad_token_id=0)
@@ -56,7 +57,7 @@ def test_greedy_matches_transformers_generate(hf_and_model):
 
 def test_seeds_top_k_one_and_parameter_changes_do_not_recompile(hf_and_model):
     _, model = hf_and_model
-    kw = dict(max_new_tokens=6, stop_token_ids=(), forced_ids=[0])
+    kw = dict(max_new_tokens=6, stop_token_ids=())
     greedy = generate(model, PROMPTS, temperature=0.0, **kw)
     before = engine_lib._decode._cache_size()
     a = generate(model, PROMPTS, temperature=1.0, top_k=0, top_p=1.0, seed=1, **kw)
@@ -69,7 +70,7 @@ def test_seeds_top_k_one_and_parameter_changes_do_not_recompile(hf_and_model):
 
 def test_per_row_seeds_make_a_row_independent_of_its_batch(hf_and_model):
     _, model = hf_and_model
-    kw = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(), forced_ids=[0])
+    kw = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=())
     rows = generate(model, PROMPTS, seed=[11, 12, 13, 14], **kw)
     order = [2, 0, 3, 1]  # each row beside other rows, at another position
     assert generate(model, [PROMPTS[i] for i in order], seed=[11 + i for i in order], **kw) == [rows[i] for i in order]
@@ -82,16 +83,16 @@ def test_mixed_prompt_lengths_compile_a_bounded_number_of_times(hf_and_model):
     rng = np.random.RandomState(0)
     before = engine_lib._prefill._cache_size()
     for n in rng.randint(1, 60, size=12):
-        generate(model, [list(rng.randint(0, 300, size=n)), [1, 2]], max_new_tokens=4, temperature=0.0, forced_ids=[0],
+        generate(model, [list(rng.randint(0, 300, size=n)), [1, 2]], max_new_tokens=4, temperature=0.0,
                  stop_token_ids=())
     assert engine_lib._prefill._cache_size() - before <= 3  # prompt buckets 16, 32, 64
 
 
 def test_stop_token_is_included_and_ends_the_row(hf_and_model):
     _, model = hf_and_model
-    free = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=(), forced_ids=[0])
+    free = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=())
     stop = free[1][3]
-    out = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,), forced_ids=[0])
+    out = generate(model, PROMPTS[:2], max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,))
     assert out[1] == free[1][: free[1].index(stop) + 1]
     cut = free[0].index(stop) + 1 if stop in free[0] else 8
     assert out[0] == free[0][:cut]
@@ -206,7 +207,7 @@ def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
     single = q.from_hf(path)
     sharded = q.from_hf(path, mesh=mesh)
     for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=10, seed=9)):
-        kw.update(max_new_tokens=8, stop_token_ids=(), forced_ids=[0])
+        kw.update(max_new_tokens=8, stop_token_ids=())
         assert generate(sharded, prompts, mesh=mesh, **kw) == generate(single, prompts, **kw)
 
 
@@ -227,7 +228,7 @@ def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
 )
 def test_bad_requests_are_named(hf_and_model, kwargs, message):
     _, model = hf_and_model
-    args = {"max_new_tokens": 4, "forced_ids": [0], "stop_token_ids": (), **kwargs}
+    args = {"max_new_tokens": 4, "stop_token_ids": (), **kwargs}
     with pytest.raises(ValueError, match=message):
         generate(model, PROMPTS, **args)
 
@@ -239,29 +240,29 @@ def test_yarn_extends_the_context_to_factor_times_original(tmp_path):
     model = q.from_hf(save_hf_model(hf, tmp_path))
     assert model.cfg.context_length == 128
     prompt = list(np.random.RandomState(1).randint(0, 300, size=60))
-    ours = generate(model, [prompt], max_new_tokens=8, temperature=0.0, stop_token_ids=(), forced_ids=[0])
+    ours = generate(model, [prompt], max_new_tokens=8, temperature=0.0, stop_token_ids=())
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert ours[0] == ref[0, len(prompt):].tolist()
     with pytest.raises(ValueError, match="121 tokens; with max_new_tokens=8 that exceeds the model's context of 128"):
-        generate(model, [[1] * 121], max_new_tokens=8, forced_ids=[0])
+        generate(model, [[1] * 121], max_new_tokens=8)
     # A max_len the user chooses wins, below the derived context and above it.
     with pytest.raises(ValueError, match="60 tokens; with max_new_tokens=8 that exceeds max_len=64"):
-        Engine(model, forced_ids=[0], max_len=64).generate([prompt], max_new_tokens=8, temperature=0.0)
-    longer = Engine(model, forced_ids=[0], max_len=200).generate([[1] * 121], max_new_tokens=8, temperature=0.0,
+        Engine(model, max_len=64).generate([prompt], max_new_tokens=8, temperature=0.0)
+    longer = Engine(model, max_len=200).generate([[1] * 121], max_new_tokens=8, temperature=0.0,
                                                                  stop_token_ids=())
     assert len(longer[0]) == 8
     for bad in (0, -5, 2.5, "64"):
         with pytest.raises(ValueError, match="max_len must be a positive int"):
-            Engine(model, forced_ids=[0], max_len=bad)
+            Engine(model, max_len=bad)
 
 
 def test_bad_prompts_are_named(hf_and_model):
     _, model = hf_and_model
     with pytest.raises(ValueError, match=r"prompt 1 has token ids outside \[0, 300\)"):
-        generate(model, [[1], [2, 300]], max_new_tokens=2, forced_ids=[0], stop_token_ids=())
+        generate(model, [[1], [2, 300]], max_new_tokens=2, stop_token_ids=())
     with pytest.raises(ValueError, match="prompt 0 is empty"):
-        generate(model, [[]], max_new_tokens=2, forced_ids=[0], stop_token_ids=())
+        generate(model, [[]], max_new_tokens=2, stop_token_ids=())
 
 
 # Every public entry point checks a request alike, before anything runs. A prompt fault is given
@@ -280,18 +281,18 @@ PROMPT_FAULTS = {  # fault: ({entry kind: bad prompts}, error type, message)
 ARGUMENT_FAULTS = {  # fault: (kwargs, error type, message)
     "nan_temperature": ({"temperature": float("nan")}, ValueError, r"temperature must be finite; row 0 has nan"),
     "nan_top_p": ({"top_p": [float("nan")]}, ValueError, r"top_p must be finite"),
-    "stop_id_out_of_range": ({"stop_token_ids": [V + 5]}, engine_request.RequestError,
+    "stop_id_out_of_range": ({"stop_token_ids": [V + 5]}, RequestError,
                              rf"stop_token_ids has token ids outside \[0, {V}\): \[{V + 5}\]"),
-    "negative_stop_id": ({"stop_token_ids": [2, -1]}, engine_request.RequestError, r"stop_token_ids has token ids outside"),
-    "stop_ids_not_a_list": ({"stop_token_ids": 7}, engine_request.RequestTypeError,
+    "negative_stop_id": ({"stop_token_ids": [2, -1]}, RequestError, r"stop_token_ids has token ids outside"),
+    "stop_ids_not_a_list": ({"stop_token_ids": 7}, RequestError,
                             r"stop_token_ids must be a list of token ids \(ints\), got int 7"),
-    "float_token_budget": ({"max_new_tokens": 4.0}, engine_request.RequestTypeError,
+    "float_token_budget": ({"max_new_tokens": 4.0}, RequestError,
                            r"max_new_tokens must be a positive int, got float 4.0"),
-    "bool_token_budget": ({"max_new_tokens": True}, engine_request.RequestTypeError,
+    "bool_token_budget": ({"max_new_tokens": True}, RequestError,
                           r"max_new_tokens must be a positive int, got bool True"),
-    "float_thinking_budget": ({"thinking_budget": 2.5}, engine_request.RequestTypeError,
-                              r"thinking_budget must be None or an int >= 0, got float 2.5"),
-    "string_seed": ({"seed": "7"}, engine_request.RequestTypeError, r"seed must be an int or one int per prompt, got str"),
+    "float_thinking_budget": ({"thinking_budget": 2.5}, RequestError,
+                              r"thinking_budget(\[0\])? must be None or an int >= 0, got float 2.5"),
+    "string_seed": ({"seed": "7"}, RequestError, r"seed must be an int or one int per prompt, got str"),
 }
 
 
@@ -304,8 +305,8 @@ ENTRY_POINTS = {  # name: (kind of prompts, call(model, engine, tokenizer, promp
     "infer.generate": ("ids", lambda m, e, t, p, kw: generate(m, p, forced_ids=e.forced_ids, **kw)),
     "Engine.generate": ("ids", lambda m, e, t, p, kw: e.generate(p, **kw)),
     "Engine.stream": ("ids", lambda m, e, t, p, kw: next(e.stream(p, **kw))),
-    "messages.complete": ("conversations", lambda m, e, t, p, kw: complete(e, t, p, **kw)),
-    "messages.stream_text": ("messages", lambda m, e, t, p, kw: next(stream_text(e, t, p, **kw))),
+    "text.complete": ("conversations", lambda m, e, t, p, kw: complete(e, t, p, **kw)),
+    "text.stream_text": ("messages", lambda m, e, t, p, kw: next(stream_text(e, t, p, **kw))),
 }
 GOOD_PROMPTS = {"ids": [[1, 2, 3]], "conversations": [[USER]], "messages": [USER]}
 
@@ -319,6 +320,8 @@ def test_every_entry_point_names_a_bad_request(qwen3_vocab_model, qwen3_engine, 
         prompts, kwargs = prompts[kind], {}
     else:
         prompts, (kwargs, error, message) = GOOD_PROMPTS[kind], ARGUMENT_FAULTS[fault]
+        if kind != "ids":  # the text layer takes one sampling value for every conversation
+            kwargs = {k: v[0] if k == "top_p" else v for k, v in kwargs.items()}
     engine, tokenizer = qwen3_engine
     with pytest.raises(error, match=message):
         call(qwen3_vocab_model, engine, tokenizer, prompts, {"max_new_tokens": 2, **kwargs})
@@ -326,19 +329,19 @@ def test_every_entry_point_names_a_bad_request(qwen3_vocab_model, qwen3_engine, 
 
 def test_engine_arguments_of_the_wrong_kind_are_named(qwen3_vocab_model, qwen3_engine):
     engine, _ = qwen3_engine
-    with pytest.raises(engine_request.RequestError, match="chunk must be a positive int, got -1"):
+    with pytest.raises(RequestError, match="chunk must be a positive int, got -1"):
         next(engine.stream([[1, 2]], max_new_tokens=2, chunk=-1))  # was an endless loop of empty chunks
-    with pytest.raises(engine_request.RequestError, match="forced_ids is empty"):
+    with pytest.raises(RequestError, match="forced_ids is empty"):
         Engine(qwen3_vocab_model, forced_ids=[])
-    with pytest.raises(engine_request.RequestTypeError, match=r"forced_ids must be a list of token ids \(ints\), but it holds 3.7"):
+    with pytest.raises(RequestError, match=r"forced_ids must be a list of token ids \(ints\), but it holds 3.7"):
         Engine(qwen3_vocab_model, forced_ids=[3.7])
-    with pytest.raises(engine_request.RequestError, match=r"thinking_budget\[1\] must be None or an int >= 0, got -2"):
+    with pytest.raises(RequestError, match=r"thinking_budget\[1\] must be None or an int >= 0, got -2"):
         engine.generate([[1], [2]], max_new_tokens=2, thinking_budget=[None, -2])
 
 
 def test_streaming_chunks_concatenate_to_the_full_generation(hf_and_model):
     _, model = hf_and_model
-    engine = Engine(model, forced_ids=[0])
+    engine = Engine(model)
     kw = dict(max_new_tokens=9, temperature=0.0, stop_token_ids=())
     chunks = list(engine.stream(PROMPTS, chunk=2, **kw))
     assert len(chunks) == 5
@@ -439,9 +442,10 @@ class _RecordingEngine:
     def __init__(self, reply):
         self.reply, self.calls = list(reply), []
 
-    def generate(self, prompts, **settings):
+    def generate(self, prompts, return_forced=False, **settings):
         self.calls.append((prompts, settings))
-        return [list(self.reply) for _ in prompts]
+        ids = [list(self.reply) for _ in prompts]
+        return (ids, [[False] * len(i) for i in ids]) if return_forced else ids
 
     def stream(self, prompts, *, chunk, **settings):
         self.calls.append((prompts, {"chunk": chunk, **settings}))
@@ -458,47 +462,27 @@ def _user(text):
     return {"role": "user", "content": text}
 
 
-@pytest.mark.parametrize("messages, flag", [
-    ([], None),
-    ([_user("hi"), {"role": "user", "content": None}], None),
-    ([_user("explain /think")], "/think"),
-    ([_user("/think first, then /no_think")], "/no_think"),
-    ([_user("/no_think first, then /think")], "/think"),
-    ([_user("a /no_think"), _user("b /think")], "/think"),  # the latest message with a flag wins
-    ([_user("a /think"), _user("b")], "/think"),  # a message without one leaves the earlier flag
-    ([{"role": "system", "content": "/no_think"}, _user("hi")], "/no_think"),
-    ([_user("/no_think"), {"role": "assistant", "content": "/think"}], "/no_think"),  # the model's text is not read
-])
-def test_last_soft_switch(messages, flag):
-    assert last_soft_switch(messages) == flag
-
-
-def test_sampling_defaults_follow_the_hard_and_soft_switches():
-    assert sampling_defaults([_user("hi")], enable_thinking=True) == QWEN_THINKING
-    assert sampling_defaults([_user("hi /no_think")], enable_thinking=True) == QWEN_NON_THINKING
-    assert sampling_defaults([_user("hi /no_think"), _user("now /think")], enable_thinking=True) == QWEN_THINKING
-    assert sampling_defaults([_user("hi /think")], enable_thinking=False) == QWEN_NON_THINKING  # the hard switch wins
-
-
 def test_complete_renders_each_conversation_and_parses_the_reply(qwen3_tokenizer):
     tok = qwen3_tokenizer
     reply = tok.encode("<think>\nhmm\n</think>\n\nok") + [IM_END_ID]
     engine = _RecordingEngine(reply)
     conversations = [[_user("hi")], [_user("and you? /no_think")]]
-    results = complete(engine, tok, conversations, max_new_tokens=5)
-    assert results == [("hmm", "ok", reply)] * 2
+    results = complete(engine, tok, conversations, max_new_tokens=5, thinking_budget=3)
+    assert results == [Completion(reply, [False] * len(reply), "hmm", "ok", finished=True, thinking_closed=True)] * 2
     (prompts, settings), = engine.calls
     assert prompts == [tok.encode(chat.render(c, add_generation_prompt=True)) for c in conversations]
-    # The first conversation's mode sets the defaults; the tokenizer's stop ids end every reply.
-    assert settings == {"max_new_tokens": 5, **QWEN_THINKING, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+    # Each conversation's mode sets its sampling defaults and whether the budget applies; the
+    # tokenizer's stop ids end every reply.
+    assert settings == {"max_new_tokens": 5, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID), "thinking_budget": [3, None],
+                        "seed": 0, **{k: [QWEN_THINKING[k], QWEN_NON_THINKING[k]] for k in QWEN_THINKING}}
 
     engine = _RecordingEngine(reply)
     complete(engine, tok, conversations[::-1], max_new_tokens=5, enable_thinking=False, temperature=0.0,
              thinking_budget=3)
     (prompts, settings), = engine.calls
     assert prompts[0][-4:] == [THINK_ID, 271, END_THINK_ID, 271]  # the empty think block: thinking off
-    assert settings == {"max_new_tokens": 5, **QWEN_NON_THINKING, "temperature": 0.0, "thinking_budget": 3,
-                        "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+    assert settings == {"max_new_tokens": 5, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID), "thinking_budget": [None] * 2,
+                        "seed": 0, **{k: [v] * 2 for k, v in {**QWEN_NON_THINKING, "temperature": 0.0}.items()}}
 
 
 def test_stream_text_yields_the_decoded_reply_in_pieces(qwen3_tokenizer):
@@ -506,12 +490,12 @@ def test_stream_text_yields_the_decoded_reply_in_pieces(qwen3_tokenizer):
     reply = tok.encode("<think>\nhmm\n</think>\n\nok 😀") + [IM_END_ID]
     engine = _RecordingEngine(reply)
     messages = [_user("hi /no_think")]
-    pieces = list(stream_text(engine, tok, messages, max_new_tokens=9, chunk=3, top_k=5))
+    pieces = list(stream_text(engine, tok, messages, max_new_tokens=9, chunk=3, top_k=5, thinking_budget=2))
     assert len(pieces) > 1 and "".join(pieces) == "<think>\nhmm\n</think>\n\nok 😀"
     (prompts, settings), = engine.calls
     assert prompts == [tok.encode(chat.render(messages, add_generation_prompt=True))]
-    assert settings == {"chunk": 3, "max_new_tokens": 9, **QWEN_NON_THINKING, "top_k": 5,
-                        "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
+    assert settings == {"chunk": 3, "max_new_tokens": 9, "seed": 0, "thinking_budget": None, **QWEN_NON_THINKING,
+                        "top_k": 5, "stop_token_ids": (IM_END_ID, ENDOFTEXT_ID)}
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -561,7 +545,7 @@ def test_chunked_prefill_matches_transformers_greedy(hf_and_model):
     chunk, and four with rows ending in the first, second and third) decode as transformers does."""
     hf, model = hf_and_model
     prompts = [*PROMPTS, list(range(100, 140)), list(range(60, 78))]
-    engine = engine_lib.Engine(model, forced_ids=[0], prefill_chunk=16)
+    engine = engine_lib.Engine(model, prefill_chunk=16)
     ours = engine.generate(prompts, max_new_tokens=8, temperature=0.0, stop_token_ids=())
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
@@ -578,3 +562,24 @@ def test_lower_pads_a_chunked_prompt_and_checks_it_fits(hf_and_model):
     assert [a.shape for a in jax.tree.leaves(prefill.args_info) if a.shape == (2, 128)]  # the tokens
     with pytest.raises(ValueError, match=r"padded to prefill_chunk=64 multiples \(192\) exceeds slots=140"):
         engine.lower(2, 129, 10, 140)
+
+
+def test_engine_builds_no_tokenizer_and_refuses_a_budget_it_cannot_force(hf_and_model, monkeypatch, qwen3_tokenizer):
+    """Qwen3's stop-thinking ids are a constant (checked here against the tokenizer); a 300-token
+    vocabulary lacks them, so such an engine refuses a thinking budget instead of forcing ids."""
+    assert engine_lib.QWEN3_STOP_THINKING_IDS == qwen3_tokenizer.stop_thinking_ids
+    monkeypatch.setattr(Tokenizer, "qwen3", lambda *a, **k: pytest.fail("Engine built a tokenizer"))
+    _, model = hf_and_model
+    engine = Engine(model)
+    assert engine.forced_ids is None
+    with pytest.raises(RequestError, match="thinking_budget needs stop-thinking ids"):
+        engine.generate(PROMPTS, max_new_tokens=2, thinking_budget=1)
+
+
+def test_prefill_alone_gives_the_first_greedy_token(hf_and_model):
+    _, model = hf_and_model
+    engine = Engine(model)
+    logits = engine.prefill(PROMPTS, max_new_tokens=4)
+    assert logits.shape == (len(PROMPTS), model.cfg.vocab_size) and logits.dtype == jnp.float32
+    first = [row[0] for row in engine.generate(PROMPTS, max_new_tokens=1, temperature=0.0, stop_token_ids=())]
+    assert np.argmax(np.asarray(logits), axis=-1).tolist() == first

@@ -11,7 +11,8 @@ from infer import rollout
 from infer.rollout import Mode, Switch
 from qwen3_jax import chat
 from qwen3_jax.errors import ConfigError, DataError
-from qwen3_jax.tokenizer import ENDOFTEXT_ID, IM_END_ID, Tokenizer
+from qwen3_jax.ids import ENDOFTEXT_ID, IM_END_ID
+from qwen3_jax.tokenizer import Tokenizer
 
 # Qwen's recommended settings (Qwen3 model cards, "Best Practices"), written out here.
 QWEN_THINKING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from infer.messages import last_soft_switch
+from infer.rollout import last_soft_switch
 from qwen3_jax import chat
 from train.miniature import task
 

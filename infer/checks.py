@@ -1,12 +1,7 @@
-"""The checks every generation entry point applies to what it is given.
+"""The argument checks every generation entry point applies before anything runs.
 
-`Engine.stream` (so `Engine.generate`, `infer.generate`, `infer.messages.complete` / `stream_text`
-and `infer.batch.generate_file`, which all end there) and `infer.messages.complete` validate their
-arguments with these functions before anything runs. A value of the wrong type raises
-RequestTypeError (a TypeError), a value out of range RequestError; both are ValueErrors, so one
-`except ValueError` catches every bad request, and each names the argument (and the prompt).
-Sampling values (temperature, top_k, ...; NaN included) are checked by
-`infer.sampling.SamplingParams.make`.
+Each raises `qwen3_jax.errors.RequestError` (a ValueError) naming the argument (and the prompt).
+Sampling values (temperature, top_k, ...; NaN included) are checked by `infer.sampling.SamplingParams.make`.
 """
 
 from __future__ import annotations
@@ -17,15 +12,7 @@ from typing import Any
 
 import numpy as np
 
-
-class RequestError(ValueError):
-    """A generation request with a value out of range (an empty prompt list, an id outside the
-    vocabulary, a non-positive budget); the message names the argument."""
-
-
-class RequestTypeError(RequestError, TypeError):
-    """A generation request with a value of the wrong type (a string for a prompt of ids, a float
-    for a token budget); the message names the argument."""
+from qwen3_jax.errors import RequestError
 
 
 def is_int(value: Any) -> bool:
@@ -35,7 +22,7 @@ def is_int(value: Any) -> bool:
 
 def positive_int(value: Any, name: str) -> int:
     if not is_int(value):
-        raise RequestTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+        raise RequestError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise RequestError(f"{name} must be a positive int, got {value}")
     return int(value)
@@ -44,7 +31,7 @@ def positive_int(value: Any, name: str) -> int:
 def non_empty_list(items: Any, name: str) -> list:
     """`items` (a list, tuple or array) as a list; not a string, mapping or scalar, not empty."""
     if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, (Sequence, np.ndarray)):
-        raise RequestTypeError(f"{name} must be a list, got {type(items).__name__} {items!r:.100}")
+        raise RequestError(f"{name} must be a list, got {type(items).__name__} {items!r:.100}")
     if len(items) == 0:
         raise RequestError(f"{name} is empty: pass at least one")
     return list(items)
@@ -53,11 +40,11 @@ def non_empty_list(items: Any, name: str) -> list:
 def token_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
     """`ids` as a list of ints in [0, vocab_size); `name` says whose ids they are in errors."""
     if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, (Iterable, np.ndarray)):
-        raise RequestTypeError(f"{name} must be a list of token ids (ints), got {type(ids).__name__} {ids!r:.100}")
+        raise RequestError(f"{name} must be a list of token ids (ints), got {type(ids).__name__} {ids!r:.100}")
     out = list(ids)
     wrong = [t for t in out if not is_int(t)]
     if wrong:
-        raise RequestTypeError(f"{name} must be a list of token ids (ints), but it holds {wrong[0]!r:.50}")
+        raise RequestError(f"{name} must be a list of token ids (ints), but it holds {wrong[0]!r:.50}")
     bad = [int(t) for t in out if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"{name} has token ids outside [0, {vocab_size}): {bad[:5]}")
@@ -69,7 +56,7 @@ def optional_budget(value: Any, name: str) -> int | None:
     if value is None:
         return None
     if not is_int(value):
-        raise RequestTypeError(f"{name} must be None or an int >= 0, got {type(value).__name__} {value!r}")
+        raise RequestError(f"{name} must be None or an int >= 0, got {type(value).__name__} {value!r}")
     if value < 0:
         raise RequestError(f"{name} must be None or an int >= 0, got {value}")
     return int(value)
@@ -78,7 +65,7 @@ def optional_budget(value: Any, name: str) -> int | None:
 def seed(value: Any, name: str = "seed") -> int:
     """One seed for a batch: any int a 64-bit key accepts."""
     if not is_int(value):
-        raise RequestTypeError(f"{name} must be an int or one int per prompt, got {type(value).__name__} {value!r}")
+        raise RequestError(f"{name} must be an int or one int per prompt, got {type(value).__name__} {value!r}")
     if not -(2**63) <= value < 2**63:
         raise RequestError(f"{name} must fit in 64 bits, got {value}")
     return int(value)
