@@ -192,6 +192,10 @@ FAULTS = (
     Fault("checkpoint_manifest_hash_not_checked", "train/checkpoint.py",
           "if actual[name][1] != digest:", "if False:",
           ("tests/test_resume.py", "-k", "corrupt_step")),
+    # ---- issue 26: CPU decode over a small cache runs einsum
+    Fault("cpu_decode_crossover_at_one_tile", "qwen3_jax/attention.py",
+          "and kv_slots <= 2 * cfg.attention_block_kv):", "and kv_slots <= cfg.attention_block_kv):",
+          ("tests/test_attention.py", "-k", "auto_picks")),
     # ---- issue 22: sampled-token distillation signals and the rollout's sampling
     Fault("sampled_signal_rule_checks_temperature_only", "train/distill/config.py",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if v != exact.get(k, v)]",

@@ -281,9 +281,12 @@ def cudnn_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg: Qwen3Config) -> jax.Ar
 # ------------------------------------------------------------------------------ dispatch
 
 
-def choose(cfg: Qwen3Config, *, cached: bool, packed: bool, backend: str | None = None) -> str:
+def choose(cfg: Qwen3Config, *, cached: bool, packed: bool, queries: int | None = None,
+           kv_slots: int | None = None, backend: str | None = None) -> str:
     """The implementation a call runs: `cfg.attention`, with `auto` resolved for `backend` (default:
-    `target_platform()`, the installed mesh's platform). Raises ValueError for an explicit choice that
+    `target_platform()`, the installed mesh's platform), `queries` (T) and the cache's `kv_slots` (S).
+    On CPU a decode step (T = 1) over at most 2 x attention_block_kv slots runs einsum, faster there
+    than blockwise's tile loop (benchmarks.attention). Raises ValueError for an explicit choice that
     cannot run the call."""
     backend = backend or target_platform()
     impl = cfg.attention
@@ -292,6 +295,9 @@ def choose(cfg: Qwen3Config, *, cached: bool, packed: bool, backend: str | None 
             return "splash"
         if not cached and not packed and backend == "gpu" and cfg.dtype in ("bfloat16", "float16"):
             return "cudnn"
+        if (cached and backend == "cpu" and queries == 1 and kv_slots is not None
+                and kv_slots <= 2 * cfg.attention_block_kv):
+            return "einsum"
         return "blockwise"
     if impl in ("splash", "cudnn") and cached:
         raise ValueError(f"attention={impl!r} has no KV-cache path (prefill and decode); "

@@ -217,7 +217,8 @@ class Attention(nnx.Module):
 
         B, T = x_BxTxD.shape[:2]
         cached, packed = cache is not None or ctx.cache_start_B is not None, ctx.segment_ids_BxT is not None
-        impl = attention.choose(cfg, cached=cached, packed=packed)
+        kv_slots = None if cache is None else cache.k_BxKxHxS.shape[-1]
+        impl = attention.choose(cfg, cached=cached, packed=packed, queries=T, kv_slots=kv_slots)
         if impl == "splash":
             out_BxTxNxH = attention.splash_attention(q, k, v, ctx.segment_ids_BxT, cfg)
         elif impl == "cudnn":

@@ -171,6 +171,11 @@ def test_auto_picks_the_backend_kernel_where_it_applies():
     assert A.choose(cfg, cached=False, packed=False, backend="gpu") == "blockwise"  # float32: no cuDNN kernel
     assert A.choose(cfg, cached=False, packed=False, backend="cpu") == "blockwise"
     assert A.choose(cfg.replace(attention="einsum"), cached=True, packed=False, backend="tpu") == "einsum"
+    # CPU decode over a small cache: einsum (measured faster there); over a long cache or prefill: blockwise.
+    assert A.choose(cfg, cached=True, packed=False, queries=1, kv_slots=2048, backend="cpu") == "einsum"
+    assert A.choose(cfg, cached=True, packed=False, queries=1, kv_slots=2049, backend="cpu") == "blockwise"
+    assert A.choose(cfg, cached=True, packed=False, queries=8, kv_slots=2048, backend="cpu") == "blockwise"
+    assert A.choose(cfg, cached=True, packed=False, queries=1, kv_slots=2048, backend="gpu") == "blockwise"
 
 
 @pytest.mark.parametrize("impl, dtype, cached, packed, message", [
