@@ -19,7 +19,7 @@ from flax import nnx
 
 from qwen3_jax import from_hf, make_mesh, preset, to_hf
 from helpers.safetensors_files import write_safetensors
-from qwen3_jax.model import abstract_model
+from qwen3_jax.model import abstract_model, abstract_params
 from tests.helpers.train_fixtures import (
     BATCH, OPT, PARAM_ATOL, SEQ, STEP, assert_trees_close, initial_state, single_device, synthetic_batches, train_step,
 )
@@ -66,7 +66,7 @@ def test_chunked_cross_entropy_matches_full_logits():
 
 
 def test_weight_decay_mask_skips_norms_and_embeddings():
-    mask = step_lib.weight_decay_mask(step_lib.abstract_params(preset("tiny-moe")), ("norm", "embed"))
+    mask = step_lib.weight_decay_mask(abstract_params(preset("tiny-moe")), ("norm", "embed"))
     flat = {step_lib.param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert not flat["embed"] and not flat["norm/weight"] and not flat["runs/0/attn/q_norm/weight"]
     assert flat["lm_head"] and flat["runs/0/attn/q_proj"] and flat["runs/0/mlp/router"]

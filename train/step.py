@@ -20,8 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen3_jax.config import Qwen3Config
-from qwen3_jax.model import Qwen3, abstract_model
-from qwen3_jax.sharding import ShardingRules, auto_mesh, constrain, state_shardings
+from qwen3_jax.model import Qwen3, abstract_model, abstract_params
+from qwen3_jax.sharding import ShardingRules, auto_mesh, constrain
 from train.config import OptimizerConfig, StepConfig
 from train.objectives import Batch, Objective, Params, lm_objective
 
@@ -72,13 +72,9 @@ def make_optimizer(opt: OptimizerConfig, cfg: Qwen3Config) -> optax.GradientTran
 # --------------------------------------------------------------------------------- train state
 
 
-def abstract_params(cfg: Qwen3Config) -> Params:
-    return nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
-
-
 def params_shardings(cfg: Qwen3Config, mesh: Mesh) -> Params:
-    _, abstract_state = nnx.split(abstract_model(cfg))
-    return nnx.to_pure_dict(state_shardings(abstract_state, mesh, cfg.rules))
+    """Each parameter's NamedSharding on `mesh`, as the rule table places it."""
+    return jax.tree.map(lambda x: x.sharding, abstract_params(cfg, mesh))
 
 
 def train_state_shardings(cfg: Qwen3Config, opt: OptimizerConfig, mesh: Mesh) -> TrainState:
