@@ -197,7 +197,7 @@ FAULTS = (
           "and kv_slots <= 2 * cfg.attention_block_kv):", "and kv_slots <= cfg.attention_block_kv):",
           ("tests/test_attention.py", "-k", "auto_picks")),
     # ---- issue 22: sampled-token distillation signals and the rollout's sampling
-    Fault("sampled_signal_rule_checks_temperature_only", "train/distill/config.py",
+    Fault("sampled_signal_rule_checks_temperature_only", "train/rollout.py",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if v != exact.get(k, v)]",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if k == \"temperature\" and v != exact[k]]",
           ("tests/test_distill.py", "-k", "unbiased or filtered_rollouts")),
