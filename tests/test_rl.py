@@ -196,8 +196,8 @@ def test_relative_weights_normalise_by_the_whole_batch():
 
 
 def test_forced_tokens_carry_no_policy_gradient():
-    """Changing what the rollout recorded at a forced token (its log-prob, so its ratio) changes
-    neither the loss nor the gradient: the budget forced it, the policy did not sample it."""
+    """Changing what the batch holds at a forced token (its recorded log-prob, its advantage)
+    changes neither the loss nor the gradient: the budget forced it, the policy did not sample it."""
     cfg = q.preset("tiny-dense", **TINY)
     rng = np.random.default_rng(4)
     batch = random_rl_batch(rng)
@@ -207,7 +207,8 @@ def test_forced_tokens_carry_no_policy_gradient():
     objective = functools.partial(rl_run.rl_objective, graphdef=nnx.graphdef(abstract_model(cfg)), cfg=cfg,
                                   loss=RLLoss(), temperature=1.0, chunk_len=8)
     grad = jax.jit(jax.grad(lambda p, b: objective(p, rl_run.prepare_batch(b, loss=RLLoss()), None).loss_sum))
-    moved = dict(batch, old_logp=np.where(forced_positions, -30.0, batch["old_logp"]).astype(np.float32))
+    moved = dict(batch, old_logp=np.where(forced_positions, -30.0, batch["old_logp"]).astype(np.float32),
+                 advantages=np.where(forced_positions, 50.0, batch["advantages"]).astype(np.float32))
     for a, b in zip(jax.tree.leaves(grad(params, batch)), jax.tree.leaves(grad(params, moved))):
         np.testing.assert_array_equal(a, b)
     # The same change on a sampled token moves the gradient: the check can fail.

@@ -20,3 +20,8 @@ def raises(record, completion_text: str) -> float:
 
 def nan_on_second(record, completion_text: str) -> float:
     return math.nan if record.get("index") == 1 else 0.0
+
+
+def answer_chars(record, completion_text: str) -> float:
+    """A dense reward for checks that need every group to carry a signal: the answer's length."""
+    return len(chat.parse_completion(completion_text)[1]) / 100

@@ -67,7 +67,9 @@ def score(fn: RewardFn, records: Sequence[Mapping[str, Any]], texts: Sequence[st
             continue
         local[i] = float(value)
     if jax.process_count() > 1:
-        rewards, codes = (np.asarray(x) for x in multihost_utils.process_allgather((local, failed), tiled=True))
+        # float64 travels as int32 pairs: the gather would cast it to float32 (x64 is off).
+        bits, codes = multihost_utils.process_allgather((local.view(np.int32), failed), tiled=True)
+        rewards, codes = np.asarray(bits, np.int32).view(np.float64), np.asarray(codes)
     else:
         rewards, codes = local, failed
     bad = np.flatnonzero(codes)

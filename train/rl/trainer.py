@@ -79,7 +79,8 @@ def rl_objective(
             logp_BxC, old_BxC, adv_BxC, clip_low=loss.clip_low, clip_high=loss.clip_high, ref_logp_BxT=ref_BxC,
             kl_beta=loss.kl_beta, kl_estimator=loss.kl_estimator)
         on = lambda x: jnp.sum(jnp.where(m_BxC, x, 0.0))  # noqa: E731
-        return dict(loss=on(w_BxC * loss_BxC), clip_frac=on(clipped_BxC), entropy=on(entropy_BxC), kl=on(kl_BxC),
+        # The loss is weighted, not masked: relative_weights is 0 off the sampled tokens.
+        return dict(loss=jnp.sum(w_BxC * loss_BxC), clip_frac=on(clipped_BxC), entropy=on(entropy_BxC), kl=on(kl_BxC),
                     ratio=on(jnp.exp(logp_BxC - old_BxC)), logp_diff=on(jnp.abs(logp_BxC - old_BxC)))
 
     arrays = [batch[k] for k in ("targets", "loss_mask", "loss_weight", "old_logp", "advantages")] + hidden
