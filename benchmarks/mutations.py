@@ -235,6 +235,12 @@ FAULTS = (
           "        return Engine.for_tokenizer(model_at(self.graphdef, params, self.dtype), self.tokenizer, mesh=self.mesh)",
           "        self._e = getattr(self, '_e', None) or Engine.for_tokenizer(model_at(self.graphdef, params, self.dtype), "
           "self.tokenizer, mesh=self.mesh)\n        return self._e", ("tests/test_rl.py", "-k", "toy_task")),
+    Fault("sampler_unfiltered_rows_keep_only_the_top", "infer/sampling.py",
+          "jnp.where(unfiltered_B, jnp.min(logits_BxV, axis=-1), full_cutoff_B)",
+          "jnp.where(unfiltered_B, jnp.max(logits_BxV, axis=-1), full_cutoff_B)", SAMPLING),
+    Fault("rollout_modes_of_the_local_rows", "train/rollout.py",
+          "        first = jax.process_index() * n_local\n", "        first = 0 * n_local\n",
+          ("tests/test_multiprocess.py", "-k", "rollouts")),
 )
 
 

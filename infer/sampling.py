@@ -226,14 +226,20 @@ def _support(
     # values feed several slices (measured 265 ms -> 2 ms at B=8, V=151,936).
     cand_logits_BxK, cand_ids_BxK = jax.lax.optimization_barrier(jax.lax.top_k(logits_BxV, num_cands))
     needs_full_B = ~greedy_B & ((params.top_k <= 0) | (params.top_k > num_cands))
+    # A row with no filter keeps every token: its cutoff is its smallest logit, what the sort
+    # would give, without the sort (measured 250 ms of a 300 ms draw at B=8, V=151,936 on CPU).
+    unfiltered_B = ((params.top_k <= 0) | (params.top_k >= logits_BxV.shape[-1])) & (params.top_p >= 1) & (
+        params.min_p <= 0)
     full_cutoff_B, full_tie_id_B = jax.lax.cond(
-        jnp.any(needs_full_B),
+        jnp.any(needs_full_B & ~unfiltered_B),
         _full_cutoff,
         lambda x, _: (jnp.zeros(x.shape[:1], x.dtype), jnp.zeros(x.shape[:1], jnp.int32)),
         logits_BxV,
         params,
     )
     cand_cutoff_B, cand_tie_id_B = _prefix_cutoff(cand_logits_BxK, cand_ids_BxK, params)
+    full_cutoff_B = jnp.where(unfiltered_B, jnp.min(logits_BxV, axis=-1), full_cutoff_B)
+    full_tie_id_B = jnp.where(unfiltered_B, 0, full_tie_id_B)
     cutoff_B = jnp.where(needs_full_B, full_cutoff_B, cand_cutoff_B)
     tie_id_B = jnp.where(needs_full_B, full_tie_id_B, cand_tie_id_B)
     return _Support(logits_BxV, cand_logits_BxK, cand_ids_BxK, cutoff_B, tie_id_B, needs_full_B)
