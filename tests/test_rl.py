@@ -161,7 +161,8 @@ def test_microbatched_and_sharded_updates_equal_the_one_batch_one_device_update(
     ref = jax.device_get(nnx.to_pure_dict(nnx.state(q.init_model(cfg, seed=3), nnx.Param)))
     one = q.make_mesh({"data": 1}, jax.devices()[:1])
     results = []
-    for mesh, micro in ((one, 1), (one, 4), (q.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 2)):
+    # 8 devices (data-parallel degree 4) and 2 microbatches of 4 rows: each device holds one row of a microbatch.
+    for mesh, micro in ((one, 1), (q.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 2)):
         state = step_lib.init_train_state(cfg, OPT, mesh, params=jax.device_put(params))
         frozen = jax.device_put(ref, step_lib.params_shardings(cfg, mesh)) if loss.uses_reference else None
         batch = jax.device_put(host, step_lib.batch_sharding(mesh, cfg.rules))
