@@ -32,7 +32,7 @@ def smoke_config():
     c.student.overrides.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
                                intermediate_size=32)
     c.student.update(off_policy_steps=2, on_policy_steps=2, batch_size=4, warmup_steps=1)
-    c.eval.update(batch_size=8, max_new_tokens=32, curve_points=2)
+    c.eval.update(batch_size=8, max_new_tokens=32, curve_points=2, samples=2)
     c.distill.keep_unfinished = True  # an untrained teacher rarely stops
     c.train.update(ce_chunk_len=32, peak_flops=1e10)
     return c

@@ -81,6 +81,8 @@ class TaskConfig:
     no_flag: float = 0.3  # fusion mix: user messages without a flag
     system_flag: float = 0.2  # ... conversations whose system message carries a flag
     multi_turn: float = 0.3  # ... conversations with an earlier turn
+    stop_thinking: float = 0.0  # ... thinking replies cut by Qwen's stop-thinking text, then the answer
+    split_by: str = "question"  # what the test split holds out: 'question' or 'start' (task.SPLIT_UNITS)
 
     def __post_init__(self):
         levels = self.levels
@@ -90,6 +92,10 @@ class TaskConfig:
              f"task.budgets must be >= 0 (unlimited is always measured), got {self.budgets}")
         for name in ("sft_records", "prompts", "test_per_level", "validation_per_level"):
             need(getattr(self, name) >= 1, f"task.{name} must be >= 1, got {getattr(self, name)}")
+        need(self.split_by in task_lib.SPLIT_UNITS,
+             f"task.split_by must be one of {task_lib.SPLIT_UNITS}, got {self.split_by!r}")
+        for name in ("no_flag", "system_flag", "multi_turn", "stop_thinking"):
+            need(0 <= getattr(self, name) <= 1, f"task.{name} must be in [0, 1], got {getattr(self, name)}")
         need(0 <= self.no_think_easy_share < 1,
              f"task.no_think_easy_share must be in [0, 1), got {self.no_think_easy_share}")
 
@@ -133,6 +139,7 @@ class StudentConfig:
     learning_rate: float = 3e-3
     on_policy_learning_rate: float = 1e-3
     warmup_steps: int = 30
+    seed: int | None = None  # the student stages' (init, data order, rollouts); None: the recipe's seed
 
     def __post_init__(self):
         for name in ("off_policy_steps", "on_policy_steps", "batch_size"):
@@ -172,9 +179,11 @@ class EvalSection:
     batch_size: int = 64
     max_new_tokens: int = 128
     curve_points: int = 4
+    samples: int = 8  # sampled replies per test problem and mode: pass@1 and pass@samples
 
     def __post_init__(self):
         need(self.curve_points >= 1, f"eval.curve_points must be >= 1, got {self.curve_points}")
+        need(self.samples >= 1, f"eval.samples must be >= 1 (pass@1 needs one), got {self.samples}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +261,8 @@ def validate(cd: RecipeConfig | ml_collections.ConfigDict) -> Recipe:
     return Recipe(config, teacher, student, levels, budgets, eval_lib.EvalConfig(
         levels=levels, per_level=config.task.test_per_level, budgets=(*budgets, None),
         follow_conversations=config.task.follow_conversations, max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size, seed=config.seed))
+        batch_size=config.eval.batch_size, seed=config.seed, split_by=config.task.split_by,
+        samples=config.eval.samples))
 
 
 # ------------------------------------------------------------------------- stage configs
@@ -264,12 +274,18 @@ def _model_section(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig
     return ModelConfig(preset=name, overrides={**overrides, **_vocab(r, w)}, dtype=r.config.dtype)
 
 
+def seed_of(r: Recipe, model: TeacherConfig | StudentConfig) -> int:
+    """The seed of a model's stages: a student's own when set, else the recipe's."""
+    own = getattr(model, "seed", None)
+    return r.config.seed if own is None else own
+
+
 def _job_sections(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig, *, steps: int, learning_rate: float,
                   warmup: int, every: int) -> dict[str, Any]:
     """The sections the recipe's train and distill jobs share. Constant learning rate after warmup:
     in runs this short a decay cost accuracy (README)."""
     return dict(
-        seed=r.config.seed, tokenizer=w.tokenizer, model=_model_section(r, w, model), mesh=r.config.mesh,
+        seed=seed_of(r, model), tokenizer=w.tokenizer, model=_model_section(r, w, model), mesh=r.config.mesh,
         optimizer=OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup, weight_decay=0.01,
                                   end_learning_rate_ratio=1.0),
         train=StepConfig(steps=steps, ce_chunk_len=r.config.train.ce_chunk_len, log_every=max(1, steps // 10),
@@ -280,7 +296,7 @@ def _job_sections(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig,
 def _sft_config(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig, *, steps: int, batch_size: int,
                 seq_len: int, learning_rate: float, warmup: int, every: int) -> TrainConfig:
     data = DataConfig(format="jsonl", kind="chat", paths=w.path("data", "sft.jsonl"), seq_len=seq_len,
-                      batch_size=batch_size, packing="first_fit", num_threads=1, seed=r.config.seed)
+                      batch_size=batch_size, packing="first_fit", num_threads=1, seed=seed_of(r, model))
     return TrainConfig(**_job_sections(r, w, model, steps=steps, learning_rate=learning_rate, warmup=warmup,
                                        every=every), data=data)
 
@@ -323,7 +339,7 @@ def distill_config(r: Recipe, w: "Workdir") -> DistillConfig:
     return DistillConfig(
         **sections,
         teacher=DistillTeacherConfig(init_from=w.path("teacher"), dtype=r.config.dtype),
-        prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"), batch_size=s.batch_size, seed=r.config.seed),
+        prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"), batch_size=s.batch_size, seed=seed_of(r, s)),
         rollout=d.rollout(max_prompt_len=r.config.teacher.seq_len - e.max_new_tokens, max_new_tokens=e.max_new_tokens),
         distill=d.loss,
         off_policy=OffPolicyConfig(steps=s.off_policy_steps, modes="both", temperature=d.teacher_temperature,
@@ -395,14 +411,15 @@ def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:
 def stage_data(r: Recipe, w: Workdir) -> dict[str, Any]:
     t = r.config.task
     os.makedirs(w.path("data"), exist_ok=True)
-    by_level = {d: task_lib.problems("train", d, len(task_lib.STARTS), r.config.seed) for d in r.levels}
+    by_level = {d: task_lib.problems("train", d, len(task_lib.STARTS), r.config.seed, t.split_by) for d in r.levels}
     train = [p for d in r.levels for p in by_level[d]]
     # Non-thinking replies: the easiest level gets `no_think_easy_share` of them, the rest share the rest.
     easy, rest = by_level[r.levels[0]], [p for d in r.levels[1:] for p in by_level[d]]
     n_easy = round(t.no_think_easy_share * len(rest) / (1 - t.no_think_easy_share)) if rest else len(easy)
     no_think_train = [easy[i % len(easy)] for i in range(n_easy)] + rest
     rng = np.random.default_rng([r.config.seed, 1])
-    mix = task_lib.FusionMix(no_flag=t.no_flag, system_flag=t.system_flag, multi_turn=t.multi_turn)
+    mix = task_lib.FusionMix(no_flag=t.no_flag, system_flag=t.system_flag, multi_turn=t.multi_turn,
+                             stop_thinking=t.stop_thinking)
     records = list(task_lib.fusion_records(rng, train, t.sft_records, mix, no_think_train))
     _write_jsonl(w.path("data", "sft.jsonl"), records)
     prompts = [train[i] for i in rng.integers(len(train), size=t.prompts)]
@@ -415,7 +432,9 @@ def stage_data(r: Recipe, w: Workdir) -> dict[str, Any]:
             f.write(render(rec["messages"]).replace("\n", " ") + "\n")
         f.write((STOP_THINKING_TEXT.replace("\n", " ") + " /think /no_think\n") * 20)
     modes = [rec["mode"] for rec in records]
-    return {"train_problems": len(train), "sft_records": len(records), "think_share": modes.count("think") / len(modes),
+    return {"train_problems": len(train), "sft_records": len(records),
+            "think_share": (len(modes) - modes.count("no_think")) / len(modes),
+            "stop_thinking_share": modes.count("stop_thinking") / len(modes),
             "prompts": len(prompts)}
 
 
@@ -433,7 +452,7 @@ def stage_tokenizer(r: Recipe, w: Workdir) -> dict[str, Any]:
     need(longest[0] <= r.config.teacher.seq_len,
          f"record {longest[1]} of {w.path('data', 'sft.jsonl')} has {longest[0]} tokens with this tokenizer, more "
          f"than teacher.seq_len={r.config.teacher.seq_len} (the rows of every training stage): raise it")
-    sample = task_lib.problems("test", r.levels[-1], 1, r.config.seed)[0]
+    sample = task_lib.problems("test", r.levels[-1], 1, r.config.seed, r.config.task.split_by)[0]
     return {"vocab_size": tokenizer.vocab_size, "stop_thinking_tokens": len(tokenizer.stop_thinking_ids),
             "longest_sft_record_tokens": longest[0],
             "hardest_thinking_reply_tokens": len(tokenizer.encode(sample.trace + "\n" + sample.final))}
