@@ -36,7 +36,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 64
     seed: int = 0
-    split_by: str = "question"  # the split unit (task.SPLIT_UNITS)
+    split_by: str = "start"  # the split unit (task.SPLIT_UNITS)
     samples: int = 8  # sampled replies per test problem and mode for pass@k (k = 1 and `samples`); 0: none
 
 

@@ -20,10 +20,8 @@ from qwen3_jax.chat import NO_THINK_FLAG, THINK_FLAG
 from qwen3_jax.ids import END_THINK_TEXT, STOP_THINKING_TEXT
 
 SPLITS = ("train", "validation", "test")
-# What a split holds out: whole questions (a starting pair at one difficulty) or starting pairs at
-# every difficulty. Holding out pairs holds out the first step's sum in the one place it is asked
-# (the answer of level 1, the first line of a trace), which a model trained from scratch cannot
-# infer for pairs it never saw there.
+# What a split holds out: starting pairs at every difficulty, or whole questions (a pair at one
+# difficulty, so a test question's pair starts training questions at other difficulties).
 SPLIT_UNITS = ("question", "start")
 MAX_DIFFICULTY = 32
 # The numbers close the question, so the reply's first line and step count sit a fixed distance
@@ -77,7 +75,7 @@ def _ranked(key: object) -> dict[tuple[int, int], str]:
 _SPLIT_OF = {"start": _ranked(None), "question": {d: _ranked(d) for d in range(1, MAX_DIFFICULTY + 1)}}
 
 
-def split_of(start: tuple[int, int], difficulty: int, by: str = "question") -> str:
+def split_of(start: tuple[int, int], difficulty: int, by: str = "start") -> str:
     """The split of the question (`start`, `difficulty`): by `question`, 60 / 20 / 20 of the pairs
     at each difficulty; by `start`, the pair's split at every difficulty."""
     if by not in SPLIT_UNITS:
@@ -86,7 +84,7 @@ def split_of(start: tuple[int, int], difficulty: int, by: str = "question") -> s
     return table[tuple(start)]
 
 
-def problems(split: str, difficulty: int, n: int, seed: int, by: str = "question") -> list[Problem]:
+def problems(split: str, difficulty: int, n: int, seed: int, by: str = "start") -> list[Problem]:
     """Up to `n` distinct problems of `split` at `difficulty`, drawn with `seed` (deterministic):
     the split's starting pairs in a seeded order. `by`: the split unit (`SPLIT_UNITS`)."""
     if split not in SPLITS:
