@@ -41,7 +41,7 @@ from qwen3_jax.tokenizer import Tokenizer
 from train import step as step_lib
 from train.config import OptimizerConfig, StepConfig
 from train.distill import config as distill_config
-from train.distill import rollout as distill_rollout
+from train import rollout as distill_rollout
 from train.distill import run as distill_run
 from train.distill.divergence import DistillLoss, divergence
 from train.objectives import Terms, lm_objective

@@ -197,10 +197,15 @@ FAULTS = (
           "and kv_slots <= 2 * cfg.attention_block_kv):", "and kv_slots <= cfg.attention_block_kv):",
           ("tests/test_attention.py", "-k", "auto_picks")),
     # ---- issue 22: sampled-token distillation signals and the rollout's sampling
-    Fault("sampled_signal_rule_checks_temperature_only", "train/distill/config.py",
+    Fault("sampled_signal_rule_checks_temperature_only", "train/rollout.py",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if v != exact.get(k, v)]",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if k == \"temperature\" and v != exact[k]]",
           ("tests/test_distill.py", "-k", "unbiased or filtered_rollouts")),
+    # ---- issue 23: reasoning RL
+    Fault("engine_logprob_before_temperature", "infer/engine.py",
+          "    return at_B - jax.nn.logsumexp(scaled_BxV, axis=-1)",
+          "    return at_B - jax.nn.logsumexp(logits_BxV.astype(jnp.float32), axis=-1)",
+          ("tests/test_generate.py", "-k", "logprob")),
 )
 
 
