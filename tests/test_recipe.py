@@ -32,6 +32,7 @@ def smoke_config():
     c.student.overrides.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
                                intermediate_size=32)
     c.student.update(off_policy_steps=2, on_policy_steps=2, batch_size=4, warmup_steps=1)
+    c.rl.samples = 2
     c.eval.update(batch_size=8, max_new_tokens=32, curve_points=2, samples=2)
     c.distill.keep_unfinished = True  # an untrained teacher rarely stops
     c.train.update(ce_chunk_len=32, peak_flops=1e10)
@@ -57,6 +58,15 @@ def test_every_stage_runs_and_the_report_has_its_tables_and_plots(smoke_run):
     assert set(teacher["budget"]) == {"0", "4", "unlimited"} and 0 <= teacher["think_follow"] <= 1
     load = teacher["expert_load"]  # per MoE layer, shares that sum to 1
     assert len(load) == 2 and all(math.isclose(sum(row), 1.0, rel_tol=1e-5) for row in load)
+    # Table 21's rows, each with its compute, and the analysis written from the figures.
+    for row in ("| Off-policy distillation | 2 |", "| + RL (GRPO) | 2 |", "| + On-policy distillation | 2 |"):
+        assert row in report, row
+    rl_row = next(line for line in report.splitlines() if line.startswith("| + RL (GRPO)"))
+    assert float(rl_row.split("|")[8]) == 0 and float(rl_row.split("|")[7]) > 0  # rollouts, no teacher
+    assert "- RL (GRPO on the verifier) moved thinking accuracy from" in report
+    rl = json.loads((workdir / "eval" / "student_rl.json").read_text())
+    assert set(rl["pass_at"]["think"]) == {"1", "2"} and len(rl["per_problem"]["think"]) == 8
+    assert json.loads((workdir / "student_rl" / "config.json").read_text())
     curves = json.loads((workdir / "eval" / "curves.json").read_text())
     assert [p["step"] for p in curves["distilled"]] == [p["step"] for p in curves["direct"]] == [2, 4]
 
@@ -86,7 +96,7 @@ def test_a_rerun_resumes_at_the_first_unfinished_stage(smoke_run, capsys):
     del records["report"]
     (workdir / "stages.json").write_text(json.dumps(records))
     recipe.run(smoke_config(), str(workdir))
-    assert "[8/8] report ..." in capsys.readouterr().out
+    assert f"[{len(recipe.STAGES)}/{len(recipe.STAGES)}] report ..." in capsys.readouterr().out
 
 
 def test_a_workdir_holding_another_recipes_run_is_refused(smoke_run):
@@ -107,6 +117,7 @@ def test_a_workdir_holding_another_recipes_run_is_refused(smoke_run):
     (lambda c: c.task.update(split_by="pair"), r"task.split_by must be one of \('question', 'start'\)"),
     (lambda c: c.task.update(stop_thinking=1.5), r"task.stop_thinking must be in \[0, 1\]"),
     (lambda c: c.eval.update(samples=0), r"eval.samples must be >= 1"),
+    (lambda c: c.rl.update(samples=3), r"student.batch_size=4 must be a multiple of rl.samples=3"),
     (lambda c: c.teacher.update(preset="qwen3-7b"), r"teacher: unknown preset"),
     (lambda c: c.mesh.update(tensor=3), r"splits 3 ways"),
     (lambda c: c.distill.update(signal="k1", rollout_temperature=0.7), r"distill.signal='k1' .* rollout.temperature=0.7"),

@@ -3,8 +3,10 @@
     python -m train.miniature --config configs/miniature.py --workdir runs/miniature [--config.<field>=<value>]
 
 Stages (`STAGES`): data, tokenizer, teacher, teacher_eval, distilled (off-policy then on-policy),
-direct (the same student on the ground truth, as many update steps), student_eval, report. Each
-finished stage is recorded in WORKDIR/stages.json: a rerun resumes at the first unfinished one.
+rl (GRPO on the task's verifier from the same off-policy student, as many update steps and rollout
+rows as on-policy distillation), direct (the same student on the ground truth, as many update steps
+as the distilled one), student_eval, report. Each finished stage is recorded in WORKDIR/stages.json:
+a rerun resumes at the first unfinished one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from train.distill import run as distill_lib
 from train.distill.config import DistillConfig, OffPolicyConfig, RolloutConfig, check_sampled_signal
 from train.distill.config import TeacherConfig as DistillTeacherConfig
 from train.distill.divergence import DistillLoss
+from train.rl import run as run_rl
+from train.rl.config import RLConfig, RLLoss
+from train.rollout import RolloutConfig as PolicyRolloutConfig
 from train.miniature import evaluate as eval_lib
 from train.miniature import report as report_lib
 from train.miniature import task as task_lib
@@ -61,7 +66,7 @@ def model_preset(name: str, overrides: dict[str, Any]) -> tuple[str, dict[str, A
     return name, dict(overrides)
 
 
-STAGES = ("data", "tokenizer", "teacher", "teacher_eval", "distilled", "direct", "student_eval", "report")
+STAGES = ("data", "tokenizer", "teacher", "teacher_eval", "distilled", "rl", "direct", "student_eval", "report")
 RECIPE_FILE, STAGES_FILE = "recipe.json", "stages.json"
 
 
@@ -178,6 +183,22 @@ class RecipeDistillConfig(DistillLoss):
 
 
 @dataclasses.dataclass(frozen=True)
+class RecipeRLConfig(RLLoss):
+    """The rl stage: its loss (the fields of `train.rl`'s `rl` section; DAPO / Dr. GRPO defaults) and
+    group size. Its steps, rows, learning rate and rollouts are on-policy distillation's."""
+
+    samples: int = 8  # K completions per prompt; prompts per step = student.batch_size / K
+
+    def __post_init__(self):
+        super().__post_init__()
+        need(self.samples >= 2, f"rl.samples (the group size K) must be >= 2, got {self.samples}")
+
+    @property
+    def loss(self) -> RLLoss:
+        return RLLoss(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RLLoss)})
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     batch_size: int = 64
     max_new_tokens: int = 128
@@ -207,6 +228,7 @@ class RecipeConfig:
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     distill: RecipeDistillConfig = RecipeDistillConfig()
+    rl: RecipeRLConfig = RecipeRLConfig()
     eval: EvalSection = EvalSection()
     train: RecipeTrainConfig = RecipeTrainConfig()
 
@@ -216,6 +238,9 @@ class RecipeConfig:
         need(self.eval.max_new_tokens < seq,
              f"eval.max_new_tokens={self.eval.max_new_tokens} leaves no room for a prompt in teacher.seq_len={seq} "
              "(on-policy rows are prompt + completion)")
+        need(self.student.batch_size % self.rl.samples == 0,
+             f"student.batch_size={self.student.batch_size} must be a multiple of rl.samples={self.rl.samples}: the rl "
+             "stage samples as many rows per step as on-policy distillation, in groups of rl.samples")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -349,6 +374,24 @@ def distill_config(r: Recipe, w: "Workdir") -> DistillConfig:
                                    keep_unfinished=d.keep_unfinished, max_new_tokens=e.max_new_tokens,
                                    seq_len=student_seq_len(r), batch_size=s.batch_size, learning_rate=s.learning_rate,
                                    warmup_steps=s.warmup_steps))
+
+
+def rl_config(r: Recipe, w: "Workdir") -> RLConfig:
+    """GRPO from the off-policy student with on-policy distillation's steps, rows, learning rate and
+    rollouts (softmax at distill.rollout_temperature over the whole vocabulary, the same mode mix)."""
+    s, d, e = r.config.student, r.config.distill, r.config.eval
+    sections = _job_sections(r, w, s, steps=s.on_policy_steps, learning_rate=s.on_policy_learning_rate, warmup=0,
+                             every=max(1, (s.off_policy_steps + s.on_policy_steps) // e.curve_points))
+    sections["model"] = dataclasses.replace(sections["model"], preset=None,
+                                            init_from=w.path("student_distilled", "off_policy"))
+    rollout = PolicyRolloutConfig(
+        max_prompt_len=r.config.teacher.seq_len - e.max_new_tokens, max_new_tokens=e.max_new_tokens,
+        think_fraction=d.think_fraction, thinking_budget=d.thinking_budget, temperature=d.rollout_temperature,
+        top_k=0, top_p=1.0, min_p=0.0)
+    return RLConfig(**sections, rollout=rollout, rl=r.config.rl.loss, samples=r.config.rl.samples,
+                    reward="train.rl.rewards:miniature_answer",
+                    prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"),
+                                         batch_size=s.batch_size // r.config.rl.samples, seed=seed_of(r, s)))
 
 
 # ------------------------------------------------------------------------------------ workdir
@@ -486,6 +529,10 @@ def stage_distilled(r: Recipe, w: Workdir) -> dict[str, Any]:
     return distill_lib.run(distill_config(r, w), w.path("student_distilled"))
 
 
+def stage_rl(r: Recipe, w: Workdir) -> dict[str, Any]:
+    return run_rl(rl_config(r, w), w.path("student_rl"))
+
+
 def stage_direct(r: Recipe, w: Workdir) -> dict[str, Any]:
     return train_lib.run(direct_config(r, w), w.path("student_direct"))
 
@@ -505,7 +552,7 @@ def curve_checkpoints(w: Workdir, name: str) -> list[tuple[int, str, int]]:
 
 def stage_student_eval(r: Recipe, w: Workdir) -> dict[str, Any]:
     out = {"off_policy": _evaluate(r, w, w.path("student_distilled", "off_policy"), "student_off_policy")}
-    for name in ("distilled", "direct"):
+    for name in ("distilled", "rl", "direct"):
         out[name] = _evaluate(r, w, w.path(f"student_{name}"), f"student_{name}")
     curves: dict[str, list[dict[str, Any]]] = {}
     curve_cfg = dataclasses.replace(r.eval, per_level=r.config.task.validation_per_level)
@@ -533,7 +580,7 @@ def stage_report(r: Recipe, w: Workdir) -> dict[str, Any]:
 
 STAGE_FNS: dict[str, Callable[[Recipe, Workdir], dict[str, Any]]] = {
     "data": stage_data, "tokenizer": stage_tokenizer, "teacher": stage_teacher, "teacher_eval": stage_teacher_eval,
-    "distilled": stage_distilled, "direct": stage_direct, "student_eval": stage_student_eval, "report": stage_report,
+    "distilled": stage_distilled, "rl": stage_rl, "direct": stage_direct, "student_eval": stage_student_eval, "report": stage_report,
 }
 
 

@@ -102,7 +102,7 @@ def analysis(r, evals: dict[str, dict[str, Any]], spent: dict[str, dict[str, flo
                 phase = spent.get(name)
                 if phase:
                     total = phase["rollout_flops"] + phase["teacher_flops"] + phase["update_flops"]
-                    sentence += f", for {total / 1e12:.2f} TFLOPs and {phase['seconds']:.0f} s"
+                    sentence += f", for {total / 1e9:.3g} GFLOPs and {phase['seconds']:.0f} s"
                 out.append(sentence + ".")
     return out
 
@@ -188,8 +188,9 @@ def write(r, w) -> dict[str, Any]:
            "and then answered." if cfg.task.stop_thinking else ""),
         f"Teacher: {_describe(r.teacher)}. Student: {_describe(r.student)}.",
         f"Students: {cfg.student.off_policy_steps} + {cfg.student.on_policy_steps} update steps "
-        f"(off-policy + on-policy distillation) against {cfg.student.off_policy_steps + cfg.student.on_policy_steps} "
-        f"steps on the ground-truth data, {cfg.student.batch_size} rows x {cfg.teacher.seq_len} tokens per step both.",
+        f"(off-policy + on-policy distillation, or off-policy + RL: GRPO on the verifier, {cfg.rl.samples} samples per "
+        f"prompt) against {cfg.student.off_policy_steps + cfg.student.on_policy_steps} "
+        f"steps on the ground-truth data, {cfg.student.batch_size} rows x {cfg.teacher.seq_len} tokens per step for all.",
         "", "## What the miniature shows", "",
         "| claim | reached | measured |", "|---|---|---|",
         *[f"| {claim} | {'yes' if ok else '**no**'} | {values} |" for claim, ok, values in found],
@@ -217,8 +218,8 @@ def write(r, w) -> dict[str, Any]:
               "(thinking: temperature 0.6, top-p 0.95, top-k 20). Compute is what the stage itself spent "
               f"(`train/miniature/compute.py`: model FLOPs; {cfg.student.batch_size} rows x {cfg.teacher.seq_len} "
               "tokens per update step); wall time of the stage on this machine.", "",
-              "| method | update steps | thinking (%) | non-thinking (%) | pass@1 / pass@8, thinking (%) | "
-              "pass@1 / pass@8, non-thinking (%) | rollout TFLOPs | teacher scoring TFLOPs | update TFLOPs | wall (s) |",
+              f"| method | update steps | thinking (%) | non-thinking (%) | pass@1 / pass@{cfg.eval.samples}, thinking (%) | "
+              f"pass@1 / pass@{cfg.eval.samples}, non-thinking (%) | rollout GFLOPs | teacher scoring GFLOPs | update GFLOPs | wall (s) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     spent = stage_compute(r, w)
     for name, label in (("student_off_policy", "Off-policy distillation"), ("student_rl", "+ RL (GRPO)"),
@@ -228,8 +229,8 @@ def write(r, w) -> dict[str, Any]:
             p = e.get("pass_at", {})
             pk = [" / ".join(_pct(v) for v in p[m].values()) if m in p else "" for m in ("think", "no_think")]
             lines.append(f"| {label} | {c['steps']} | {_pct(e['accuracy']['think']['all'])} | "
-                         f"{_pct(e['accuracy']['no_think']['all'])} | {pk[0]} | {pk[1]} | {c['rollout_flops'] / 1e12:.3f} | "
-                         f"{c['teacher_flops'] / 1e12:.3f} | {c['update_flops'] / 1e12:.3f} | {c['seconds']:.0f} |")
+                         f"{_pct(e['accuracy']['no_think']['all'])} | {pk[0]} | {pk[1]} | {c['rollout_flops'] / 1e9:.3g} | "
+                         f"{c['teacher_flops'] / 1e9:.3g} | {c['update_flops'] / 1e9:.3g} | {c['seconds']:.0f} |")
     lines += ["", "## What the tables say", "", *[f"- {sentence}" for sentence in analysis(r, evals, spent)]]
     lines += ["", "## Wall time of each stage", "", "| stage | seconds |", "|---|---|",
               *[f"| {name} | {rec['seconds']:.0f} |" for name, rec in stages.items()],
