@@ -8,7 +8,8 @@ direct, student_eval, report) with `student.seed=s` (the students' initialisatio
 rollouts) against that teacher, its data and its tokenizer (linked, not copied). A seed equal to the
 teacher workdir's own student seed reuses its finished students. Prints, for each figure, the mean,
 standard deviation (n - 1), min, max and the per-seed values; XLA:CPU rounding differs across CPUs,
-so the spread is per machine. `--smoke`: a tiny recipe built from scratch in a temporary directory.
+so the spread is per machine. `--smoke`: a tiny recipe built from scratch in a temporary directory,
+seeds 0 (its own students) and 1.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def smoke_config():
     c.tokenizer.update(vocab_size=320, corpus_records=100)
     c.teacher.overrides.update(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                                intermediate_size=64)
-    c.teacher.update(steps=2, batch_size=4, seq_len=256, warmup_steps=1)
+    c.teacher.update(steps=2, batch_size=4, seq_len=320, warmup_steps=1)
     c.student.overrides.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
                                intermediate_size=32)
     c.student.update(off_policy_steps=2, on_policy_steps=2, batch_size=4, warmup_steps=1)
@@ -123,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--teacher_workdir", help="a main-job workdir with its teacher stages done")
     parser.add_argument("--workdir", help="where the seeds' workdirs go")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (at least 3 for a spread)")
+    parser.add_argument("--seeds", default=None, help="comma-separated student seeds (default 0,1,2; --smoke: 0,1)")
     args = parse_args(parser, argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or ("0,1" if args.smoke else "0,1,2")).split(",")]
     with tempfile.TemporaryDirectory() as tmp, recording("miniature_seeds", args) as results:
         if args.smoke:
             args.teacher_workdir, args.workdir = os.path.join(tmp, "teacher"), os.path.join(tmp, "seeds")
