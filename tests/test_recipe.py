@@ -152,3 +152,42 @@ def test_shipped_miniature_config_validates():
     spec.loader.exec_module(module)
     r = recipe.validate(module.get_config())
     assert count_params(r.teacher)[0] > 2 * count_params(r.student)[0]
+
+
+def test_pass_at_k_is_the_chance_that_k_of_n_replies_hold_a_correct_one():
+    """Against the definition: the share of k-subsets of each problem's n replies with a correct one."""
+    import itertools
+
+    import numpy as np
+
+    from train.miniature.evaluate import pass_at_k
+
+    correct = np.array([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]], bool)
+    for k in (1, 2, 3, 5):
+        want = np.mean([np.mean([any(row[list(s)]) for s in itertools.combinations(range(5), k)]) for row in correct])
+        assert math.isclose(pass_at_k(correct, k), want, rel_tol=1e-12), k
+    assert math.isclose(pass_at_k(correct, 1), correct.mean())
+
+
+def test_each_student_stage_is_charged_its_own_compute(smoke_run):
+    from qwen3_jax.tokenizer import Tokenizer as Tok
+    from train.metrics import flops_per_token
+    from train.miniature import report
+
+    workdir, _ = smoke_run
+    r = recipe.validate(smoke_config())
+    spent = report.stage_compute(r, recipe.Workdir(str(workdir), r))
+    rows, seq, steps = 4, 320, 2
+    update = flops_per_token(r.student, seq) * rows * seq * steps
+    # On-policy distillation: the teacher's forward over every update row; RL: no model scores.
+    assert math.isclose(spent["student_distilled"]["teacher_flops"], flops_per_token(r.teacher, seq) / 3 * rows * seq * steps)
+    assert spent["student_rl"]["teacher_flops"] == 0 and spent["student_off_policy"]["teacher_flops"] == 0
+    for name in ("student_distilled", "student_rl", "student_off_policy"):
+        assert math.isclose(spent[name]["update_flops"], update), name
+    assert math.isclose(spent["student_direct"]["update_flops"], 2 * update)  # off- + on-policy steps
+    metrics = [json.loads(line) for line in (workdir / "student_rl" / "metrics.jsonl").read_text().splitlines()]
+    generated = sum(m["completion_len"] for m in metrics) * rows
+    tokenizer = Tok.from_checkpoint(str(workdir / "teacher"))
+    prompt = report.compute.prompt_tokens(tokenizer, str(workdir / "data" / "prompts.jsonl"))
+    assert math.isclose(spent["student_rl"]["rollout_flops"],
+                        flops_per_token(r.student, seq) / 3 * (generated + prompt * rows * steps))
