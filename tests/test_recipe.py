@@ -62,7 +62,7 @@ def test_every_stage_runs_and_the_report_has_its_tables_and_plots(smoke_run):
     for row in ("| Off-policy distillation | 2 |", "| + RL (GRPO) | 2 |", "| + On-policy distillation | 2 |"):
         assert row in report, row
     rl_row = next(line for line in report.splitlines() if line.startswith("| + RL (GRPO)"))
-    assert float(rl_row.split("|")[8]) == 0 and float(rl_row.split("|")[7]) > 0  # rollouts, no teacher
+    assert float(rl_row.split("|")[10]) == 0 and float(rl_row.split("|")[9]) > 0  # rollouts, no teacher
     assert "- RL (GRPO on the verifier) moved thinking accuracy from" in report
     rl = json.loads((workdir / "eval" / "student_rl.json").read_text())
     assert set(rl["pass_at"]["think"]) == {"1", "2"} and len(rl["per_problem"]["think"]) == 8

@@ -93,7 +93,9 @@ def analysis(r, evals: dict[str, dict[str, Any]], spent: dict[str, dict[str, flo
                 e = evals[name]
                 sentence = _change(label, e["accuracy"]["think"]["all"], before, n)
                 sentence += (f" and non-thinking accuracy from {_pct(off['accuracy']['no_think']['all'])}% to "
-                             f"{_pct(e['accuracy']['no_think']['all'])}%")
+                             f"{_pct(e['accuracy']['no_think']['all'])}% (ThinkFollow {_pct(off['think_follow'])}% -> "
+                             f"{_pct(e['think_follow'])}%; /no_think replies that think "
+                             f"{_pct(off['thought']['no_think'])}% -> {_pct(e['thought']['no_think'])}%)")
                 if "pass_at" in e and "pass_at" in off:
                     k = max(e["pass_at"]["think"], key=int)
                     sentence += (f"; thinking pass@1 {_pct(off['pass_at']['think']['1'])}% -> "
@@ -219,8 +221,9 @@ def write(r, w) -> dict[str, Any]:
               f"(`train/miniature/compute.py`: model FLOPs; {cfg.student.batch_size} rows x {cfg.teacher.seq_len} "
               "tokens per update step); wall time of the stage on this machine.", "",
               f"| method | update steps | thinking (%) | non-thinking (%) | pass@1 / pass@{cfg.eval.samples}, thinking (%) | "
-              f"pass@1 / pass@{cfg.eval.samples}, non-thinking (%) | rollout GFLOPs | teacher scoring GFLOPs | update GFLOPs | wall (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"pass@1 / pass@{cfg.eval.samples}, non-thinking (%) | ThinkFollow (%) | /no_think replies that think (%) | "
+              "rollout GFLOPs | teacher scoring GFLOPs | update GFLOPs | wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     spent = stage_compute(r, w)
     for name, label in (("student_off_policy", "Off-policy distillation"), ("student_rl", "+ RL (GRPO)"),
                         ("student_distilled", "+ On-policy distillation"), ("student_direct", "Direct training (for reference)")):
@@ -229,7 +232,8 @@ def write(r, w) -> dict[str, Any]:
             p = e.get("pass_at", {})
             pk = [" / ".join(_pct(v) for v in p[m].values()) if m in p else "" for m in ("think", "no_think")]
             lines.append(f"| {label} | {c['steps']} | {_pct(e['accuracy']['think']['all'])} | "
-                         f"{_pct(e['accuracy']['no_think']['all'])} | {pk[0]} | {pk[1]} | {c['rollout_flops'] / 1e9:.3g} | "
+                         f"{_pct(e['accuracy']['no_think']['all'])} | {pk[0]} | {pk[1]} | {_pct(e['think_follow'])} | "
+                         f"{_pct(e['thought']['no_think'])} | {c['rollout_flops'] / 1e9:.3g} | "
                          f"{c['teacher_flops'] / 1e9:.3g} | {c['update_flops'] / 1e9:.3g} | {c['seconds']:.0f} |")
     lines += ["", "## What the tables say", "", *[f"- {sentence}" for sentence in analysis(r, evals, spent)]]
     lines += ["", "## Wall time of each stage", "", "| stage | seconds |", "|---|---|",
