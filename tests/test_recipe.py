@@ -118,6 +118,7 @@ def test_a_workdir_holding_another_recipes_run_is_refused(smoke_run):
     (lambda c: c.task.update(stop_thinking=1.5), r"task.stop_thinking must be in \[0, 1\]"),
     (lambda c: c.eval.update(samples=0), r"eval.samples must be >= 1"),
     (lambda c: c.rl.update(samples=3), r"student.batch_size=4 must be a multiple of rl.samples=3"),
+    (lambda c: c.rl.update(think_fraction=1.5), r"rl.think_fraction must be in \[0, 1\] or unset"),
     (lambda c: c.teacher.update(preset="qwen3-7b"), r"teacher: unknown preset"),
     (lambda c: c.mesh.update(tensor=3), r"splits 3 ways"),
     (lambda c: c.distill.update(signal="k1", rollout_temperature=0.7), r"distill.signal='k1' .* rollout.temperature=0.7"),
@@ -142,6 +143,21 @@ def test_the_config_scales_to_real_presets_on_an_8_device_mesh(monkeypatch):
     r = recipe.validate(c)
     assert (r.teacher.vocab_size, r.student.vocab_size) == (151936, 151936)
     assert count_params(r.teacher)[0] > 4 * count_params(r.student)[0]
+
+
+def test_the_rl_stage_matches_on_policy_distillation_unless_told(smoke_run):
+    workdir, _ = smoke_run
+    c = smoke_config()
+    r = recipe.validate(c)
+    w = recipe.Workdir(str(workdir), r)
+    rl, distill = recipe.rl_config(r, w), recipe.distill_config(r, w)
+    assert rl.train.steps == distill.train.steps and rl.optimizer == distill.optimizer
+    assert rl.prompts.batch_size * rl.samples == distill.prompts.batch_size  # rows per update step
+    assert rl.rollout.think_fraction == distill.rollout.think_fraction
+    assert rl.rollout.max_new_tokens == distill.rollout.max_new_tokens
+    assert rl.model.init_from == str(workdir / "student_distilled" / "off_policy")
+    c.rl.think_fraction = 1.0
+    assert recipe.rl_config(recipe.validate(c), w).rollout.think_fraction == 1.0
 
 
 def test_shipped_miniature_config_validates():

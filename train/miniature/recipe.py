@@ -188,10 +188,15 @@ class RecipeRLConfig(RLLoss):
     group size. Its steps, rows, learning rate and rollouts are on-policy distillation's."""
 
     samples: int = 8  # K completions per prompt; prompts per step = student.batch_size / K
+    # Rollouts in thinking mode; None: distill.think_fraction. The verifier scores answers only, so
+    # a /no_think rollout that thinks is rewarded: 1.0 keeps RL to thinking mode (README).
+    think_fraction: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
         need(self.samples >= 2, f"rl.samples (the group size K) must be >= 2, got {self.samples}")
+        need(self.think_fraction is None or 0 <= self.think_fraction <= 1,
+             f"rl.think_fraction must be in [0, 1] or unset, got {self.think_fraction}")
 
     @property
     def loss(self) -> RLLoss:
@@ -386,8 +391,8 @@ def rl_config(r: Recipe, w: "Workdir") -> RLConfig:
                                             init_from=w.path("student_distilled", "off_policy"))
     rollout = PolicyRolloutConfig(
         max_prompt_len=r.config.teacher.seq_len - e.max_new_tokens, max_new_tokens=e.max_new_tokens,
-        think_fraction=d.think_fraction, thinking_budget=d.thinking_budget, temperature=d.rollout_temperature,
-        top_k=0, top_p=1.0, min_p=0.0)
+        think_fraction=d.think_fraction if r.config.rl.think_fraction is None else r.config.rl.think_fraction,
+        thinking_budget=d.thinking_budget, temperature=d.rollout_temperature, top_k=0, top_p=1.0, min_p=0.0)
     return RLConfig(**sections, rollout=rollout, rl=r.config.rl.loss, samples=r.config.rl.samples,
                     reward="train.rl.rewards:miniature_answer",
                     prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"),
