@@ -241,6 +241,17 @@ FAULTS = (
     Fault("rollout_modes_of_the_local_rows", "train/rollout.py",
           "        first = jax.process_index() * n_local\n", "        first = 0 * n_local\n",
           ("tests/test_multiprocess.py", "-k", "rollouts")),
+    # ---- issue 23: the main job's comparison
+    Fault("pass_at_k_biased_estimator", "train/miniature/evaluate.py",
+          "1.0 - math.comb(n - ci, k) / math.comb(n, k)", "1.0 - (1.0 - ci / n) ** k",
+          ("tests/test_recipe.py", "-k", "pass_at_k")),
+    Fault("teacher_scoring_charged_as_training", "train/miniature/compute.py",
+          '"teacher_flops": 0.0 if scorer is None else forward_flops(scorer, seq_len) * update_tokens,',
+          '"teacher_flops": 0.0 if scorer is None else flops_per_token(scorer, seq_len) * update_tokens,',
+          ("tests/test_recipe.py", "-k", "charged")),
+    Fault("stop_thinking_record_without_the_stop_text", "train/miniature/task.py",
+          'STOP_THINKING_TEXT.removesuffix(f"\\n{END_THINK_TEXT}\\n\\n")', '""',
+          ("tests/test_task.py", "-k", "cut")),
 )
 
 

@@ -3,8 +3,10 @@
     python -m train.miniature --config configs/miniature.py --workdir runs/miniature [--config.<field>=<value>]
 
 Stages (`STAGES`): data, tokenizer, teacher, teacher_eval, distilled (off-policy then on-policy),
-direct (the same student on the ground truth, as many update steps), student_eval, report. Each
-finished stage is recorded in WORKDIR/stages.json: a rerun resumes at the first unfinished one.
+rl (GRPO on the task's verifier from the same off-policy student, as many update steps and rollout
+rows as on-policy distillation), direct (the same student on the ground truth, as many update steps
+as the distilled one), student_eval, report. Each finished stage is recorded in WORKDIR/stages.json:
+a rerun resumes at the first unfinished one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from train.distill import run as distill_lib
 from train.distill.config import DistillConfig, OffPolicyConfig, RolloutConfig, check_sampled_signal
 from train.distill.config import TeacherConfig as DistillTeacherConfig
 from train.distill.divergence import DistillLoss
+from train.rl import run as run_rl
+from train.rl.config import RLConfig, RLLoss
+from train.rollout import RolloutConfig as PolicyRolloutConfig
 from train.miniature import evaluate as eval_lib
 from train.miniature import report as report_lib
 from train.miniature import task as task_lib
@@ -61,7 +66,7 @@ def model_preset(name: str, overrides: dict[str, Any]) -> tuple[str, dict[str, A
     return name, dict(overrides)
 
 
-STAGES = ("data", "tokenizer", "teacher", "teacher_eval", "distilled", "direct", "student_eval", "report")
+STAGES = ("data", "tokenizer", "teacher", "teacher_eval", "distilled", "rl", "direct", "student_eval", "report")
 RECIPE_FILE, STAGES_FILE = "recipe.json", "stages.json"
 
 
@@ -81,6 +86,10 @@ class TaskConfig:
     no_flag: float = 0.3  # fusion mix: user messages without a flag
     system_flag: float = 0.2  # ... conversations whose system message carries a flag
     multi_turn: float = 0.3  # ... conversations with an earlier turn
+    # ... single-turn thinking replies cut by Qwen's stop-thinking text, then answered: without them a
+    # spent budget's forced text is followed by more trace, not an answer (README).
+    stop_thinking: float = 0.3
+    split_by: str = "start"  # what the test split holds out: 'start' pairs or 'question's (task.SPLIT_UNITS)
 
     def __post_init__(self):
         levels = self.levels
@@ -90,6 +99,10 @@ class TaskConfig:
              f"task.budgets must be >= 0 (unlimited is always measured), got {self.budgets}")
         for name in ("sft_records", "prompts", "test_per_level", "validation_per_level"):
             need(getattr(self, name) >= 1, f"task.{name} must be >= 1, got {getattr(self, name)}")
+        need(self.split_by in task_lib.SPLIT_UNITS,
+             f"task.split_by must be one of {task_lib.SPLIT_UNITS}, got {self.split_by!r}")
+        for name in ("no_flag", "system_flag", "multi_turn", "stop_thinking"):
+            need(0 <= getattr(self, name) <= 1, f"task.{name} must be in [0, 1], got {getattr(self, name)}")
         need(0 <= self.no_think_easy_share < 1,
              f"task.no_think_easy_share must be in [0, 1), got {self.no_think_easy_share}")
 
@@ -131,8 +144,10 @@ class StudentConfig:
     on_policy_steps: int = 120  # distilled: then logit distillation on its own samples
     batch_size: int = 8  # rows per update step, both students
     learning_rate: float = 3e-3
-    on_policy_learning_rate: float = 1e-3
+    # A fresh Adam at 1e-3 without warmup undid part of off-policy (README: 47.5% against 66.7% at 3e-4).
+    on_policy_learning_rate: float = 3e-4
     warmup_steps: int = 30
+    seed: int | None = None  # the student stages' (init, data order, rollouts); None: the recipe's seed
 
     def __post_init__(self):
         for name in ("off_policy_steps", "on_policy_steps", "batch_size"):
@@ -168,13 +183,36 @@ class RecipeDistillConfig(DistillLoss):
 
 
 @dataclasses.dataclass(frozen=True)
+class RecipeRLConfig(RLLoss):
+    """The rl stage: its loss (the fields of `train.rl`'s `rl` section; DAPO / Dr. GRPO defaults) and
+    group size. Its steps, rows, learning rate and rollouts are on-policy distillation's."""
+
+    samples: int = 8  # K completions per prompt; prompts per step = student.batch_size / K
+    # Rollouts in thinking mode; None: distill.think_fraction. The verifier scores answers only, so
+    # a /no_think rollout that thinks is rewarded: 1.0 keeps RL to thinking mode (README).
+    think_fraction: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        need(self.samples >= 2, f"rl.samples (the group size K) must be >= 2, got {self.samples}")
+        need(self.think_fraction is None or 0 <= self.think_fraction <= 1,
+             f"rl.think_fraction must be in [0, 1] or unset, got {self.think_fraction}")
+
+    @property
+    def loss(self) -> RLLoss:
+        return RLLoss(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RLLoss)})
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     batch_size: int = 64
     max_new_tokens: int = 128
     curve_points: int = 4
+    samples: int = 8  # sampled replies per test problem and mode: pass@1 and pass@samples
 
     def __post_init__(self):
         need(self.curve_points >= 1, f"eval.curve_points must be >= 1, got {self.curve_points}")
+        need(self.samples >= 1, f"eval.samples must be >= 1 (pass@1 needs one), got {self.samples}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +233,7 @@ class RecipeConfig:
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     distill: RecipeDistillConfig = RecipeDistillConfig()
+    rl: RecipeRLConfig = RecipeRLConfig()
     eval: EvalSection = EvalSection()
     train: RecipeTrainConfig = RecipeTrainConfig()
 
@@ -204,6 +243,9 @@ class RecipeConfig:
         need(self.eval.max_new_tokens < seq,
              f"eval.max_new_tokens={self.eval.max_new_tokens} leaves no room for a prompt in teacher.seq_len={seq} "
              "(on-policy rows are prompt + completion)")
+        need(self.student.batch_size % self.rl.samples == 0,
+             f"student.batch_size={self.student.batch_size} must be a multiple of rl.samples={self.rl.samples}: the rl "
+             "stage samples as many rows per step as on-policy distillation, in groups of rl.samples")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -252,7 +294,8 @@ def validate(cd: RecipeConfig | ml_collections.ConfigDict) -> Recipe:
     return Recipe(config, teacher, student, levels, budgets, eval_lib.EvalConfig(
         levels=levels, per_level=config.task.test_per_level, budgets=(*budgets, None),
         follow_conversations=config.task.follow_conversations, max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size, seed=config.seed))
+        batch_size=config.eval.batch_size, seed=config.seed, split_by=config.task.split_by,
+        samples=config.eval.samples))
 
 
 # ------------------------------------------------------------------------- stage configs
@@ -264,12 +307,18 @@ def _model_section(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig
     return ModelConfig(preset=name, overrides={**overrides, **_vocab(r, w)}, dtype=r.config.dtype)
 
 
+def seed_of(r: Recipe, model: TeacherConfig | StudentConfig) -> int:
+    """The seed of a model's stages: a student's own when set, else the recipe's."""
+    own = getattr(model, "seed", None)
+    return r.config.seed if own is None else own
+
+
 def _job_sections(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig, *, steps: int, learning_rate: float,
                   warmup: int, every: int) -> dict[str, Any]:
     """The sections the recipe's train and distill jobs share. Constant learning rate after warmup:
     in runs this short a decay cost accuracy (README)."""
     return dict(
-        seed=r.config.seed, tokenizer=w.tokenizer, model=_model_section(r, w, model), mesh=r.config.mesh,
+        seed=seed_of(r, model), tokenizer=w.tokenizer, model=_model_section(r, w, model), mesh=r.config.mesh,
         optimizer=OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup, weight_decay=0.01,
                                   end_learning_rate_ratio=1.0),
         train=StepConfig(steps=steps, ce_chunk_len=r.config.train.ce_chunk_len, log_every=max(1, steps // 10),
@@ -280,7 +329,7 @@ def _job_sections(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig,
 def _sft_config(r: Recipe, w: "Workdir", model: TeacherConfig | StudentConfig, *, steps: int, batch_size: int,
                 seq_len: int, learning_rate: float, warmup: int, every: int) -> TrainConfig:
     data = DataConfig(format="jsonl", kind="chat", paths=w.path("data", "sft.jsonl"), seq_len=seq_len,
-                      batch_size=batch_size, packing="first_fit", num_threads=1, seed=r.config.seed)
+                      batch_size=batch_size, packing="first_fit", num_threads=1, seed=seed_of(r, model))
     return TrainConfig(**_job_sections(r, w, model, steps=steps, learning_rate=learning_rate, warmup=warmup,
                                        every=every), data=data)
 
@@ -323,13 +372,31 @@ def distill_config(r: Recipe, w: "Workdir") -> DistillConfig:
     return DistillConfig(
         **sections,
         teacher=DistillTeacherConfig(init_from=w.path("teacher"), dtype=r.config.dtype),
-        prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"), batch_size=s.batch_size, seed=r.config.seed),
+        prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"), batch_size=s.batch_size, seed=seed_of(r, s)),
         rollout=d.rollout(max_prompt_len=r.config.teacher.seq_len - e.max_new_tokens, max_new_tokens=e.max_new_tokens),
         distill=d.loss,
         off_policy=OffPolicyConfig(steps=s.off_policy_steps, modes="both", temperature=d.teacher_temperature,
                                    keep_unfinished=d.keep_unfinished, max_new_tokens=e.max_new_tokens,
                                    seq_len=student_seq_len(r), batch_size=s.batch_size, learning_rate=s.learning_rate,
                                    warmup_steps=s.warmup_steps))
+
+
+def rl_config(r: Recipe, w: "Workdir") -> RLConfig:
+    """GRPO from the off-policy student with on-policy distillation's steps, rows, learning rate and
+    rollouts (softmax at distill.rollout_temperature over the whole vocabulary, the same mode mix)."""
+    s, d, e = r.config.student, r.config.distill, r.config.eval
+    sections = _job_sections(r, w, s, steps=s.on_policy_steps, learning_rate=s.on_policy_learning_rate, warmup=0,
+                             every=max(1, (s.off_policy_steps + s.on_policy_steps) // e.curve_points))
+    sections["model"] = dataclasses.replace(sections["model"], preset=None,
+                                            init_from=w.path("student_distilled", "off_policy"))
+    rollout = PolicyRolloutConfig(
+        max_prompt_len=r.config.teacher.seq_len - e.max_new_tokens, max_new_tokens=e.max_new_tokens,
+        think_fraction=d.think_fraction if r.config.rl.think_fraction is None else r.config.rl.think_fraction,
+        thinking_budget=d.thinking_budget, temperature=d.rollout_temperature, top_k=0, top_p=1.0, min_p=0.0)
+    return RLConfig(**sections, rollout=rollout, rl=r.config.rl.loss, samples=r.config.rl.samples,
+                    reward="train.rl.rewards:miniature_answer",
+                    prompts=PromptConfig(paths=w.path("data", "prompts.jsonl"),
+                                         batch_size=s.batch_size // r.config.rl.samples, seed=seed_of(r, s)))
 
 
 # ------------------------------------------------------------------------------------ workdir
@@ -395,14 +462,15 @@ def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:
 def stage_data(r: Recipe, w: Workdir) -> dict[str, Any]:
     t = r.config.task
     os.makedirs(w.path("data"), exist_ok=True)
-    by_level = {d: task_lib.problems("train", d, len(task_lib.STARTS), r.config.seed) for d in r.levels}
+    by_level = {d: task_lib.problems("train", d, len(task_lib.STARTS), r.config.seed, t.split_by) for d in r.levels}
     train = [p for d in r.levels for p in by_level[d]]
     # Non-thinking replies: the easiest level gets `no_think_easy_share` of them, the rest share the rest.
     easy, rest = by_level[r.levels[0]], [p for d in r.levels[1:] for p in by_level[d]]
     n_easy = round(t.no_think_easy_share * len(rest) / (1 - t.no_think_easy_share)) if rest else len(easy)
     no_think_train = [easy[i % len(easy)] for i in range(n_easy)] + rest
     rng = np.random.default_rng([r.config.seed, 1])
-    mix = task_lib.FusionMix(no_flag=t.no_flag, system_flag=t.system_flag, multi_turn=t.multi_turn)
+    mix = task_lib.FusionMix(no_flag=t.no_flag, system_flag=t.system_flag, multi_turn=t.multi_turn,
+                             stop_thinking=t.stop_thinking)
     records = list(task_lib.fusion_records(rng, train, t.sft_records, mix, no_think_train))
     _write_jsonl(w.path("data", "sft.jsonl"), records)
     prompts = [train[i] for i in rng.integers(len(train), size=t.prompts)]
@@ -415,7 +483,9 @@ def stage_data(r: Recipe, w: Workdir) -> dict[str, Any]:
             f.write(render(rec["messages"]).replace("\n", " ") + "\n")
         f.write((STOP_THINKING_TEXT.replace("\n", " ") + " /think /no_think\n") * 20)
     modes = [rec["mode"] for rec in records]
-    return {"train_problems": len(train), "sft_records": len(records), "think_share": modes.count("think") / len(modes),
+    return {"train_problems": len(train), "sft_records": len(records),
+            "think_share": (len(modes) - modes.count("no_think")) / len(modes),
+            "stop_thinking_share": modes.count("stop_thinking") / len(modes),
             "prompts": len(prompts)}
 
 
@@ -433,7 +503,7 @@ def stage_tokenizer(r: Recipe, w: Workdir) -> dict[str, Any]:
     need(longest[0] <= r.config.teacher.seq_len,
          f"record {longest[1]} of {w.path('data', 'sft.jsonl')} has {longest[0]} tokens with this tokenizer, more "
          f"than teacher.seq_len={r.config.teacher.seq_len} (the rows of every training stage): raise it")
-    sample = task_lib.problems("test", r.levels[-1], 1, r.config.seed)[0]
+    sample = task_lib.problems("test", r.levels[-1], 1, r.config.seed, r.config.task.split_by)[0]
     return {"vocab_size": tokenizer.vocab_size, "stop_thinking_tokens": len(tokenizer.stop_thinking_ids),
             "longest_sft_record_tokens": longest[0],
             "hardest_thinking_reply_tokens": len(tokenizer.encode(sample.trace + "\n" + sample.final))}
@@ -464,6 +534,10 @@ def stage_distilled(r: Recipe, w: Workdir) -> dict[str, Any]:
     return distill_lib.run(distill_config(r, w), w.path("student_distilled"))
 
 
+def stage_rl(r: Recipe, w: Workdir) -> dict[str, Any]:
+    return run_rl(rl_config(r, w), w.path("student_rl"))
+
+
 def stage_direct(r: Recipe, w: Workdir) -> dict[str, Any]:
     return train_lib.run(direct_config(r, w), w.path("student_direct"))
 
@@ -483,7 +557,7 @@ def curve_checkpoints(w: Workdir, name: str) -> list[tuple[int, str, int]]:
 
 def stage_student_eval(r: Recipe, w: Workdir) -> dict[str, Any]:
     out = {"off_policy": _evaluate(r, w, w.path("student_distilled", "off_policy"), "student_off_policy")}
-    for name in ("distilled", "direct"):
+    for name in ("distilled", "rl", "direct"):
         out[name] = _evaluate(r, w, w.path(f"student_{name}"), f"student_{name}")
     curves: dict[str, list[dict[str, Any]]] = {}
     curve_cfg = dataclasses.replace(r.eval, per_level=r.config.task.validation_per_level)
@@ -511,7 +585,7 @@ def stage_report(r: Recipe, w: Workdir) -> dict[str, Any]:
 
 STAGE_FNS: dict[str, Callable[[Recipe, Workdir], dict[str, Any]]] = {
     "data": stage_data, "tokenizer": stage_tokenizer, "teacher": stage_teacher, "teacher_eval": stage_teacher_eval,
-    "distilled": stage_distilled, "direct": stage_direct, "student_eval": stage_student_eval, "report": stage_report,
+    "distilled": stage_distilled, "rl": stage_rl, "direct": stage_direct, "student_eval": stage_student_eval, "report": stage_report,
 }
 
 

@@ -17,8 +17,12 @@ from typing import Any
 import numpy as np
 
 from qwen3_jax.chat import NO_THINK_FLAG, THINK_FLAG
+from qwen3_jax.ids import END_THINK_TEXT, STOP_THINKING_TEXT
 
 SPLITS = ("train", "validation", "test")
+# What a split holds out: starting pairs at every difficulty, or whole questions (a pair at one
+# difficulty, so a test question's pair starts training questions at other difficulties).
+SPLIT_UNITS = ("question", "start")
 MAX_DIFFICULTY = 32
 # The numbers close the question, so the reply's first line and step count sit a fixed distance
 # from what they are read from.
@@ -60,24 +64,34 @@ class Problem:
 
 
 STARTS = [(a, b) for a in range(10) for b in range(10)]
-# Starting pairs ranked by a hash, then cut 60 / 20 / 20: exact split sizes, no overlap.
-_RANKED = sorted(STARTS, key=lambda s: hashlib.sha256(repr(s).encode()).digest())
-_SPLIT_OF = {s: SPLITS[0] if i < 60 else SPLITS[1] if i < 80 else SPLITS[2] for i, s in enumerate(_RANKED)}
 
 
-def split_of(start: tuple[int, int]) -> str:
-    """The split a starting pair belongs to, for every difficulty."""
-    return _SPLIT_OF[tuple(start)]
+def _ranked(key: object) -> dict[tuple[int, int], str]:
+    """Starting pairs ranked by a hash of (pair, key), then cut 60 / 20 / 20: exact split sizes."""
+    ranked = sorted(STARTS, key=lambda s: hashlib.sha256(repr((s, key) if key is not None else s).encode()).digest())
+    return {s: SPLITS[0] if i < 60 else SPLITS[1] if i < 80 else SPLITS[2] for i, s in enumerate(ranked)}
 
 
-def problems(split: str, difficulty: int, n: int, seed: int) -> list[Problem]:
+_SPLIT_OF = {"start": _ranked(None), "question": {d: _ranked(d) for d in range(1, MAX_DIFFICULTY + 1)}}
+
+
+def split_of(start: tuple[int, int], difficulty: int, by: str = "start") -> str:
+    """The split of the question (`start`, `difficulty`): by `question`, 60 / 20 / 20 of the pairs
+    at each difficulty; by `start`, the pair's split at every difficulty."""
+    if by not in SPLIT_UNITS:
+        raise ValueError(f"split unit must be one of {SPLIT_UNITS}, got {by!r}")
+    table = _SPLIT_OF["start"] if by == "start" else _SPLIT_OF["question"][difficulty]
+    return table[tuple(start)]
+
+
+def problems(split: str, difficulty: int, n: int, seed: int, by: str = "start") -> list[Problem]:
     """Up to `n` distinct problems of `split` at `difficulty`, drawn with `seed` (deterministic):
-    the split's starting pairs in a seeded order."""
+    the split's starting pairs in a seeded order. `by`: the split unit (`SPLIT_UNITS`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 1 <= difficulty <= MAX_DIFFICULTY:
         raise ValueError(f"difficulty must be in [1, {MAX_DIFFICULTY}], got {difficulty}")
-    mine = [s for s in STARTS if split_of(s) == split]
+    mine = [s for s in STARTS if split_of(s, difficulty, by) == split]
     rng = np.random.default_rng([seed, difficulty, SPLITS.index(split)])
     return [Problem(mine[i], difficulty) for i in rng.permutation(len(mine))[:n]]
 
@@ -104,6 +118,15 @@ def reply(problem: Problem, thinking: bool) -> dict[str, str]:
     return {"role": "assistant", "content": problem.final, "reasoning_content": problem.trace if thinking else ""}
 
 
+def cut_reply(problem: Problem, cut: int) -> dict[str, str]:
+    """A thinking reply whose trace stops after `cut` >= 1 characters, followed by Qwen's
+    stop-thinking text and the answer: rendered, `<think>\n` + trace[:cut] + STOP_THINKING_TEXT +
+    answer, what a thinking budget of cut + 1 tokens forces when each character is a token (report
+    §4.3; the `\n` after `<think>` is the budget's first token)."""
+    return {"role": "assistant", "content": problem.final,
+            "reasoning_content": problem.trace[:cut] + STOP_THINKING_TEXT.removesuffix(f"\n{END_THINK_TEXT}\n\n")}
+
+
 @dataclasses.dataclass(frozen=True)
 class FusionMix:
     """Shares of the thinking-mode fusion training data (each a probability)."""
@@ -111,6 +134,7 @@ class FusionMix:
     no_flag: float = 0.3  # a user message carries no flag
     system_flag: float = 0.2  # the conversation opens with a system message carrying a flag
     multi_turn: float = 0.3  # an earlier turn (question, flag, answer) precedes the final question
+    stop_thinking: float = 0.0  # a single-turn thinking reply is cut at a random point by the stop-thinking text
 
 
 def _user(problem: Problem, flag: str | None) -> dict[str, str]:
@@ -158,5 +182,12 @@ def fusion_records(rng: np.random.Generator, train: Sequence[Problem], n: int, m
     replies over `no_think_train` when given)."""
     for _ in range(n):
         c = fusion_conversation(rng, train, mix, no_think_train)
-        yield {"messages": [*c["messages"], reply(c["problem"], c["mode"] == "think")], "mode": c["mode"],
-               "difficulty": c["problem"].difficulty}
+        p, mode = c["problem"], c["mode"]
+        # Only single-turn replies are cut: the stop-thinking text would push the longest
+        # multi-turn records past the rows they are trained in.
+        single = sum(m["role"] == "user" for m in c["messages"]) == 1
+        if mode == "think" and single and rng.random() < mix.stop_thinking:
+            mode, answer = "stop_thinking", cut_reply(p, int(rng.integers(1, len(p.trace))))
+        else:
+            answer = reply(p, mode == "think")
+        yield {"messages": [*c["messages"], answer], "mode": mode, "difficulty": p.difficulty}
