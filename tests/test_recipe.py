@@ -153,11 +153,11 @@ def test_the_rl_stage_matches_on_policy_distillation_unless_told(smoke_run):
     rl, distill = recipe.rl_config(r, w), recipe.distill_config(r, w)
     assert rl.train.steps == distill.train.steps and rl.optimizer == distill.optimizer
     assert rl.prompts.batch_size * rl.samples == distill.prompts.batch_size  # rows per update step
-    assert rl.rollout.think_fraction == distill.rollout.think_fraction
+    assert rl.rollout.think_fraction == 1.0  # the report's reasoning RL: thinking mode
     assert rl.rollout.max_new_tokens == distill.rollout.max_new_tokens
     assert rl.model.init_from == str(workdir / "student_distilled" / "off_policy")
-    c.rl.think_fraction = 1.0
-    assert recipe.rl_config(recipe.validate(c), w).rollout.think_fraction == 1.0
+    c.rl.think_fraction = None
+    assert recipe.rl_config(recipe.validate(c), w).rollout.think_fraction == distill.rollout.think_fraction
 
 
 def test_shipped_miniature_config_validates():

@@ -188,9 +188,10 @@ class RecipeRLConfig(RLLoss):
     group size. Its steps, rows, learning rate and rollouts are on-policy distillation's."""
 
     samples: int = 8  # K completions per prompt; prompts per step = student.batch_size / K
-    # Rollouts in thinking mode; None: distill.think_fraction. The verifier scores answers only, so
-    # a /no_think rollout that thinks is rewarded: 1.0 keeps RL to thinking mode (README).
-    think_fraction: float | None = None
+    # Rollouts in thinking mode (None: distill.think_fraction). 1.0 as the report's reasoning RL
+    # (§4.2): the verifier scores answers only, so a /no_think rollout that thinks is rewarded, and
+    # with distillation's mix RL taught /no_think replies to think (README).
+    think_fraction: float | None = 1.0
 
     def __post_init__(self):
         super().__post_init__()
