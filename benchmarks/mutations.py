@@ -201,6 +201,11 @@ FAULTS = (
           "    return [f\"{k}={v}\" for k, v in sampling.items() if v != exact.get(k, v)]",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if k == \"temperature\" and v != exact[k]]",
           ("tests/test_distill.py", "-k", "unbiased or filtered_rollouts")),
+    # ---- issue 23: reasoning RL
+    Fault("engine_logprob_before_temperature", "infer/engine.py",
+          "    return at_B - jax.nn.logsumexp(scaled_BxV, axis=-1)",
+          "    return at_B - jax.nn.logsumexp(logits_BxV.astype(jnp.float32), axis=-1)",
+          ("tests/test_generate.py", "-k", "logprob")),
 )
 
 

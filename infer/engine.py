@@ -48,9 +48,19 @@ class DecodeState(NamedTuple):
     num_generated_B: jax.Array
     out_BxN: jax.Array  # generated ids (valid up to num_generated_B)
     forced_BxN: jax.Array  # bool: the thinking budget forced that id (it was not sampled)
+    logprob_BxN: jax.Array  # float32 log_softmax(logits / temperature) at each emitted id (`token_logprobs`)
     done_B: jax.Array
     seen_BxV: jax.Array  # presence-penalty mask over generated tokens
     budget: BudgetState
+
+
+class Generation(NamedTuple):
+    """`Engine.generate(..., return_logprobs=True)`: per prompt, its new ids, whether the thinking
+    budget forced each id, and each id's float32 log-probability (`token_logprobs`)."""
+
+    tokens: list[list[int]]
+    forced: list[list[bool]]
+    logprobs: list[list[float]]
 
 
 class RowSettings(NamedTuple):
@@ -124,6 +134,17 @@ def _prefill(graphdef, params, tokens_BxP, lengths_B, cache, chunk: int):
     return cache, model.logits(last_BxD)[:, 0].astype(jnp.float32)
 
 
+def token_logprobs(logits_BxV: jax.Array, temperature_B: jax.Array, tokens_B: jax.Array) -> jax.Array:
+    """[B] float32 log_softmax(logits / T) at `tokens_B`, T the row's temperature (0, greedy, reads
+    as 1): the model's own distribution at the sampling temperature, before the thinking budget's mask,
+    the presence penalty and top-k / top-p / min-p, so a trainer recomputes it from the logits alone
+    (it equals the sampler's probability exactly when those are off and the budget masks nothing)."""
+    t_B = jnp.where(temperature_B > 0, temperature_B, 1.0)
+    scaled_BxV = logits_BxV.astype(jnp.float32) / t_B[:, None]
+    at_B = jnp.take_along_axis(scaled_BxV, tokens_B[:, None], axis=-1)[:, 0]
+    return at_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
 def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_candidates: int):
     model = nnx.merge(graphdef, params)
@@ -143,6 +164,8 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
         write_at = jnp.minimum(s.num_generated_B, N - 1)
         out = s.out_BxN.at[row_ids, write_at].set(jnp.where(active, tok_B, s.out_BxN[row_ids, write_at]))
         forced = s.forced_BxN.at[row_ids, write_at].set(jnp.where(active, forced_B, s.forced_BxN[row_ids, write_at]))
+        lp_B = token_logprobs(s.logits_BxV, rows.sampling.temperature, tok_B)
+        logprob = s.logprob_BxN.at[row_ids, write_at].set(jnp.where(active, lp_B, s.logprob_BxN[row_ids, write_at]))
         seen = jnp.where(active[:, None], update_seen(s.seen_BxV, tok_B), s.seen_BxV)
         num_generated = s.num_generated_B + active
         done = s.done_B | (active & (jnp.isin(tok_B, rows.stop_ids) | (num_generated >= rows.max_new_B)))
@@ -150,7 +173,7 @@ def _decode(graphdef, params, state: DecodeState, rows: RowSettings, steps, max_
         fwd = model.forward(tok_B[:, None], cache=s.cache, cache_start_B=s.slot_B)
         logits = model.logits(fwd.hidden_BxTxD)[:, 0].astype(jnp.float32)
         slot = s.slot_B + active
-        return DecodeState(fwd.cache, logits, slot, num_generated, out, forced, done, seen, budget), i + 1
+        return DecodeState(fwd.cache, logits, slot, num_generated, out, forced, logprob, done, seen, budget), i + 1
 
     def cond(carry):
         s, i = carry
@@ -255,37 +278,43 @@ class Engine:
     def stream(self, prompts: Sequence[Sequence[int]], **kwargs) -> Iterator[list[list[int]]]:
         """Yields, after each compiled chunk of `chunk` steps, the new tokens of every row.
 
-        Keyword arguments as `generate`'s (but `return_forced`), plus `chunk`: decode steps per
-        compiled chunk (default: all of max_new_tokens at once).
+        Keyword arguments as `generate`'s (but `return_forced` and `return_logprobs`), plus `chunk`:
+        decode steps per compiled chunk (default: all of max_new_tokens at once).
         """
-        for tokens, _ in self._stream(prompts, **kwargs):
+        for tokens, _, _ in self._stream(prompts, **kwargs):
             yield tokens
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, return_forced: bool = False, **kwargs):
+    def generate(self, prompts: Sequence[Sequence[int]], *, return_forced: bool = False,
+                 return_logprobs: bool = False, **kwargs):
         """The new tokens of every prompt (a stop token included when one ended the row).
 
         `seed`: one int for the batch, or one int in [0, 2**32) per prompt, so that a row's samples
         do not depend on which rows share its batch. With `return_forced`, returns (tokens,
-        forced): per token, whether the thinking budget forced it rather than sampling it.
+        forced): per token, whether the thinking budget forced it rather than sampling it. With
+        `return_logprobs` (either way of `return_forced`), returns a `Generation` (tokens, forced,
+        logprobs): each token's float32 log_softmax(logits / temperature) (`token_logprobs`; a
+        forced token gets the model's log-probability of it too, though it was not drawn: leave it
+        out of any estimator by `forced`).
         Bad arguments raise before anything runs: `qwen3_jax.errors.RequestError` (a ValueError)
         naming the argument and prompt (also for a thinking budget on an engine without
         stop-thinking ids), ValueError from `SamplingParams.make` for sampling values (NaN included).
         """
-        tokens: list[list[int]] | None = None  # built from the first chunk: `_stream` validates `prompts`
-        forced: list[list[bool]] = []
-        for new, new_forced in self._stream(prompts, **kwargs):
-            if tokens is None:
-                tokens, forced = [[] for _ in new], [[] for _ in new]
-            for r, f, toks, fs in zip(tokens, forced, new, new_forced):
-                r.extend(toks)
-                f.extend(fs)
-        return (tokens, forced) if return_forced else tokens
+        out: Generation | None = None  # built from the first chunk: `_stream` validates `prompts`
+        for chunk in self._stream(prompts, **kwargs):
+            if out is None:
+                out = Generation(*([[] for _ in chunk[0]] for _ in Generation._fields))
+            for whole, new in zip(out, chunk):
+                for row, values in zip(whole, new):
+                    row.extend(values)
+        if return_logprobs:
+            return out
+        return (out.tokens, out.forced) if return_forced else out.tokens
 
     def _stream(
         self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature=0.6, top_k=20, top_p=0.95,
         min_p=0.0, presence_penalty=0.0, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS, thinking_budget=None,
         seed: int | Sequence[int] = 0, chunk: int | None = None,
-    ) -> Iterator[tuple[list[list[int]], list[list[bool]]]]:
+    ) -> Iterator[tuple[list[list[int]], list[list[bool]], list[list[float]]]]:
         name = f"the model's context of {self.context} positions" if self.max_len is None else f"max_len={self.max_len}"
         prompts = _validate_prompts(prompts, self.cfg.vocab_size, max_new_tokens, self.context, name)
         n = len(prompts)
@@ -323,11 +352,9 @@ class Engine:
                 state = _decode(self.graphdef, self.params, state, rows, steps, self.max_candidates)
                 # Rows are sharded over the data axes, across processes on a multi-host mesh: every
                 # process gathers them all, and every process yields the whole batch.
-                counts, out, forced, done = to_host((state.num_generated_B, state.out_BxN, state.forced_BxN,
-                                                     state.done_B))
-                counts, out, forced = counts[:n], out[:n], forced[:n]
-                yield ([out[i, emitted[i]: counts[i]].tolist() for i in range(n)],
-                       [forced[i, emitted[i]: counts[i]].tolist() for i in range(n)])
+                counts, out, forced, logprob, done = to_host((state.num_generated_B, state.out_BxN, state.forced_BxN,
+                                                              state.logprob_BxN, state.done_B))
+                yield tuple([a[i, emitted[i]: counts[i]].tolist() for i in range(n)] for a in (out, forced, logprob))
                 emitted = counts
                 if bool(np.all(done)):
                     return
@@ -371,7 +398,8 @@ class Engine:
         tags = self.think_tags
         return DecodeState(
             cache, logits_BxV, lengths_B, jnp.zeros((B,), jnp.int32),
-            jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.bool_), jnp.arange(B) >= n,
+            jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.bool_),
+            jnp.zeros((B, max_new_tokens), jnp.float32), jnp.arange(B) >= n,
             jnp.zeros((B, self.cfg.vocab_size), jnp.bool_),
             budget_init(in_think, budgets, think_id=tags.think, end_think_id=tags.end_think),
         )

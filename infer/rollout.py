@@ -178,6 +178,8 @@ class Completion:
     whether the thinking budget forced it rather than the model sampling it. thinking / answer:
     the reply split at its last </think> (`chat.parse_completion_ids`). finished: a stop token
     ended it (else max_new_tokens cut it). thinking_closed: a </think> id is among the new ids.
+    logprobs: per id, its float32 log-probability at the sampling temperature
+    (`infer.engine.token_logprobs`), when `generate_chat` was asked for them.
     """
 
     token_ids: list[int]
@@ -186,13 +188,14 @@ class Completion:
     answer: str
     finished: bool
     thinking_closed: bool
+    logprobs: list[float] | None = None
 
 
 def generate_chat(
     engine: Engine, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], modes: Sequence[Mode], *,
     max_new_tokens: int, thinking_budget: int | None = None, sampling: Mapping[str, float] | None = None,
     seed: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None, batch_size: int | None = None,
-    after_batch: Callable[[], Any] | None = None,
+    after_batch: Callable[[], Any] | None = None, logprobs: bool = False,
 ) -> list[Completion]:
     """Replies to rendered `prompts` (`render_prompt`), one `Completion` each.
 
@@ -201,7 +204,8 @@ def generate_chat(
     are split from it, so a row depends on its batch; see `step_seed`) or one int in [0, 2**32)
     per prompt (see `row_seed`). `stop_token_ids`: default the tokenizer's. `batch_size`: rows
     per engine call, the last call padded by repeating its first row (a bounded number of compiled
-    shapes); None: one call. `after_batch` is called after each engine call.
+    shapes); None: one call. `after_batch` is called after each engine call. `logprobs`: fill each
+    `Completion.logprobs`.
 
     Raises:
       RequestError: `modes` or a per-row `seed` does not match `prompts` in length; and what
@@ -222,20 +226,22 @@ def generate_chat(
         n = len(rows)
         if batch_size:
             rows += [rows[0]] * (batch_size - n)
-        ids, forced = engine.generate(
+        gen = engine.generate(
             [prompts[r] for r in rows], max_new_tokens=max_new_tokens, stop_token_ids=stop,
             thinking_budget=[thinking_budget if modes[r] is Mode.THINK else None for r in rows],
             seed=seed if seeds is None else [seeds[r] for r in rows], return_forced=True,
-            **row_sampling([modes[r] for r in rows], sampling),
+            **({"return_logprobs": True} if logprobs else {}), **row_sampling([modes[r] for r in rows], sampling),
         )
-        out += [_completion(i, f, tokenizer, stop) for i, f in zip(ids[:n], forced[:n])]
+        lps = gen[2] if logprobs else [None] * len(rows)
+        out += [_completion(i, f, lp, tokenizer, stop) for i, f, lp in zip(gen[0][:n], gen[1][:n], lps[:n])]
         if after_batch is not None:
             after_batch()
     return out
 
 
-def _completion(ids: list[int], forced: list[bool], tokenizer: Tokenizer, stop: Sequence[int]) -> Completion:
+def _completion(ids: list[int], forced: list[bool], logprobs: list[float] | None, tokenizer: Tokenizer,
+                stop: Sequence[int]) -> Completion:
     thinking, answer = chat.parse_completion_ids(ids, tokenizer)
     end = tokenizer.end_think_id
     return Completion(ids, forced, thinking, answer, finished=bool(ids) and ids[-1] in stop,
-                      thinking_closed=end is not None and end in ids)
+                      thinking_closed=end is not None and end in ids, logprobs=logprobs)

@@ -127,6 +127,41 @@ def test_thinking_budgets_force_the_stop_text_per_row(qwen3_vocab_model, forced_
     assert END_THINK_ID not in again[0]
 
 
+def _hf_logprobs(hf, prompt, completion, temperature):
+    """float64 log_softmax(logits / T) of transformers' float32 logits at each completion token."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1: -1].double()
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp[torch.arange(len(completion)), torch.tensor(completion)].numpy()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_logprobs_match_transformers_log_softmax_at_the_temperature(hf_and_model, temperature):
+    hf, model = hf_and_model
+    kw = dict(max_new_tokens=7, temperature=temperature, top_k=0, top_p=1.0, stop_token_ids=(), seed=[3, 4, 5, 6])
+    out = Engine(model).generate(PROMPTS, return_logprobs=True, **kw)
+    assert isinstance(out, engine_lib.Generation)
+    assert out.tokens == generate(model, PROMPTS, **kw) and out.forced == [[False] * 7] * 4
+    for prompt, tokens, logprobs in zip(PROMPTS, out.tokens, out.logprobs):
+        ref = _hf_logprobs(hf, prompt, tokens, temperature or 1.0)  # greedy reads as temperature 1
+        np.testing.assert_allclose(logprobs, ref, rtol=0, atol=1e-5)
+        assert np.all(np.asarray(logprobs) < 0)
+    # A streamed run and return_forced are unaffected by the new field.
+    assert Engine(model).generate(PROMPTS, return_forced=True, **kw) == (out.tokens, out.forced)
+
+
+def test_forced_tokens_carry_the_models_logprob_and_are_marked(qwen3_vocab_model):
+    open_think = [151644, 77091, 198, THINK_ID, 198]
+    out = Engine(qwen3_vocab_model).generate(
+        [open_think], max_new_tokens=30, temperature=1.3, top_k=0, top_p=1.0, stop_token_ids=(), thinking_budget=2,
+        seed=1, return_logprobs=True)
+    tokens, forced, logprobs = out.tokens[0], out.forced[0], out.logprobs[0]
+    assert forced == [False] * 2 + [True] * 24 + [False] * 4
+    logits = qwen3_vocab_model(jnp.asarray([open_think + tokens]))[0, len(open_think) - 1: -1]
+    ref = jax.nn.log_softmax(logits.astype(jnp.float32) / 1.3)[jnp.arange(30), jnp.asarray(tokens)]
+    np.testing.assert_allclose(logprobs, ref, rtol=0, atol=1e-5)
+
+
 def test_budget_zero_forces_immediately_with_greedy(qwen3_vocab_model, forced_ids):
     out = generate(qwen3_vocab_model, [[151644, 77091, 198, THINK_ID, 198]], max_new_tokens=26, temperature=0.0,
                    stop_token_ids=(), thinking_budget=0)
