@@ -22,6 +22,7 @@ import functools
 import itertools
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -107,8 +108,11 @@ def _admit(engine: Engine, params, state: DecodeState, rows: RowSettings, tokens
     return state, rows
 
 
-def _release(state: DecodeState, release_B: jax.Array) -> DecodeState:
-    return state._replace(done_B=state.done_B | release_B)
+def _release(state: DecodeState, rows: RowSettings, release_B: jax.Array) -> tuple[DecodeState, RowSettings]:
+    """Marks rows free: finished, and greedy, so that an idle row never sends `sample` down its
+    full-vocabulary path (a top_k=0 row left behind would sort the whole vocabulary every step)."""
+    greedy = rows.sampling.replace(temperature=jnp.where(release_B, 0.0, rows.sampling.temperature))
+    return state._replace(done_B=state.done_B | release_B), rows._replace(sampling=greedy)
 
 
 def _window(state: DecodeState, start_B: jax.Array, width: int):
@@ -145,17 +149,24 @@ class ContinuousEngine:
         stop = checks.token_ids(stop_token_ids, "stop_token_ids", engine.cfg.vocab_size)
 
         B, N = self.slots, self.context
-        with engine._mesh_context():
-            cache = engine._init_cache(B, self.cache_len)
-            self._state = engine._decode_state(
-                cache, jnp.zeros((B, engine.cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32), 0, N,
+
+        def initial():  # every row free (finished)
+            state = engine._decode_state(
+                engine.model.init_cache(B, self.cache_len, jnp.dtype(engine.cfg.dtype)),
+                jnp.zeros((B, engine.cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32), 0, N,
                 [False] * B, np.full(B, UNLIMITED_BUDGET, np.int32))
-        self._rows = RowSettings(SamplingParams.make(B), jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32)),
-                                 jnp.zeros((B,), jnp.int32), jnp.asarray(stop or [-1], jnp.int32),
-                                 engine._forced_ids())
+            rows = RowSettings(jax.tree.map(jnp.asarray, SamplingParams.make(B, temperature=0.0)),
+                               jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32)), jnp.zeros((B,), jnp.int32),
+                               jnp.asarray(stop or [-1], jnp.int32), engine._forced_ids())
+            return state, rows
+
+        # Committed to the weights' device, as every later state is (a jit output with committed
+        # inputs): otherwise the first admit and the later ones would compile apart.
+        device = jax.tree.leaves(engine.params)[0].devices().pop()
+        self._state, self._rows = jax.device_put(jax.jit(initial)(), device)
         # Per-instance jits: the engine's static values are closed over, its weights passed in.
         self.admit_fn = jax.jit(functools.partial(_admit, engine), donate_argnums=(1, 2))
-        self.release_fn = jax.jit(_release, donate_argnums=(0,))
+        self.release_fn = jax.jit(_release, donate_argnums=(0, 1))
         self.window_fn = jax.jit(functools.partial(_window, width=self.chunk))
 
         self._lock = threading.Condition()
@@ -165,6 +176,7 @@ class ContinuousEngine:
         self._draining = False
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.tokens_per_second = 0.0  # over the last decode chunk
 
     # ------------------------------------------------------------------------------ requests
 
@@ -224,6 +236,10 @@ class ContinuousEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def idle(self) -> bool:
         with self._lock:
             return not self._waiting and not self._active
@@ -239,19 +255,17 @@ class ContinuousEngine:
             free = [s for s in range(self.slots) if s not in self._active or s in cancelled]
             admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
         if cancelled:
-            mask = np.zeros(self.slots, bool)
-            mask[cancelled] = True
-            self._state = self.release_fn(self._state, jnp.asarray(mask))
-            with self._lock:
-                for s in cancelled:
-                    del self._active[s]
+            self._free(cancelled)
         if admitted:
             self._admit_requests(admitted, free[:len(admitted)])
         if not self._active:
             return False
+        start = time.perf_counter()
         self._state = _decode(self.engine.graphdef, self.engine.params, self._state, self._rows,
                               jnp.asarray(self.chunk, jnp.int32), self.engine.max_candidates)
         ids, forced, counts, done = to_host(self.window_fn(self._state, jnp.asarray(self._emitted, jnp.int32)))
+        new = sum(int(counts[s] - self._emitted[s]) for s in self._active)
+        self.tokens_per_second = new / (time.perf_counter() - start)
         finished = []
         for s, request in list(self._active.items()):
             n = int(counts[s] - self._emitted[s])
@@ -261,11 +275,18 @@ class ContinuousEngine:
                 finished.append(s)
             elif stop:
                 request.cancelled = True
+        if finished:
+            self._free(finished)
+        return True
+
+    def _free(self, slots: list[int]) -> None:
+        mask = np.zeros(self.slots, bool)
+        mask[slots] = True
+        self._state, self._rows = self.release_fn(self._state, self._rows, jnp.asarray(mask))
         with self._lock:
-            for s in finished:
+            for s in slots:
                 del self._active[s]
             self._lock.notify_all()
-        return True
 
     def _admit_requests(self, requests: list[Request], free: list[int]) -> None:
         groups: dict[int, list[tuple[Request, int]]] = collections.defaultdict(list)
