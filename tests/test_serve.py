@@ -488,3 +488,4 @@ def test_submit_past_the_queue_raises_and_cancel_frees_rows(random_engine, tok):
     ce.cancel(requests[1]), ce.cancel(requests[2])
     ce.step()
     assert ce.free_slots == 2 and ce.idle()
+    assert np.asarray(ce._state.done_B).all()  # a freed row stops decoding
