@@ -17,9 +17,11 @@ as `Engine.generate` with per-row seeds makes it, so it samples the same tokens 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import secrets
 import threading
 import time
@@ -148,22 +150,8 @@ class ContinuousEngine:
         self.cache_len = -(-self._padded(self.context) // CACHE_ROUND) * CACHE_ROUND
         stop = checks.token_ids(stop_token_ids, "stop_token_ids", engine.cfg.vocab_size)
 
-        B, N = self.slots, self.context
-
-        def initial():  # every row free (finished)
-            state = engine._decode_state(
-                engine.model.init_cache(B, self.cache_len, jnp.dtype(engine.cfg.dtype)),
-                jnp.zeros((B, engine.cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32), 0, N,
-                [False] * B, np.full(B, UNLIMITED_BUDGET, np.int32))
-            rows = RowSettings(jax.tree.map(jnp.asarray, SamplingParams.make(B, temperature=0.0)),
-                               jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32)), jnp.zeros((B,), jnp.int32),
-                               jnp.asarray(stop or [-1], jnp.int32), engine._forced_ids())
-            return state, rows
-
-        # Committed to the weights' device, as every later state is (a jit output with committed
-        # inputs): otherwise the first admit and the later ones would compile apart.
-        device = jax.tree.leaves(engine.params)[0].devices().pop()
-        self._state, self._rows = jax.device_put(jax.jit(initial)(), device)
+        self._stop_ids = stop
+        self._reset()
         # Per-instance jits: the engine's static values are closed over, its weights passed in.
         self.admit_fn = jax.jit(functools.partial(_admit, engine), donate_argnums=(1, 2))
         self.release_fn = jax.jit(_release, donate_argnums=(0, 1))
@@ -172,11 +160,30 @@ class ContinuousEngine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}  # slot -> request
-        self._emitted = np.zeros(B, np.int64)
+        self._emitted = np.zeros(self.slots, np.int64)
         self._draining = False
         self._thread: threading.Thread | None = None
         self._stop = False
         self.tokens_per_second = 0.0  # over the last decode chunk
+
+    def _reset(self) -> None:
+        """Every row free (finished and greedy): the state before the first request, or after a failed step."""
+        engine, B, N = self.engine, self.slots, self.context
+
+        def initial():
+            state = engine._decode_state(
+                engine.model.init_cache(B, self.cache_len, jnp.dtype(engine.cfg.dtype)),
+                jnp.zeros((B, engine.cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32), 0, N,
+                [False] * B, np.full(B, UNLIMITED_BUDGET, np.int32))
+            rows = RowSettings(jax.tree.map(jnp.asarray, SamplingParams.make(B, temperature=0.0)),
+                               jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32)), jnp.zeros((B,), jnp.int32),
+                               jnp.asarray(self._stop_ids or [-1], jnp.int32), engine._forced_ids())
+            return state, rows
+
+        # Committed to the weights' device, as every later state is (a jit output with committed
+        # inputs): otherwise the first admit and the later ones would compile apart.
+        device = jax.tree.leaves(engine.params)[0].devices().pop()
+        self._state, self._rows = jax.device_put(jax.jit(initial)(), device)
 
     # ------------------------------------------------------------------------------ requests
 
@@ -266,17 +273,15 @@ class ContinuousEngine:
         ids, forced, counts, done = to_host(self.window_fn(self._state, jnp.asarray(self._emitted, jnp.int32)))
         new = sum(int(counts[s] - self._emitted[s]) for s in self._active)
         self.tokens_per_second = new / (time.perf_counter() - start)
-        finished = []
-        for s, request in list(self._active.items()):
+        delivered = list(self._active.items())
+        finished = [s for s, _ in delivered if done[s]]
+        if finished:  # freed before their requests hear they are done
+            self._free(finished)
+        for s, request in delivered:
             n = int(counts[s] - self._emitted[s])
             self._emitted[s] = counts[s]
-            stop = request.on_tokens(ids[s, :n].tolist(), forced[s, :n].tolist(), bool(done[s]))
-            if done[s]:
-                finished.append(s)
-            elif stop:
+            if request.on_tokens(ids[s, :n].tolist(), forced[s, :n].tolist(), bool(done[s])) and not done[s]:
                 request.cancelled = True
-        if finished:
-            self._free(finished)
         return True
 
     def _free(self, slots: list[int]) -> None:
@@ -338,10 +343,26 @@ class ContinuousEngine:
                         self._lock.wait()
                     if self._stop:
                         return
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - the thread must outlive a failed step: end its requests
+                    logging.getLogger(__name__).exception("a decode step failed; ending its requests")
+                    self._fail_all()
 
         self._thread = threading.Thread(target=loop, name="continuous-engine", daemon=True)
         self._thread.start()
+
+    def _fail_all(self) -> None:
+        """Ends every running and waiting request (each gets a last, empty callback) and starts from free rows."""
+        with self._lock:
+            requests = list(self._active.values()) + list(self._waiting)
+            self._waiting.clear()
+            self._active.clear()
+            self._reset()
+            self._lock.notify_all()
+        for r in requests:
+            with contextlib.suppress(Exception):  # the callback that failed may fail again
+                r.on_tokens([], [], True)
 
     def drain(self) -> None:
         """Stops admitting: `submit` raises Draining from now on; queued and running requests finish."""

@@ -165,7 +165,10 @@ def _submit(state: ServerState, req: ChatRequest, prompt: list[int], max_new: in
     choices = []
     for i in range(req.n):
         def on_tokens(ids, forced, done, i=i):
-            loop.call_soon_threadsafe(queue.put_nowait, (i, ids, done, time.perf_counter()))
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, ids, done, time.perf_counter()))
+            except RuntimeError:  # the event loop has closed: nobody is waiting for this row
+                return True
 
         seed = random_seed() if req.seed is None else (req.seed + i) % 2**32
         engine_request = EngineRequest(prompt, max_new, on_tokens, req.sampling, budget, seed)

@@ -489,3 +489,23 @@ def test_submit_past_the_queue_raises_and_cancel_frees_rows(random_engine, tok):
     ce.step()
     assert ce.free_slots == 2 and ce.idle()
     assert np.asarray(ce._state.done_B).all()  # a freed row stops decoding
+
+
+def test_a_failed_step_ends_its_requests_and_the_engine_serves_on(random_engine, tok):
+    ce = ContinuousEngine(random_engine, slots=2, chunk=2, stop_token_ids=tok.eos_ids)
+    ended = threading.Event()
+
+    def explode(ids, forced, done):
+        raise RuntimeError("a callback bug")
+
+    ce.submit(Request([1, 2, 3], 20, explode))
+    ce.submit(Request([4, 5], 20, lambda ids, f, done: done and ended.set()))
+    ce.start()
+    try:
+        assert ended.wait(60)  # the other request got its last callback
+        got = []
+        finished = threading.Event()
+        ce.submit(Request([7, 8, 9], 3, lambda ids, f, done: (got.extend(ids), done and finished.set())[0] and None))
+        assert finished.wait(60) and len(got) == 3 and ce.free_slots == 2
+    finally:
+        ce.stop(10)
