@@ -12,7 +12,7 @@ vocabulary) with `--layers` layers each, float32. In one run:
   distillation adds: temporaries above the student's own SFT update at the same shape;
 - update step time per signal at `--length`, and the full signal's MFU against the measured
   matmul peak (model FLOPs: student forward + backward, teacher forward);
-- rollout tokens/s of the student's sampling phase (DistillStep.rollout) against the decode engine
+- rollout tokens/s of the student's sampling phase (DistillStep.roller, train.rollout.Roller) against the decode engine
   generating greedily for the same full-depth Qwen3-0.6B shape, batch and lengths as
   benchmarks/decode.py (batch 8, prompt 32, 32 new tokens);
 - host time (prompt rendering, batch assembly) as a fraction of a whole distillation step, the
@@ -41,7 +41,7 @@ from qwen3_jax.tokenizer import Tokenizer
 from train import step as step_lib
 from train.config import OptimizerConfig, StepConfig
 from train.distill import config as distill_config
-from train.distill import rollout as distill_rollout
+from train import rollout as distill_rollout
 from train.distill import run as distill_run
 from train.distill.divergence import DistillLoss, divergence
 from train.objectives import Terms, lm_objective
@@ -205,18 +205,17 @@ def sections(args, mesh, student, teacher, full, results: dict) -> None:
     step_fn = distill_run.DistillStep(exp, mesh, tokenizer, teacher_params)
     records = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}], "tools": None}
                for i in range(8)]
-    prompts, modes = step_fn.prompts(records, 0)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    step_fn.roller(params, records, 0)  # compile
+    start = time.perf_counter()
+    rollout = step_fn.roller(params, records, 1)
+    rollout_tps = sum(len(c.token_ids) for c in rollout.completions) / (time.perf_counter() - start)
     engine = Engine(model, mesh=mesh)
     n_new = 32
-    engine.generate(prompts, max_new_tokens=n_new, temperature=0.0, stop_token_ids=())  # compile
+    engine.generate(rollout.prompts, max_new_tokens=n_new, temperature=0.0, stop_token_ids=())  # compile
     start = time.perf_counter()
-    engine.generate(prompts, max_new_tokens=n_new, temperature=0.0, stop_token_ids=())
+    engine.generate(rollout.prompts, max_new_tokens=n_new, temperature=0.0, stop_token_ids=())
     decode_tps = 8 * n_new / (time.perf_counter() - start)
-    step_fn.rollout(params, prompts, modes, 0)  # compile
-    start = time.perf_counter()
-    completions, _ = step_fn.rollout(params, prompts, modes, 1)
-    rollout_tps = sum(map(len, completions)) / (time.perf_counter() - start)
     results["rollout_tokens_per_s"] = rollout_tps
     results["decode_engine_greedy_tokens_per_s"] = decode_tps
     results["rollout_over_decode"] = rollout_tps / decode_tps

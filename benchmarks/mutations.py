@@ -46,6 +46,7 @@ SAMPLING = ("tests/test_sampling.py",)
 BUDGET = ("tests/test_sampling.py", "-k", "budget or think")
 TOKENIZER = ("tests/test_tokenizer.py",)
 ATTENTION = ("tests/test_attention.py", "-k", "blockwise_equals")
+RL_LOSS = ("tests/test_rl.py", "-k", "policy_loss or asymmetric or relative")
 
 FAULTS = (
     # ---- the two faults issue 16 named
@@ -197,7 +198,7 @@ FAULTS = (
           "and kv_slots <= 2 * cfg.attention_block_kv):", "and kv_slots <= cfg.attention_block_kv):",
           ("tests/test_attention.py", "-k", "auto_picks")),
     # ---- issue 22: sampled-token distillation signals and the rollout's sampling
-    Fault("sampled_signal_rule_checks_temperature_only", "train/distill/config.py",
+    Fault("sampled_signal_rule_checks_temperature_only", "train/rollout.py",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if v != exact.get(k, v)]",
           "    return [f\"{k}={v}\" for k, v in sampling.items() if k == \"temperature\" and v != exact[k]]",
           ("tests/test_distill.py", "-k", "unbiased or filtered_rollouts")),
@@ -206,6 +207,40 @@ FAULTS = (
           "    return at_B - jax.nn.logsumexp(scaled_BxV, axis=-1)",
           "    return at_B - jax.nn.logsumexp(logits_BxV.astype(jnp.float32), axis=-1)",
           ("tests/test_generate.py", "-k", "logprob")),
+    Fault("rl_surrogate_sign_flipped", "train/rl/loss.py",
+          "    loss = -jnp.minimum(unclipped, clipped_ratio * advantages_BxT)",
+          "    loss = jnp.minimum(unclipped, clipped_ratio * advantages_BxT)", RL_LOSS),
+    Fault("rl_clip_bounds_swapped", "train/rl/loss.py",
+          "    clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)",
+          "    clipped_ratio = jnp.clip(ratio, 1.0 - clip_high, 1.0 + clip_low)", RL_LOSS),
+    Fault("rl_k3_sign", "train/rl/loss.py",
+          "jnp.exp(log_ratio) - log_ratio - 1.0", "jnp.exp(log_ratio) + log_ratio - 1.0", RL_LOSS),
+    Fault("rl_seq_mean_counts_empty_rows", "train/rl/loss.py",
+          "        rows = jnp.maximum(jnp.sum(per_row_B > 0), 1)", "        rows = B", RL_LOSS),
+    Fault("rl_group_std_population", "train/rl/loss.py",
+          "g.std(axis=1, ddof=1, keepdims=True)", "g.std(axis=1, ddof=0, keepdims=True)",
+          ("tests/test_rl.py", "-k", "group_advantages")),
+    Fault("rl_weights_normalised_per_microbatch", "train/step.py",
+          "        terms = objective(params, mb, frozen)",
+          "        terms = objective(params, mb if prepare is None else prepare(mb), frozen)",
+          ("tests/test_rl.py", "-k", "microbatched")),
+    Fault("rl_old_logp_one_position_late", "train/rollout.py",
+          "            batch[\"old_logp\"][b, P - 1 : P + C - 1] =", "            batch[\"old_logp\"][b, P : P + C] =",
+          ("tests/test_rl.py", "-k", "engine_logprobs")),
+    Fault("rl_weights_count_unsampled_tokens", "train/rl/loss.py",
+          "    if aggregation == \"token_mean\":\n        return mask_BxT\n",
+          "    if aggregation == \"token_mean\":\n        return (mask_BxT >= 0).astype(jnp.float32)\n",
+          ("tests/test_rl.py", "-k", "forced_tokens")),
+    Fault("rollout_engine_kept_from_the_first_step", "train/rollout.py",
+          "        return Engine.for_tokenizer(model_at(self.graphdef, params, self.dtype), self.tokenizer, mesh=self.mesh)",
+          "        self._e = getattr(self, '_e', None) or Engine.for_tokenizer(model_at(self.graphdef, params, self.dtype), "
+          "self.tokenizer, mesh=self.mesh)\n        return self._e", ("tests/test_rl.py", "-k", "toy_task")),
+    Fault("sampler_unfiltered_rows_keep_only_the_top", "infer/sampling.py",
+          "jnp.where(unfiltered_B, jnp.min(logits_BxV, axis=-1), full_cutoff_B)",
+          "jnp.where(unfiltered_B, jnp.max(logits_BxV, axis=-1), full_cutoff_B)", SAMPLING),
+    Fault("rollout_modes_of_the_local_rows", "train/rollout.py",
+          "        first = jax.process_index() * n_local\n", "        first = 0 * n_local\n",
+          ("tests/test_multiprocess.py", "-k", "rollouts")),
     # ---- issue 24: serving with continuous batching
     Fault("continuous_admit_keeps_the_old_row_keys", "infer/continuous.py",
           "keys_B=_scatter_rows(rows.keys_B, keys_b, idx_b),", "keys_B=rows.keys_B,",

@@ -145,7 +145,7 @@ def check_sampling(overrides: Mapping[str, float]) -> None:
         raise ConfigError(f"unknown sampling settings {unknown}; known: {list(SAMPLING_KEYS)}")
     try:
         for mode in MODES:
-            SamplingParams.make(1, **mode_sampling(mode, overrides))
+            SamplingParams.check(1, **mode_sampling(mode, overrides))
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

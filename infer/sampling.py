@@ -71,6 +71,29 @@ class SamplingParams:
         presence_penalty: float | Sequence[float] = 0.0,
     ) -> SamplingParams:
         """Validates host-side values (a scalar for all rows or one per row)."""
+        t, k, p, m, pp = cls.check(batch, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   presence_penalty=presence_penalty)
+        return cls(
+            temperature=jnp.asarray(t, jnp.float32),
+            top_k=jnp.asarray(k, jnp.int32),
+            top_p=jnp.asarray(p, jnp.float32),
+            min_p=jnp.asarray(m, jnp.float32),
+            presence_penalty=jnp.asarray(pp, jnp.float32),
+        )
+
+    @staticmethod
+    def check(
+        batch: int,
+        *,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        min_p: float | Sequence[float] = 0.0,
+        presence_penalty: float | Sequence[float] = 0.0,
+    ) -> tuple[np.ndarray, ...]:
+        """`make`'s validation alone, on the host (no device arrays, so config checks at import
+        time leave the backend uninitialised): the float64 [batch] columns in `make`'s order.
+        Raises ValueError naming the setting and row."""
         if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         t = _per_row("temperature", temperature, batch)
@@ -82,13 +105,7 @@ class SamplingParams:
         _check("top_k", k, (k >= 0) & (k < 2**31) & (k == np.round(k)), "must be an int >= 0 (0 = off)")
         _check("top_p", p, (p > 0) & (p <= 1), "must be in (0, 1] (1 = off)")
         _check("min_p", m, (m >= 0) & (m < 1), "must be in [0, 1) (0 = off)")
-        return cls(
-            temperature=jnp.asarray(t, jnp.float32),
-            top_k=jnp.asarray(k, jnp.int32),
-            top_p=jnp.asarray(p, jnp.float32),
-            min_p=jnp.asarray(m, jnp.float32),
-            presence_penalty=jnp.asarray(pp, jnp.float32),
-        )
+        return t, k, p, m, pp
 
 
 def _per_row(name: str, value: Any, batch: int) -> np.ndarray:
@@ -209,14 +226,20 @@ def _support(
     # values feed several slices (measured 265 ms -> 2 ms at B=8, V=151,936).
     cand_logits_BxK, cand_ids_BxK = jax.lax.optimization_barrier(jax.lax.top_k(logits_BxV, num_cands))
     needs_full_B = ~greedy_B & ((params.top_k <= 0) | (params.top_k > num_cands))
+    # A row with no filter keeps every token: its cutoff is its smallest logit, what the sort
+    # would give, without the sort (measured 250 ms of a 300 ms draw at B=8, V=151,936 on CPU).
+    unfiltered_B = ((params.top_k <= 0) | (params.top_k >= logits_BxV.shape[-1])) & (params.top_p >= 1) & (
+        params.min_p <= 0)
     full_cutoff_B, full_tie_id_B = jax.lax.cond(
-        jnp.any(needs_full_B),
+        jnp.any(needs_full_B & ~unfiltered_B),
         _full_cutoff,
         lambda x, _: (jnp.zeros(x.shape[:1], x.dtype), jnp.zeros(x.shape[:1], jnp.int32)),
         logits_BxV,
         params,
     )
     cand_cutoff_B, cand_tie_id_B = _prefix_cutoff(cand_logits_BxK, cand_ids_BxK, params)
+    full_cutoff_B = jnp.where(unfiltered_B, jnp.min(logits_BxV, axis=-1), full_cutoff_B)
+    full_tie_id_B = jnp.where(unfiltered_B, 0, full_tie_id_B)
     cutoff_B = jnp.where(needs_full_B, full_cutoff_B, cand_cutoff_B)
     tie_id_B = jnp.where(needs_full_B, full_tie_id_B, cand_tie_id_B)
     return _Support(logits_BxV, cand_logits_BxK, cand_ids_BxK, cutoff_B, tie_id_B, needs_full_B)

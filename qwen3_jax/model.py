@@ -91,15 +91,19 @@ class Qwen3(nnx.Module):
         self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
         segment_ids_BxT: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, T, vocab] for a full sequence (no cache)."""
+        """float32 logits [B, T, vocab] for a full sequence (no cache)."""
         return self.logits(self.forward(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT).hidden_BxTxD)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         dtype = hidden_BxTxD.dtype
+        # float32 accumulation and output, as the trainer's chunked cross-entropy computes them: a
+        # bf16 engine's token log-probs then equal the trainer's recomputation.
         if self.lm_head is None:
-            out = jnp.einsum("BTD,VD->BTV", hidden_BxTxD, self.embed[...].astype(dtype))
+            out = jnp.einsum("BTD,VD->BTV", hidden_BxTxD, self.embed[...].astype(dtype),
+                             preferred_element_type=jnp.float32)
         else:
-            out = jnp.einsum("BTD,DV->BTV", hidden_BxTxD, self.lm_head[...].astype(dtype))
+            out = jnp.einsum("BTD,DV->BTV", hidden_BxTxD, self.lm_head[...].astype(dtype),
+                             preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab"), self.cfg.rules)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple:

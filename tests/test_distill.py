@@ -27,7 +27,7 @@ from train import step as step_lib
 from train.checkpoint import load_params
 from train.config import OptimizerConfig
 from train.distill import config as dconfig
-from train.distill import rollout as distill_rollout
+from train import rollout as distill_rollout
 from train.distill import run as distill_run
 from train.distill.divergence import DistillLoss, chunked_sums, divergence, token_terms
 from train.miniature.spm import train_sentencepiece

@@ -7,6 +7,7 @@ on the same mesh and once on another."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -61,3 +62,32 @@ def test_two_processes_match_one_process(tmp_path, no_torch):
     # Greedy decoding: every process returns the whole batch, the tokens of one process.
     assert p0["generated"] == p1["generated"] == ref["restored_generated"] == ref["generated"]
     assert all(len(row) == worker.MAX_NEW_TOKENS for row in p0["generated"])
+
+
+def test_rollouts_on_every_host_give_the_one_process_curves(tmp_path, no_torch):
+    """On-policy distillation and RL with rollouts on every host: each of 2 processes renders its
+    share of the prompts, one engine on the global mesh samples the whole batch, each keeps its
+    rows. 3 steps of each loop give 1 process x 8 devices' metrics curves. Rollouts sample the
+    same tokens (rewards, lengths equal); losses agree to float32 rounding: gloo adds the
+    processes' partial gradients in another order (see the test above), so from step 2 the
+    parameters, and with them the losses, may differ by a few ulps."""
+    inputs = str(tmp_path / "inputs")
+    worker.write_rollout_inputs(inputs)
+    env = dict(os.environ, PYTHONPATH=no_torch)
+    two = worker.Job(str(tmp_path / "2x4"), 2, 4, env=env, task="rollouts", inputs=inputs)
+    one = worker.Job(str(tmp_path / "1x8"), 1, 8, env=env, task="rollouts", inputs=inputs)
+    (p0, p1), (ref,) = worker.wait([two, one], timeout=400)
+    assert (p0["process_count"], ref["process_count"], p0["devices"], ref["devices"]) == (2, 1, 8, 8)
+    curves2, curves1 = (json.load(open(tmp_path / job / "curves.json")) for job in ("2x4", "1x8"))
+    exact = {"distill": ("completion_len", "forced_tokens", "think_rows", "loss_tokens"),
+             "rl": ("reward_mean", "reward_std", "groups_all_equal", "completion_len", "loss_tokens")}
+    close = {"distill": ("loss", "divergence", "student_entropy", "grad_norm"),
+             "rl": ("loss", "entropy", "clip_frac", "grad_norm", "behaviour_logp_diff")}
+    for loop in ("distill", "rl"):
+        assert [m["step"] for m in curves2[loop]] == [m["step"] for m in curves1[loop]] == [1, 2, 3]
+        for a, b in zip(curves2[loop], curves1[loop]):
+            for k in exact[loop]:
+                assert a[k] == b[k], (loop, a["step"], k)
+            for k in close[loop]:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=f"{loop} step {a['step']} {k}")
+    assert all(m["grad_norm"] > 0 and m["groups_all_equal"] < 1 for m in curves1["rl"])  # every step learns

@@ -144,13 +144,18 @@ def split_microbatches(x_BxT: jax.Array, m: int) -> jax.Array:
 def update_step(
     state: TrainState, batch: Batch, frozen: Any, *, objective: Objective, cfg: Qwen3Config, microbatches: int,
     tx: optax.GradientTransformation, schedule: optax.Schedule, params_sharding: Params,
+    prepare: Callable[[Batch], Batch] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update of `objective` over `batch` ([B, ...] arrays with a `loss_mask`).
 
+    `prepare(batch) -> batch` runs on the whole global batch before the microbatch split, e.g. to
+    add per-token loss weights whose normaliser is the global batch's (RL's per-sequence means).
     Metrics: each of the objective's `sums` divided by the global loss-mask token count,
     `grad_norm`, `learning_rate`, `loss_tokens`, and `aux_loss` for MoE models.
     """
     M = microbatches
+    if prepare is not None:
+        batch = prepare(batch)
     loss_tokens = jnp.sum(batch["loss_mask"])  # over the global batch
     num_tokens = jnp.maximum(loss_tokens, 1.0)
 
@@ -183,10 +188,11 @@ def update_step(
 
 def compile_update(
     objective: Objective, cfg: Qwen3Config, microbatches: int, opt: OptimizerConfig, mesh: Mesh,
-    frozen_shardings: Any = None,
+    frozen_shardings: Any = None, prepare: Callable[[Batch], Batch] | None = None,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """`update_step` jitted with explicit shardings: the state (donated) as the trainer shards it,
-    every batch array split over the batch axes, `frozen` as `frozen_shardings` (not donated).
+    every batch array split over the batch axes, `frozen` as `frozen_shardings` (not donated),
+    `prepare` as `update_step` takes it.
     The returned function runs under `mesh` (an Explicit-axes mesh is used as its `auto_mesh`
     twin); `.jitted` is the jax.jit object (for AOT lowering under `jax.set_mesh(mesh)`)."""
     mesh = auto_mesh(mesh)
@@ -195,7 +201,7 @@ def compile_update(
     step = jax.jit(
         functools.partial(
             update_step, objective=objective, cfg=cfg, microbatches=microbatches, tx=tx,
-            schedule=learning_rate_schedule(opt), params_sharding=shardings.params,
+            schedule=learning_rate_schedule(opt), params_sharding=shardings.params, prepare=prepare,
         ),
         in_shardings=(shardings, batch_sharding(mesh, cfg.rules), frozen_shardings),
         out_shardings=(shardings, NamedSharding(mesh, P())),

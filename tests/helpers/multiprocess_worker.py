@@ -22,6 +22,10 @@ OUT/process_<i>.json (its loss, record ids, tokens, and the wall seconds of each
 also writes the arrays, gathered from all processes, as OUT/<name>.npz. Records are
 "w<i> w<i+1> ...", so a document's first token names its record: token id i + 1 is record i.
 
+With `--task rollouts` a process instead runs 3 steps of `train.distill.run` (on-policy) and 3 of
+`train.rl.run` on tiny models with chat prompts (a sentencepiece tokenizer with Qwen3's control
+tokens), rollouts on every host, and process 0 writes both metrics curves to OUT/curves.json.
+
 Without --process_id the command is the launcher: it starts the job's processes (`Job`) and
 waits for them (`wait`), which is what tests/test_multiprocess.py does for two jobs side by side.
 """
@@ -62,6 +66,97 @@ def write_inputs(directory: str) -> tuple[str, str]:
     tokenizer = os.path.join(directory, "tokenizer.json")
     tok.save(tokenizer)
     return data, tokenizer
+
+
+ROLLOUT_VOCAB = 320
+ROLLOUT_MODEL = dict(vocab_size=ROLLOUT_VOCAB, hidden_size=48, num_layers=2, intermediate_size=96, num_heads=4,
+                     num_kv_heads=2, tie_word_embeddings=False)
+
+
+def write_rollout_inputs(directory: str) -> None:
+    """A sentencepiece tokenizer with Qwen3's control tokens, a tiny teacher checkpoint and 16
+    prompt records alternating two prompts, so that the records 1 process reads for a step (0, 1,
+    ...) and those 2 processes read (each from its half: 0, 1, ... and 8, 9, ...) are the same
+    prompts in the same global order."""
+    import numpy as np
+
+    import qwen3_jax as q
+    from qwen3_jax.tokenizer import Tokenizer
+    from train.miniature.spm import train_sentencepiece
+
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    corpus = os.path.join(directory, "corpus.txt")
+    with open(corpus, "w") as f:
+        f.write("\n".join(f"Write the digit {d} {n} times. The answer is {str(d) * n}." for d, n in rng.integers(0, 10, (200, 2))))
+    tokenizer = Tokenizer.from_sentencepiece(train_sentencepiece([corpus], os.path.join(directory, "spm"), ROLLOUT_VOCAB))
+    teacher = q.init_model(q.preset("tiny-dense", **ROLLOUT_MODEL), seed=1)
+    teacher.lm_head[...] = teacher.lm_head[...] * 4.0
+    q.save_model(teacher, os.path.join(directory, "teacher"))
+    tokenizer.save(os.path.join(directory, "teacher"))
+    with open(os.path.join(directory, "prompts.jsonl"), "w") as f:
+        for i in range(16):
+            digit = (7, 3)[i % 2]
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Write the digit {digit}."}], "digit": digit})
+                    + "\n")
+
+
+def rollout_configs(args: argparse.Namespace, inputs: str):
+    """(distillation config, RL config): 3 steps each on MESH, the prompts in file order."""
+    from train.distill.config import default_config as distill_default
+    from train.rl.config import default_config as rl_default
+
+    out = []
+    for c in (distill_default(), rl_default()):
+        c.distributed = args.num_processes > 1
+        if c.distributed:
+            c.coordinator_address = f"localhost:{args.port}"
+            c.num_processes, c.process_id = args.num_processes, args.process_id
+        c.mesh.update(MESH)
+        c.model.preset = "tiny-dense"
+        c.model.overrides = dict(ROLLOUT_MODEL)
+        c.tokenizer = os.path.join(inputs, "spm.model")
+        c.prompts.update(paths=os.path.join(inputs, "prompts.jsonl"), shuffle=False)
+        c.rollout.update(max_prompt_len=40, max_new_tokens=8, think_fraction=0.5, thinking_budget=2,
+                         temperature=1.0, top_k=0, top_p=1.0)
+        c.train.update(steps=3, ce_chunk_len=16, peak_flops=1e10)
+        c.optimizer.update(learning_rate=1e-2, warmup_steps=0, decay_steps=100)
+        c.checkpoint.every = 100
+        out.append(c)
+    distill, rl = out
+    distill.teacher.init_from = os.path.join(inputs, "teacher")
+    distill.prompts.batch_size = 8
+    rl.prompts.batch_size = 4
+    rl.samples = 2
+    rl.reward = "helpers.rl_rewards:answer_chars"
+    rl.rl.ppo_minibatches = 2
+    rl.distributed = False  # the distillation run, first, joins the job
+    return distill, rl
+
+
+def work_rollouts(args: argparse.Namespace) -> None:
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts
+    sys.path.insert(0, os.path.join(REPO, "tests"))  # the reward function's module
+    from train.distill.run import run as distill_run
+    from train.rl import run as rl_run
+
+    inputs = os.path.dirname(args.data)
+    distill, rl = rollout_configs(args, inputs)
+    curves = {}
+    for name, run, config in (("distill", distill_run, distill), ("rl", rl_run, rl)):
+        workdir = os.path.join(args.out, name)
+        run(config, workdir)
+        if args.process_id == 0:
+            with open(os.path.join(workdir, "metrics.jsonl")) as f:
+                curves[name] = [json.loads(line) for line in f]
+    if args.process_id == 0:
+        with open(os.path.join(args.out, "curves.json"), "w") as f:
+            json.dump(curves, f)
+    with open(os.path.join(args.out, f"process_{args.process_id}.json"), "w") as f:
+        json.dump({"process_count": jax.process_count(), "devices": jax.device_count()}, f)
 
 
 def experiment_config(args: argparse.Namespace):
@@ -220,9 +315,12 @@ class Job:
     (see the module docstring); `wait` collects their process_<i>.json."""
 
     def __init__(self, out: str, num_processes: int, devices: int, *, restore_from: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, task: str = "train", inputs: str | None = None):
         os.makedirs(out, exist_ok=True)
-        data, tokenizer = write_inputs(os.path.join(out, "inputs"))
+        if task == "rollouts":  # `inputs`: a write_rollout_inputs directory, shared by the jobs compared
+            data, tokenizer = os.path.join(inputs, "prompts.jsonl"), os.path.join(inputs, "spm.model")
+        else:
+            data, tokenizer = write_inputs(os.path.join(out, "inputs"))
         self.out, self.name = out, f"{num_processes} process(es) x {devices} devices"
         port = free_port()
         self.procs, self.logs = [], []
@@ -230,7 +328,7 @@ class Job:
             log = open(os.path.join(out, f"process_{i}.log"), "w+")
             cmd = [sys.executable, os.path.abspath(__file__), "--out", out, "--num_processes", str(num_processes),
                    "--devices", str(devices), "--process_id", str(i), "--port", str(port), "--data", data,
-                   "--tokenizer", tokenizer, *(["--restore_from", restore_from] if restore_from else [])]
+                   "--tokenizer", tokenizer, "--task", task, *(["--restore_from", restore_from] if restore_from else [])]
             self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=worker_env(env), stdout=log,
                                                stderr=subprocess.STDOUT))
             self.logs.append(log)
@@ -300,12 +398,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, help="set by the launcher: the coordinator's port")
     parser.add_argument("--data", help="set by the launcher")
     parser.add_argument("--tokenizer", help="set by the launcher")
+    parser.add_argument("--task", default="train", choices=("train", "rollouts"))
     args = parser.parse_args()
     if args.process_id is None:
         job = Job(args.out, args.num_processes, args.devices, restore_from=args.restore_from)
         print(json.dumps(wait([job], timeout=600), indent=1))
     else:
-        work(args)
+        (work_rollouts if args.task == "rollouts" else work)(args)
 
 
 if __name__ == "__main__":

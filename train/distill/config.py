@@ -15,7 +15,6 @@ import ml_collections
 
 from infer import batch as batch_lib
 from infer import rollout as rollout_lib
-from infer.rollout import Mode, Switch
 from qwen3_jax.config import DTYPES, Qwen3Config
 from qwen3_jax.errors import CheckpointError, ConfigError
 from train import data as data_lib
@@ -25,6 +24,7 @@ from train.config import (
 )
 from train.data.config import DataConfig, PromptConfig
 from train.distill.divergence import DistillLoss
+from train.rollout import RolloutConfig, biasing_settings
 from train.schema import config_dict, from_config_dict, need
 
 
@@ -38,53 +38,6 @@ class TeacherConfig:
     def __post_init__(self):
         need(self.init_from is not None, "teacher.init_from must name the teacher's checkpoint")
         need(self.dtype in DTYPES, f"teacher.dtype must be one of {DTYPES}, got {self.dtype!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """How the student samples its completions (static for a run)."""
-
-    max_prompt_len: int = 256  # longer prompts are an error, never truncated
-    max_new_tokens: int = 256
-    think_fraction: float = 0.5  # share of prompts the student answers in thinking mode
-    # soft: '/think' or '/no_think' appended to the last user message (the report's switches);
-    # hard: thinking on, or the template's empty think block (enable_thinking=False).
-    mode_switch: str = "soft"
-    thinking_budget: int | None = None  # thinking tokens per reply; None: no limit
-    # Sampling; unset values follow Qwen's recommendation for each row's mode (infer.rollout).
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-
-    def __post_init__(self):
-        for name in ("max_prompt_len", "max_new_tokens"):
-            need(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-        need(0.0 <= self.think_fraction <= 1.0, f"rollout.think_fraction must be in [0, 1], got {self.think_fraction}")
-        switches = tuple(s.value for s in Switch)
-        need(self.mode_switch in switches, f"rollout.mode_switch must be one of {switches}, got {self.mode_switch!r}")
-        need(self.thinking_budget is None or self.thinking_budget >= 0,
-             f"rollout.thinking_budget must be None or >= 0, got {self.thinking_budget}")
-        try:
-            rollout_lib.check_sampling(self.sampling)
-        except ConfigError as e:
-            raise ConfigError(f"rollout: {e}") from None
-
-    @property
-    def seq_len(self) -> int:
-        return self.max_prompt_len + self.max_new_tokens
-
-    @property
-    def switch(self) -> Switch:
-        return Switch(self.mode_switch)
-
-    @property
-    def sampling(self) -> dict[str, float]:
-        """The sampling fields the config sets (overrides of the per-mode defaults)."""
-        return {k: getattr(self, k) for k in rollout_lib.SAMPLING_KEYS if getattr(self, k, None) is not None}
-
-    def row_sampling(self, mode: Mode) -> dict[str, float]:
-        return rollout_lib.mode_sampling(mode, self.sampling)
 
 
 OFF_POLICY_MODES = {"think": ("think",), "no_think": ("no_think",), "both": ("think", "no_think")}
@@ -155,17 +108,6 @@ def distill_config(cd: ml_collections.ConfigDict | dict) -> DistillConfig:
     return from_config_dict(DistillConfig, cd)
 
 
-def biasing_settings(sampling: dict[str, float], temperature: float) -> list[str]:
-    """The settings of `sampling` (`SamplingParams.make`'s keys) under which a drawn token is not a
-    sample of softmax(logits / temperature) over the whole vocabulary, as 'key=value'; [] when none.
-
-    Estimators built from sampled tokens and the sampler's probabilities (distillation's k1 / k3,
-    RL's importance ratios) are unbiased only under that distribution (Schulman 2020).
-    """
-    exact = {"temperature": temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "presence_penalty": 0.0}
-    return [f"{k}={v}" for k, v in sampling.items() if v != exact.get(k, v)]
-
-
 def check_sampled_signal(loss: DistillLoss, rollout: RolloutConfig) -> None:
     """Refuses a sampled-token signal ('k1', 'k3') with rollouts that do not sample from the student's
     softmax at distill.temperature over the whole vocabulary: its gradient would be biased (issue 22).
@@ -176,9 +118,7 @@ def check_sampled_signal(loss: DistillLoss, rollout: RolloutConfig) -> None:
     """
     if loss.signal not in ("k1", "k3"):
         return
-    modes = [m for m, used in ((Mode.THINK, rollout.think_fraction > 0), (Mode.NO_THINK, rollout.think_fraction < 1))
-             if used]
-    for mode in modes:
+    for mode in rollout.modes_used():
         bad = biasing_settings(rollout.row_sampling(mode), loss.temperature)
         need(not bad, (
             f"distill.signal={loss.signal!r} is an unbiased estimate only on tokens sampled from the student's "

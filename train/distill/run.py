@@ -22,7 +22,6 @@ import ml_collections
 from flax import nnx
 
 from infer import batch as batch_lib
-from infer import rollout as rollout_lib
 from infer.engine import Engine
 from infer.rollout import Mode
 from qwen3_jax.checkpoint import load_any
@@ -36,8 +35,8 @@ from train import train as train_lib
 from train.config import OptimizerConfig, StepConfig, tokenizer_from_spec
 from train.distill.config import DistillConfig, DistillJob, distill_config, off_policy_config, off_policy_settings, resolve_distill
 from train.distill.divergence import DistillLoss, DistillSums, chunked_sums
-from train.distill.rollout import render_prompt, rollout_batch
 from train.loop import global_batch, run_loop, start_distributed
+from train.rollout import Roller, render_prompt
 from train.metrics import flops_per_token
 from train.objectives import Terms, model_at, moe_aux, unembedding
 from train.step import Batch, Params, TrainState, batch_sharding, compile_update, params_shardings
@@ -81,67 +80,31 @@ def compile_distill_update(
 
 
 class DistillStep:
-    """`run_loop`'s step function: rollout with the current student, then the jitted update."""
+    """`run_loop`'s step function: rollout with the current student (`train.rollout.Roller`), then the
+    jitted update."""
 
     def __init__(self, job: DistillJob, mesh: jax.sharding.Mesh, tokenizer: Tokenizer, teacher_params: Params):
         cfg = job.student.model
-        self.job, self.rollout_cfg, self.mesh, self.tokenizer = job, job.config.rollout, mesh, tokenizer
+        self.job, self.rollout_cfg, self.tokenizer = job, job.config.rollout, tokenizer
         self.teacher_params = teacher_params
-        self.graphdef = nnx.graphdef(abstract_model(cfg))
+        self.roller = Roller(job.config.rollout, seed=job.config.seed, tokenizer=tokenizer, mesh=mesh,
+                             graphdef=nnx.graphdef(abstract_model(cfg)), dtype=cfg.dtype)
         self.update = compile_distill_update(cfg, job.teacher, job.config.distill, job.student.step,
                                              job.student.optimizer, mesh)
         self.sharding = batch_sharding(mesh, cfg.rules)
 
-    def student(self, params: Params) -> Qwen3:
-        """The student at `params` in its compute dtype, for sampling."""
-        return model_at(self.graphdef, params, self.job.student.model.dtype)
-
-    def prompts(self, records: Sequence[dict[str, Any]], step: int) -> tuple[list[list[int]], list[Mode]]:
-        """Prompt ids and modes of `records` at `step` (the seeded mode mix)."""
-        r = self.rollout_cfg
-        modes = rollout_lib.choose_modes(self.job.config.seed, step, len(records), r.think_fraction)
-        return [render_prompt(rec, m, self.tokenizer, r) for rec, m in zip(records, modes)], modes
-
-    def rollout(self, params: Params, prompts: Sequence[Sequence[int]], modes: Sequence[Mode], step: int):
-        """(completions, forced) of `prompts` by the student at `params` (`infer.rollout.generate_chat`
-        with the per-mode settings, the thinking budget, the step's seed); `forced` marks the tokens
-        the budget forced."""
-        r = self.rollout_cfg
-        # The engine takes the student's current parameters, so it is built per step; its compiled
-        # prefill and decode are cached by shape and reused.
-        engine = Engine.for_tokenizer(self.student(params), self.tokenizer, mesh=self.mesh)
-        out = rollout_lib.generate_chat(
-            engine, self.tokenizer, prompts, modes, max_new_tokens=r.max_new_tokens, thinking_budget=r.thinking_budget,
-            sampling=r.sampling, seed=rollout_lib.step_seed(self.job.config.seed, step))
-        return [c.token_ids for c in out], [c.forced for c in out]
-
     def __call__(self, state: TrainState, records: Sequence[dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
         t0 = time.perf_counter()
-        step = int(jax.device_get(state.step))
-        prompts, modes = self.prompts(records, step)
+        rollout = self.roller(state.params, records, int(jax.device_get(state.step)))
         t1 = time.perf_counter()
-        completions, forced = self.rollout(state.params, prompts, modes, step)
+        batch = global_batch(rollout.local_batch(self.rollout_cfg.seq_len), self.sharding)
         t2 = time.perf_counter()
-        batch = rollout_batch(prompts, completions, self.rollout_cfg.seq_len, forced)
-        batch = global_batch(batch, self.sharding)
-        t3 = time.perf_counter()
         state, metrics = self.update(state, batch, self.teacher_params)
         jax.block_until_ready(metrics)
-        t4 = time.perf_counter()
-        generated = sum(len(c) for c in completions)
-        think_rows = [c for c, m in zip(completions, modes) if m is Mode.THINK]
-        metrics.update(
-            completion_len=generated / len(completions),
-            forced_tokens=sum(map(sum, forced)) / len(completions),
-            think_rows=len(think_rows) / len(completions),
-            rollout_time=t2 - t1,
-            update_time=t4 - t3,
-            host_time=(t1 - t0) + (t3 - t2),  # prompt rendering and batch assembly
-            step_time=t4 - t0,
-            rollout_tokens_per_s=generated / (t2 - t1),
-        )
-        if think_rows and self.tokenizer.end_think_id is not None:
-            metrics["closed_thinking"] = sum(self.tokenizer.end_think_id in c for c in think_rows) / len(think_rows)
+        t3 = time.perf_counter()
+        metrics.update(rollout.metrics(self.tokenizer), update_time=t3 - t2,
+                       host_time=rollout.render_seconds + (t2 - t1),  # prompt rendering and batch assembly
+                       step_time=t3 - t0)
         return state, metrics
 
 
@@ -182,17 +145,14 @@ def run(config: DistillConfig | ml_collections.ConfigDict, workdir: str) -> dict
     config = config if isinstance(config, DistillConfig) else distill_config(config)
     start_distributed(config)
     job = resolve_distill(config)
-    if jax.process_count() > 1:
-        raise ConfigError(
-            "on-policy rollouts run in one process for now (each process reads its own prompts, and the decode "
-            "engine takes the same prompts on every process); run train.distill with distributed=False on a "
-            "single host"
-        )
     mesh = make_mesh(job.student.mesh)
     tokenizer = tokenizer_from_spec(job.tokenizer, job.student.model)
     teacher = load_teacher(job, mesh)
     student = job.student
     if job.off_policy is not None:
+        if jax.process_count() > 1:
+            raise ConfigError("off_policy.steps > 0 writes the teacher's responses from one process: run phase 1 "
+                              "on a single host (or set off_policy.steps=0 and model.init_from its result)")
         off_policy_dir = os.path.join(workdir, "off_policy")
         run_off_policy(job, teacher, tokenizer, mesh, off_policy_dir)
         model = dataclasses.replace(config.model, preset=None, init_from=off_policy_dir)
