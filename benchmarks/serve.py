@@ -75,13 +75,11 @@ def run_static(engine: Engine, prompts: list[list[int]], lengths: np.ndarray, ar
 def run_continuous(engine: ContinuousEngine, prompts: list[list[int]], lengths: np.ndarray, arrivals: np.ndarray,
                    t0: float) -> list[list[float]]:
     times: list[list[float]] = [[] for _ in prompts]
-    last = [0.0] * len(prompts)
+    chunk_start = [0.0]  # when the step that is delivering tokens began
 
     def callback(i):
         def on_tokens(ids, forced, done):
-            now = time.perf_counter() - t0
-            _stamp(times[i], len(ids), last[i], now)
-            last[i] = now
+            _stamp(times[i], len(ids), chunk_start[0], time.perf_counter() - t0)
         return on_tokens
 
     order = list(np.argsort(arrivals, kind="stable"))
@@ -89,8 +87,8 @@ def run_continuous(engine: ContinuousEngine, prompts: list[list[int]], lengths: 
         now = time.perf_counter() - t0
         while order and arrivals[order[0]] <= now:
             i = order.pop(0)
-            last[i] = max(now, float(arrivals[i]))
             engine.submit(Request(prompts[i], int(lengths[i]), callback(i), {"temperature": 0.0}))
+        chunk_start[0] = time.perf_counter() - t0
         if not engine.step() and order:
             time.sleep(max(0.0, arrivals[order[0]] - (time.perf_counter() - t0)))
     return times
