@@ -252,6 +252,24 @@ FAULTS = (
     Fault("stop_thinking_record_without_the_stop_text", "train/miniature/task.py",
           'STOP_THINKING_TEXT.removesuffix(f"\\n{END_THINK_TEXT}\\n\\n")', '""',
           ("tests/test_task.py", "-k", "cut")),
+    # ---- issue 24: serving with continuous batching
+    Fault("continuous_admit_keeps_the_old_row_keys", "infer/continuous.py",
+          "keys_B=_scatter_rows(rows.keys_B, keys_b, idx_b),", "keys_B=rows.keys_B,",
+          ("tests/test_serve.py", "-k", "seeded_sampled")),
+    Fault("continuous_read_back_one_token_late", "infer/continuous.py",
+          "at_BxW = jnp.minimum(start_B[:, None] + jnp.arange(width), N - 1)",
+          "at_BxW = jnp.minimum(start_B[:, None] + jnp.arange(width) + 1, N - 1)",
+          ("tests/test_serve.py", "-k", "concurrent_greedy")),
+    Fault("continuous_release_leaves_rows_running", "infer/continuous.py",
+          "return state._replace(done_B=state.done_B | release_B), rows._replace(sampling=greedy)",
+          "return state, rows._replace(sampling=greedy)",
+          ("tests/test_serve.py", "-k", "cancel_frees_rows or disconnects")),
+    Fault("reply_parser_keeps_leading_newlines", "infer/openai_api.py",
+          "            text = text.lstrip(\"\\n\")", "            text = text",
+          ("tests/test_serve.py", "-k", "reply_parser")),
+    Fault("reasoning_tokens_count_answer_tokens", "infer/openai_api.py",
+          "            self.reasoning_tokens += self.in_think", "            self.reasoning_tokens += 1",
+          ("tests/test_serve.py", "-k", "two_budgets")),
 )
 
 

@@ -16,11 +16,17 @@ from qwen3_jax.tokenizer import Tokenizer
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-    """Defines the shared flags in absl's global registry; call once, before `app.run`."""
+def define_checkpoint_flags() -> None:
+    """--checkpoint, --step and --dtype, which `load` reads (the server defines only these)."""
     flags.DEFINE_string("checkpoint", None, "Hugging Face, qwen3-jax or trainer checkpoint (a workdir, its "
                         "checkpoints/ dir or a step folder).", required=True)
     flags.DEFINE_integer("step", None, "Step of a trainer workdir or checkpoints/ dir to load (default: the latest).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype (float32 on CPU).")
+
+
+def define_flags() -> None:
+    """Defines the shared flags in absl's global registry; call once, before `app.run`."""
+    define_checkpoint_flags()
     flags.DEFINE_bool("no_thinking", False, "Hard switch: render the empty think block (enable_thinking=False).")
     flags.DEFINE_integer("thinking_budget", None, "Thinking tokens allowed per reply, over all its <think> blocks; "
                          "then the stop-thinking text is forced.")
@@ -31,7 +37,6 @@ def define_flags() -> None:
     flags.DEFINE_float("min_p", None, "In [0, 1). Default: Qwen's value for the mode.")
     flags.DEFINE_float("presence_penalty", None, "Penalty on already generated tokens (Qwen suggests 0-2).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype (float32 on CPU).")
 
 
 def load() -> tuple[Engine, Tokenizer]:

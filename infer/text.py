@@ -51,30 +51,50 @@ def complete(
     )
 
 
-def incremental_text(decode: Callable[[list[int]], str], chunks: Iterable[Sequence[int]]) -> Iterator[str]:
-    """Yields the text of a growing id sequence, chunk by chunk; what it yields concatenates to
+class IncrementalDecoder:
+    """Text of a growing id sequence, piece by piece: what `feed` and `flush` return concatenates to
     `decode(all ids)` exactly.
 
     `decode` must decode like byte-level BPE (the bytes of the ids, invalid UTF-8 replaced by
     U+FFFD), as `Tokenizer.decode` does. A multi-byte character split across tokens decodes to one
-    trailing U+FFFD until its last byte arrives, so one trailing U+FFFD is held back while more
-    chunks may come; at the end everything is flushed, an unfinished character as U+FFFD. Decoding
-    restarts after the last point where the text ended on a whole character, so a long reply costs
-    about its length, not its length squared.
+    trailing U+FFFD until its last byte arrives, so one trailing U+FFFD is held back until `flush`,
+    which gives an unfinished character as U+FFFD. Decoding restarts after the last point where the
+    text ended on a whole character, so a long reply costs about its length, not its length squared.
     """
-    ids: list[int] = []
-    start = 0  # ids[:start] are all shown and end on a character boundary
-    shown = 0  # characters of decode(ids[start:]) already yielded
-    for chunk in chunks:
-        ids.extend(chunk)
-        text = decode(ids[start:])
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.start = 0  # ids[:start] are all shown and end on a character boundary
+        self.shown = 0  # characters of decode(ids[start:]) already returned
+
+    def feed(self, ids: Sequence[int]) -> str:
+        """The new text `ids` completes (possibly empty)."""
+        self.ids.extend(ids)
+        text = self.decode(self.ids[self.start:])
         ready = len(text) - text.endswith("\ufffd")
-        if ready > shown:
-            yield text[shown:ready]
-            shown = ready
+        piece = text[self.shown:ready] if ready > self.shown else ""
+        self.shown = max(self.shown, ready)
         if ready == len(text):
-            start, shown = len(ids), 0
-    rest = decode(ids[start:])[shown:]
+            self.start, self.shown = len(self.ids), 0
+        return piece
+
+    def flush(self) -> str:
+        """The text held back, an unfinished character as U+FFFD."""
+        rest = self.decode(self.ids[self.start:])[self.shown:]
+        self.start, self.shown = len(self.ids), 0
+        return rest
+
+
+def incremental_text(decode: Callable[[list[int]], str], chunks: Iterable[Sequence[int]]) -> Iterator[str]:
+    """Yields the text of a growing id sequence, chunk by chunk (`IncrementalDecoder`); what it
+    yields concatenates to `decode(all ids)` exactly."""
+    decoder = IncrementalDecoder(decode)
+    for chunk in chunks:
+        piece = decoder.feed(chunk)
+        if piece:
+            yield piece
+    rest = decoder.flush()
     if rest:
         yield rest
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Library modules and tools, not benchmarks: no smoke run.
 NOT_BENCHMARKS = {"__init__", "common", "hlo_stats", "mutations"}
 SMOKE = ("decode", "prefill", "train_step", "moe_layer", "compile_time", "attention", "distill", "gpu", "rl",
-         "miniature_seeds")
+         "miniature_seeds", "serve")
 
 
 def test_every_benchmark_has_a_smoke_test():

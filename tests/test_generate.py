@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import qwen3_jax as q
 from helpers.hf_fixtures import make_hf_model, save_hf_model
+from helpers.scripted import scripted_model
 from infer import engine as engine_lib
 from infer.engine import Engine, generate
 from infer.rollout import Completion
@@ -166,27 +167,6 @@ def test_budget_zero_forces_immediately_with_greedy(qwen3_vocab_model, forced_id
     out = generate(qwen3_vocab_model, [[151644, 77091, 198, THINK_ID, 198]], max_new_tokens=26, temperature=0.0,
                    stop_token_ids=(), thinking_budget=0)
     assert out[0][:24] == list(forced_ids)
-
-
-def scripted_model(next_token: dict[int, int], default_next: int) -> q.Qwen3:
-    """A real-vocabulary model whose greedy next token is `next_token[last token]` (else
-    `default_next`): the layers add nothing (zero output projections), each scripted token embeds
-    as its own one-hot direction and the unembedding maps that direction to its successor."""
-    cfg = q.preset("tiny-dense", vocab_size=151936, hidden_size=32, intermediate_size=8, num_layers=1,
-                   tie_word_embeddings=False)
-    model = q.init_model(cfg)
-    run = model.runs[0]
-    run.attn.o_proj[...] = jnp.zeros_like(run.attn.o_proj[...])
-    run.mlp.down_proj[...] = jnp.zeros_like(run.mlp.down_proj[...])
-    embed = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
-    embed[:, 0] = 1.0
-    head = np.zeros((cfg.hidden_size, cfg.vocab_size), np.float32)
-    head[0, default_next] = 1.0
-    for k, (tok, nxt) in enumerate(next_token.items(), start=1):
-        embed[tok] = np.eye(cfg.hidden_size, dtype=np.float32)[k]
-        head[k, nxt] = 1.0
-    model.embed[...], model.lm_head[...] = jnp.asarray(embed), jnp.asarray(head)
-    return model
 
 
 # Scripted tokens (ordinary ids of the real vocabulary) for the tests below.
