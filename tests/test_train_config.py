@@ -59,9 +59,11 @@ def test_config_errors_are_clear(overrides, message):
         tiny_job(**overrides)
 
 
-# Training configs; distillation configs are checked in test_distill.py, the recipe's in test_recipe.py.
+# Training configs; distillation's are checked in test_distill.py, RL's in test_rl.py, the recipe's in
+# test_recipe.py.
 CONFIG_FILES = sorted(set(glob.glob(os.path.join(REPO, "configs", "[!_]*.py")))
                       - set(glob.glob(os.path.join(REPO, "configs", "distill_*.py")))
+                      - set(glob.glob(os.path.join(REPO, "configs", "rl_*.py")))
                       - {os.path.join(REPO, "configs", "miniature.py")})
 
 
