@@ -5,8 +5,9 @@
 
 The policy starts from the main job's distilled student (runs/miniature/student_distilled; its
 off-policy phase, runs/miniature/student_distilled/off_policy, is the report's common starting
-point for RL and on-policy distillation); 8 prompts x 8 samples per step, half in thinking mode,
-rewarded 1 for a right 'The answer is N.' (train.rl.rewards:miniature_answer). A few minutes on 2
+point for RL and on-policy distillation); 8 prompts x 8 samples per step in thinking mode (the report's
+reasoning RL: with /no_think prompts the verifier, which reads the answer only, rewards thinking in
+non-thinking mode), rewarded 1 for a right 'The answer is N.' (train.rl.rewards:miniature_answer). A few minutes on 2
 cores. Another workdir: --config.model.init_from=DIR --config.prompts.paths=... --config.tokenizer=...
 """
 
@@ -25,7 +26,7 @@ def get_config():
     c.reward = "train.rl.rewards:miniature_answer"
     c.rollout.max_prompt_len = 64
     c.rollout.max_new_tokens = 128
-    c.rollout.think_fraction = 0.5
+    c.rollout.think_fraction = 1.0
     c.optimizer.learning_rate = 3e-4
     c.optimizer.warmup_steps = 0
     c.optimizer.weight_decay = 0.0
