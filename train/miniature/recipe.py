@@ -37,12 +37,12 @@ from train.config import (
 )
 from train.data.config import DataConfig, PromptConfig
 from train.distill import run as distill_lib
-from train.distill.config import DistillConfig, OffPolicyConfig, RolloutConfig, check_sampled_signal
+from train.distill.config import DistillConfig, OffPolicyConfig, check_sampled_signal
 from train.distill.config import TeacherConfig as DistillTeacherConfig
 from train.distill.divergence import DistillLoss
 from train.rl import run as run_rl
 from train.rl.config import RLConfig, RLLoss
-from train.rollout import RolloutConfig as PolicyRolloutConfig
+from train.rollout import RolloutConfig
 from train.miniature import evaluate as eval_lib
 from train.miniature import report as report_lib
 from train.miniature import task as task_lib
@@ -390,7 +390,7 @@ def rl_config(r: Recipe, w: "Workdir") -> RLConfig:
                              every=max(1, (s.off_policy_steps + s.on_policy_steps) // e.curve_points))
     sections["model"] = dataclasses.replace(sections["model"], preset=None,
                                             init_from=w.path("student_distilled", "off_policy"))
-    rollout = PolicyRolloutConfig(
+    rollout = RolloutConfig(
         max_prompt_len=r.config.teacher.seq_len - e.max_new_tokens, max_new_tokens=e.max_new_tokens,
         think_fraction=d.think_fraction if r.config.rl.think_fraction is None else r.config.rl.think_fraction,
         thinking_budget=d.thinking_budget, temperature=d.rollout_temperature, top_k=0, top_p=1.0, min_p=0.0)
