@@ -11,17 +11,20 @@ from infer.engine import Engine
 from infer.rollout import SAMPLING_KEYS
 from qwen3_jax.checkpoint import load_any
 from qwen3_jax.cli import quiet_orbax_logs
+from qwen3_jax.sharding import make_mesh
 from qwen3_jax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
 
 
 def define_checkpoint_flags() -> None:
-    """--checkpoint, --step and --dtype, which `load` reads (the server defines only these)."""
+    """--checkpoint, --step, --dtype and --mesh, which `load` reads (the server defines only these)."""
     flags.DEFINE_string("checkpoint", None, "Hugging Face, qwen3-jax or trainer checkpoint (a workdir, its "
                         "checkpoints/ dir or a step folder).", required=True)
     flags.DEFINE_integer("step", None, "Step of a trainer workdir or checkpoints/ dir to load (default: the latest).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype (float32 on CPU).")
+    flags.DEFINE_string("mesh", None, "Device mesh as axis=size pairs over data, fsdp, tensor, expert, e.g. "
+                        "'tensor=8' or 'data=2,tensor=4' (-1 once: the remaining devices). Default: one device.")
 
 
 def define_flags() -> None:
@@ -44,11 +47,30 @@ def load() -> tuple[Engine, Tokenizer]:
     cannot be loaded."""
     quiet_orbax_logs()
     try:
+        mesh = None if FLAGS.mesh is None else make_mesh(parse_mesh(FLAGS.mesh))
+    except ValueError as e:
+        sys.exit(f"error: --mesh: {e}")
+    try:
         tokenizer = Tokenizer.from_checkpoint(FLAGS.checkpoint)  # first: it fails fast, the model load does not
-        model = load_any(FLAGS.checkpoint, step=FLAGS.step, dtype=jnp.dtype(FLAGS.dtype))
+        model = load_any(FLAGS.checkpoint, step=FLAGS.step, dtype=jnp.dtype(FLAGS.dtype), mesh=mesh)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"error: {e}")
-    return Engine.for_tokenizer(model, tokenizer), tokenizer
+    return Engine.for_tokenizer(model, tokenizer, mesh=mesh), tokenizer
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """{axis: size} from 'axis=size,...'. Raises ValueError naming --mesh for malformed text (the
+    axes and sizes themselves are checked by `make_mesh`)."""
+    shape = {}
+    for part in text.split(","):
+        name, eq, size = part.strip().partition("=")
+        try:
+            if not eq or name in shape:
+                raise ValueError
+            shape[name] = int(size)
+        except ValueError:
+            raise ValueError(f"--mesh {text!r} must be distinct axis=size pairs, e.g. 'data=2,tensor=4'") from None
+    return shape
 
 
 def sampling_overrides() -> dict:

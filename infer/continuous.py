@@ -3,7 +3,7 @@
 A `ContinuousEngine` holds one `DecodeState` of `slots` rows over a KV cache of `cache_len`
 positions. Each `step`: waiting requests are prefilled (grouped by prompt bucket, the group padded
 to a power-of-two row count) straight into free rows; then every row decodes `chunk` tokens with the
-static engine's own `_decode` (the same sampling, thinking budget and per-row cache slots); rows
+static engine's own decode step (the same sampling, thinking budget and per-row cache slots); rows
 that finished free their slot at once, and the next step admits into it. So a short request never
 waits for a long one (Orca, OSDI '22; vLLM's scheduler).
 
@@ -140,10 +140,11 @@ class ContinuousEngine:
 
     def __init__(self, engine: Engine, *, slots: int = 16, max_len: int | None = None, chunk: int = 8,
                  max_queue: int = 256, stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS):
-        if engine.mesh is not None:
-            raise ValueError("ContinuousEngine runs on one device: build its Engine without a mesh")
         self.engine = engine
         self.slots = checks.positive_int(slots, "slots")
+        self.row_multiple = engine._batch_multiple()
+        if self.slots % self.row_multiple:
+            raise ValueError(f"slots={slots} is not a multiple of the mesh's data-parallel degree {self.row_multiple}")
         self.context = engine.context if max_len is None else checks.positive_int(max_len, "max_len")
         self.chunk = checks.positive_int(chunk, "chunk")
         self.max_queue = checks.positive_int(max_queue, "max_queue")
@@ -153,8 +154,12 @@ class ContinuousEngine:
         self._stop_ids = stop
         self._reset()
         # Per-instance jits: the engine's static values are closed over, its weights passed in.
-        self.admit_fn = jax.jit(functools.partial(_admit, engine), donate_argnums=(1, 2))
-        self.release_fn = jax.jit(_release, donate_argnums=(0, 1))
+        # Outputs keep the state's shardings, so that decode sees one layout and compiles once.
+        layout = jax.tree.map(lambda x: x.sharding, (self._state, self._rows))
+        self.admit_fn = jax.jit(functools.partial(_admit, engine), donate_argnums=(1, 2), out_shardings=layout)
+        self.release_fn = jax.jit(_release, donate_argnums=(0, 1), out_shardings=layout)
+        self.decode_fn = jax.jit(_decode.__wrapped__, static_argnums=(0, 5), donate_argnums=(2,),
+                                 out_shardings=layout[0])
         self.window_fn = jax.jit(functools.partial(_window, width=self.chunk))
 
         self._lock = threading.Condition()
@@ -170,20 +175,25 @@ class ContinuousEngine:
         """Every row free (finished and greedy): the state before the first request, or after a failed step."""
         engine, B, N = self.engine, self.slots, self.context
 
-        def initial():
+        def initial():  # the cache comes apart: on a mesh the rules shard it
             state = engine._decode_state(
-                engine.model.init_cache(B, self.cache_len, jnp.dtype(engine.cfg.dtype)),
-                jnp.zeros((B, engine.cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32), 0, N,
+                None, jnp.zeros((B, engine.cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32), 0, N,
                 [False] * B, np.full(B, UNLIMITED_BUDGET, np.int32))
             rows = RowSettings(jax.tree.map(jnp.asarray, SamplingParams.make(B, temperature=0.0)),
                                jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32)), jnp.zeros((B,), jnp.int32),
                                jnp.asarray(self._stop_ids or [-1], jnp.int32), engine._forced_ids())
             return state, rows
 
-        # Committed to the weights' device, as every later state is (a jit output with committed
-        # inputs): otherwise the first admit and the later ones would compile apart.
-        device = jax.tree.leaves(engine.params)[0].devices().pop()
-        self._state, self._rows = jax.device_put(jax.jit(initial)(), device)
+        # Committed (to the weights' device, or replicated over the mesh), as every later state
+        # is: otherwise the first admit and the later ones would compile apart.
+        if engine.mesh is None:
+            place = jax.tree.leaves(engine.params)[0].devices().pop()
+        else:
+            place = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
+        with engine._mesh_context():
+            state, rows = jax.device_put(jax.jit(initial)(), place)
+            cache = engine._init_cache(B, self.cache_len)
+        self._state, self._rows = state._replace(cache=jax.device_put(cache, place) if engine.mesh is None else cache), rows
 
     # ------------------------------------------------------------------------------ requests
 
@@ -256,6 +266,10 @@ class ContinuousEngine:
     def step(self) -> bool:
         """Frees cancelled rows, admits waiting requests into free rows, decodes one chunk and
         delivers the new tokens. Returns whether any row decoded."""
+        with self.engine._mesh_context():
+            return self._step()
+
+    def _step(self) -> bool:
         with self._lock:
             cancelled = [s for s, r in self._active.items() if r.cancelled]
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
@@ -268,7 +282,7 @@ class ContinuousEngine:
         if not self._active:
             return False
         start = time.perf_counter()
-        self._state = _decode(self.engine.graphdef, self.engine.params, self._state, self._rows,
+        self._state = self.decode_fn(self.engine.graphdef, self.engine.params, self._state, self._rows,
                               jnp.asarray(self.chunk, jnp.int32), self.engine.max_candidates)
         ids, forced, counts, done = to_host(self.window_fn(self._state, jnp.asarray(self._emitted, jnp.int32)))
         new = sum(int(counts[s] - self._emitted[s]) for s in self._active)
@@ -299,7 +313,7 @@ class ContinuousEngine:
             groups[self._padded(len(request.prompt))].append((request, slot))
         tags = self.engine.think_tags
         for P, group in groups.items():
-            b = bucket_rows(len(group), self.slots)
+            b = bucket_rows(len(group), self.slots, self.row_multiple)
             tokens = np.zeros((b, P), np.int32)
             lengths = np.ones(b, np.int32)
             idx = np.full(b, self.slots, np.int32)  # past the end: padding rows are dropped
@@ -328,8 +342,8 @@ class ContinuousEngine:
                     self._emitted[slot] = 0
 
     def compilations(self) -> dict[str, int]:
-        """Executables compiled so far per function (`_decode` is shared with the static engine)."""
-        return {"admit": self.admit_fn._cache_size(), "decode": _decode._cache_size(),
+        """Executables compiled so far per function."""
+        return {"admit": self.admit_fn._cache_size(), "decode": self.decode_fn._cache_size(),
                 "release": self.release_fn._cache_size(), "window": self.window_fn._cache_size()}
 
     # -------------------------------------------------------------------------------- thread
@@ -402,9 +416,10 @@ class ContinuousEngine:
 _SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "presence_penalty": 0.0}
 
 
-def bucket_rows(n: int, slots: int) -> int:
-    """Rows an admission of n requests is padded to: a power of two, at most `slots`."""
-    return min(1 << (n - 1).bit_length(), slots)
+def bucket_rows(n: int, slots: int, multiple: int = 1) -> int:
+    """Rows an admission of n requests is padded to: a power of two, at most `slots`, rounded up
+    to a multiple of `multiple` (the data-parallel degree, which divides `slots`)."""
+    return -(-min(1 << (n - 1).bit_length(), slots) // multiple) * multiple
 
 
 def random_seed() -> int:

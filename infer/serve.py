@@ -419,8 +419,9 @@ def main(argv: list[str]) -> None:
                            api_key=FLAGS.api_key, max_body_bytes=FLAGS.max_body_bytes)
     config = uvicorn.Config(application, host=FLAGS.host, port=FLAGS.port, log_level="warning",
                             timeout_graceful_shutdown=FLAGS.drain_seconds)
-    log.info("serving %s on http://%s:%d/v1 (%d slots, context %d)", FLAGS.checkpoint, FLAGS.host, FLAGS.port,
-             continuous.slots, continuous.context)
+    mesh = "one device" if engine.mesh is None else f"mesh {dict(engine.mesh.shape)}"
+    log.info("serving %s on http://%s:%d/v1 (%d slots, context %d, %s)", FLAGS.checkpoint, FLAGS.host, FLAGS.port,
+             continuous.slots, continuous.context, mesh)
     _uvicorn_server(config, continuous).run()
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 
 import httpx2
+import jax
 import numpy as np
 import openai
 import psutil
@@ -82,11 +83,15 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def random_engine(tok, tmp_path_factory):
+def random_dir(tok, tmp_path_factory):
     cfg = q.preset("tiny-dense", vocab_size=151936, hidden_size=32, intermediate_size=48, num_layers=2,
                    max_position_embeddings=CONTEXT)
-    path = save(q.init_model(cfg, seed=5), tok, tmp_path_factory.mktemp("random"))
-    return Engine.for_tokenizer(q.load_any(path), tok)
+    return save(q.init_model(cfg, seed=5), tok, tmp_path_factory.mktemp("random"))
+
+
+@pytest.fixture(scope="module")
+def random_engine(random_dir, tok):
+    return Engine.for_tokenizer(q.load_any(random_dir), tok)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +200,28 @@ def test_new_settings_seeds_and_budgets_compile_nothing(random_engine, tok):
                 min_p=0.05, presence_penalty=1.0, thinking_budget=2)
     assert ce.compilations() == before and engine_lib._decode._cache_size() == decode
     assert ce.free_slots == 4
+
+
+def test_on_a_mesh_the_rows_are_the_one_device_rows_and_each_step_compiles_once(random_dir, random_engine, tok,
+                                                                                caplog):
+    mesh = q.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = Engine.for_tokenizer(q.load_any(random_dir, mesh=mesh), tok, mesh=mesh)
+    with pytest.raises(ValueError, match="slots=3 is not a multiple of the mesh's data-parallel degree 4"):
+        ContinuousEngine(sharded, slots=3)
+    prompts = [[1, 2, 3], list(range(10, 30)), [5] * 9, list(range(40, 52)), [7] * 40]
+    kw = dict(max_new_tokens=[3, 9, 5, 7, 6], seeds=[1, 2, 3, 4, 5], temperature=1.3, top_k=0, thinking_budget=2)
+    single = ContinuousEngine(random_engine, slots=4, chunk=4, stop_token_ids=tok.eos_ids).generate(prompts, **kw)
+    ce = ContinuousEngine(sharded, slots=4, chunk=4, stop_token_ids=tok.eos_ids)
+    with jax.log_compiles(), caplog.at_level("WARNING", logger="jax._src.dispatch"):
+        assert ce.generate(prompts, **kw) == single
+        reverse = {k: v[::-1] for k, v in kw.items() if isinstance(v, list)}
+        assert ce.generate(prompts[::-1], **{**kw, **reverse}) == single[::-1]
+    compiled = re.findall(r"Finished XLA compilation of jit\((\w+)\)", caplog.text)
+    # jit's own _cache_size counts two entries per function on a mesh, so compilations are read off the log.
+    assert {f: compiled.count(f) for f in ("_decode", "_release", "_window")} == dict.fromkeys(
+        ("_decode", "_release", "_window"), 1)
+    assert [len(o) for o in single] == kw["max_new_tokens"] and ce.free_slots == 4
+    assert not jax.tree.leaves(ce._state.cache)[0].sharding.is_fully_replicated
 
 
 def test_a_seeded_sampled_request_is_the_same_whatever_shares_its_batch(random_server, random_engine, tok):
@@ -391,7 +418,7 @@ def test_command_line_serves_then_sigterm_finishes_in_flight_and_exits_0(thinker
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "infer.serve", "--checkpoint", thinker_dir, "--port", str(port), "--slots", "2",
-         "--decode_chunk", "4", "--max_len", str(CONTEXT), "--served_model_name", "thinker"],
+         "--decode_chunk", "4", "--max_len", str(CONTEXT), "--served_model_name", "thinker", "--mesh", "data=2"],
         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -419,6 +446,16 @@ def test_command_line_serves_then_sigterm_finishes_in_flight_and_exits_0(thinker
             server.kill()
     lines = [line for line in log.splitlines() if "status=200" in line]
     assert len(lines) == 2 and "prompt_tokens=" in lines[0] and "completion_tokens=31" in lines[0]
+    assert "(2 slots, context 256, mesh {'data': 2})" in log
+
+
+@pytest.mark.parametrize("mesh, message", [("data=2;tensor=2", "must be distinct axis=size pairs"),
+                                           ("rows=2", "unknown mesh axes ['rows']"),
+                                           ("data=3", "slots=2 is not a multiple of the mesh's data-parallel degree 3")])
+def test_command_line_names_a_bad_mesh(thinker_dir, mesh, message):
+    run = subprocess.run([sys.executable, "-m", "infer.serve", "--checkpoint", thinker_dir, "--slots", "2",
+                          "--mesh", mesh], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and message in run.stderr
 
 
 # ------------------------------------------------------------------------- units without a model
