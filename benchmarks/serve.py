@@ -12,6 +12,9 @@ engine and arrival pattern: output tokens/s (all output tokens over the time fro
 to the last token), time to first token and inter-token latency (a chunk's time over its tokens)
 p50/p99, and continuous over static throughput. The steady rate is `--load` times the requests per
 second the continuous engine served all at once, so the queue neither empties nor grows without end.
+All at once is also `infer.batch`'s case (it used to run `slots` rows per static call). Last, the
+rollouts' case: every request in one static call, as `train.rollout` runs a step's rows, against the
+continuous engine's all-at-once run.
 """
 
 from __future__ import annotations
@@ -149,6 +152,17 @@ def main(argv: list[str] | None = None) -> None:
                             lengths)
             results[name] = {"requests_per_s": rate, "continuous": cont, "static": stat,
                              "throughput_ratio": cont["output_tokens_per_s"] / stat["output_tokens_per_s"]}
+        # Rollouts and batch jobs know every row up front. `train.rollout` runs them as one static
+        # call (every row decodes until the longest ends); the continuous engine runs them through
+        # its `slots` rows, refilling a finished row's slot at once.
+        rows = dict(slots=args.requests, chunk=args.chunk, max_new=args.max_len)
+        arrivals = np.zeros(args.requests)
+        run_static(engine, prompts, lengths, arrivals, t0=time.perf_counter(), **rows)  # compiles the one call
+        one_call = _summary(arrivals, run_static(engine, prompts, lengths, arrivals, t0=time.perf_counter(), **rows),
+                            lengths)
+        cont = results["all_at_once"]["continuous"]
+        results["one_static_call"] = {"static": one_call, "continuous_over_static": cont["output_tokens_per_s"]
+                                      / one_call["output_tokens_per_s"]}
         results["compilations"] = continuous.compilations()
 
 

@@ -4,7 +4,7 @@
 
 Each prompt gets --samples samples per mode, asked by the soft and hard switch together (`Switch.BOTH`)
 with Qwen's sampling for the mode and each sample's own seed (`rollout.row_seed`), so a sample does not
-depend on its batch. A rerun of the same command resumes OUT (OUT.progress beside it); malformed input
+depend on its batch. Rows decode by continuous batching, --batch_size at a time. A rerun of the same command resumes OUT (OUT.progress beside it); malformed input
 lines are reported as FILE:LINE and skipped. Record and progress formats: README, "Batch generation".
 """
 
@@ -100,7 +100,9 @@ def generate_file(
 
     `engine` should speak `tokenizer`'s vocabulary for the thinking budget (`Engine.for_tokenizer`,
     as `infer.cli_common.load` builds it).
-    `batch_size`: rows (prompt x mode x sample) per engine call; the output does not depend on it.
+    `batch_size`: rows (prompt x mode x sample) decoded together, by continuous batching
+    (`rollout.stream_chat`): a finished row's slot takes the next row at once. The output does not
+    depend on it (per-row seeds); the records of a prompt are written as its rows finish.
     `progress`: show a progress bar over prompts (stderr). Malformed lines are reported on stderr.
     Raises ConfigError (see `check`) before generating anything.
     """
@@ -120,7 +122,6 @@ def generate_file(
     summary = Summary(kept_unfinished=settings.keep_unfinished)
     remaining: dict[int, int] = {}  # prompt line -> its rows not generated yet
     completed: list[int] = []  # prompt lines to append to the progress file at the next flush
-    queue: list[_Row] = []
 
     with (
         open(prompts_path, "rb") as src,
@@ -142,9 +143,35 @@ def generate_file(
             bar.update(len(completed))
             completed.clear()
 
-        def run(rows: list[_Row]) -> None:
+        def rows():
+            """(row, prompt ids, mode, seed) for every sample still to generate, read line by line."""
+            for line, raw in enumerate(src, start=1):
+                if line in done:
+                    summary.resumed += 1
+                    bar.update()
+                    continue
+                try:
+                    line_rows = _rows(raw, line, tokenizer, settings, max_prompt, present.get(line, set()))
+                except DataError as e:
+                    tqdm.write(f"{prompts_path}:{line}: {e}", file=sys.stderr)
+                    summary.malformed += 1
+                    bar.update()
+                    continue
+                if line_rows is None:  # an empty line
+                    bar.update()
+                    continue
+                if not line_rows:  # every sample is already in OUT
+                    completed.append(line)
+                    continue
+                remaining[line] = len(line_rows)
+                for r in line_rows:
+                    yield r, r.prompt_ids, r.mode, rollout.row_seed(settings.seed, r.line, r.mode, r.sample)
+
+        for finished in rollout.stream_chat(engine, tokenizer, rows(), slots=batch_size,
+                                            max_new_tokens=settings.max_new_tokens,
+                                            thinking_budget=settings.thinking_budget, sampling=settings.sampling):
             records = []
-            for row, reply in zip(rows, _generate(engine, tokenizer, rows, settings)):
+            for row, reply in finished:
                 record = _output_record(row, reply)
                 summary.unfinished += not record["finished"]
                 if record["finished"] or settings.keep_unfinished:
@@ -157,32 +184,6 @@ def generate_file(
                     del remaining[row.line]
                     completed.append(row.line)
             flush(records)
-
-        for line, raw in enumerate(src, start=1):
-            if line in done:
-                summary.resumed += 1
-                bar.update()
-                continue
-            try:
-                rows = _rows(raw, line, tokenizer, settings, max_prompt, present.get(line, set()))
-            except DataError as e:
-                tqdm.write(f"{prompts_path}:{line}: {e}", file=sys.stderr)
-                summary.malformed += 1
-                bar.update()
-                continue
-            if rows is None:  # an empty line
-                bar.update()
-                continue
-            if not rows:  # every sample is already in OUT
-                completed.append(line)
-                continue
-            remaining[line] = len(rows)
-            queue.extend(rows)
-            while len(queue) >= batch_size:
-                run(queue[:batch_size])
-                queue = queue[batch_size:]
-        if queue:
-            run(queue)
         flush([])
     return summary
 
@@ -276,15 +277,6 @@ def _rows(raw: bytes, line: int, tokenizer: Tokenizer, settings: Settings, max_p
         out_record = {**record, "messages": rollout.with_switch(messages, mode, Switch.BOTH)}
         rows += [_Row(line, mode, k, ids, out_record) for k in range(settings.samples) if (mode, k) not in present]
     return rows
-
-
-def _generate(engine: Engine, tokenizer: Tokenizer, rows: list[_Row], settings: Settings) -> list[rollout.Completion]:
-    """One engine call for `rows`, each with its mode's sampling, budget and own seed."""
-    return rollout.generate_chat(
-        engine, tokenizer, [r.prompt_ids for r in rows], [r.mode for r in rows],
-        max_new_tokens=settings.max_new_tokens, thinking_budget=settings.thinking_budget, sampling=settings.sampling,
-        seed=[rollout.row_seed(settings.seed, r.line, r.mode, r.sample) for r in rows],
-    )
 
 
 def _output_record(row: _Row, reply: rollout.Completion) -> dict[str, Any]:

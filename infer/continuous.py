@@ -33,7 +33,7 @@ import numpy as np
 
 from infer import checks
 from infer.engine import (
-    CACHE_ROUND, DEFAULT_STOP_IDS, DecodeState, Engine, RowSettings, _decode, _prefill, bucket,
+    CACHE_ROUND, DEFAULT_STOP_IDS, DecodeState, Engine, RowSettings, _decode, _prefill,
 )
 from infer.sampling import UNLIMITED_BUDGET, SamplingParams, prompt_think_open
 from qwen3_jax.errors import RequestError
@@ -198,11 +198,8 @@ class ContinuousEngine:
     # ------------------------------------------------------------------------------ requests
 
     def _padded(self, n: int) -> int:
-        """Positions a prompt of n tokens occupies after prefill padding: its bucket, or a multiple
-        of the prefill chunk past it (the chunks `_prefill` runs)."""
-        b = bucket(n)
-        chunk = self.engine.prefill_chunk
-        return b if b <= chunk else -(-n // chunk) * chunk
+        """Positions a prompt of n tokens occupies after prefill padding (the chunks `_prefill` runs)."""
+        return self.engine.prompt_positions(n)
 
     def check(self, request: Request) -> None:
         """Raises RequestError (naming the field) or ValueError (sampling) for a request that

@@ -259,6 +259,12 @@ class Engine:
         """Positions a prompt plus its new tokens may use: `max_len`, else the model's context."""
         return self.cfg.context_length if self.max_len is None else self.max_len
 
+    def prompt_positions(self, n: int) -> int:
+        """Cache positions a prompt of n tokens fills after prefill padding: its bucket, or a
+        multiple of `prefill_chunk` past it (the chunks `_prefill` runs)."""
+        b = bucket(n)
+        return b if b <= self.prefill_chunk else -(-n // self.prefill_chunk) * self.prefill_chunk
+
     @classmethod
     def for_tokenizer(cls, model: Qwen3, tokenizer: Tokenizer, **kwargs) -> "Engine":
         """An engine whose thinking budget speaks `tokenizer`'s vocabulary: it forces the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -237,6 +237,70 @@ def generate_chat(
         if after_batch is not None:
             after_batch()
     return out
+
+
+def stream_chat(
+    engine: Engine, tokenizer: Tokenizer, rows: Iterable[tuple[Any, Sequence[int], Mode, int]], *, slots: int,
+    max_new_tokens: int, thinking_budget: int | None = None, sampling: Mapping[str, float] | None = None,
+    stop_token_ids: Sequence[int] | None = None, chunk: int = 8,
+) -> Iterator[list[tuple[Any, Completion]]]:
+    """Replies to rendered prompts through continuous batching (`infer.continuous`), as they finish.
+
+    `rows`: (key, prompt ids, mode, seed) tuples, read lazily (at most `slots` wait beside the
+    `slots` decoding; on a mesh `slots` is rounded up to the data-parallel degree). Each row samples as `generate_chat`'s would with a per-row seed, so its
+    tokens are the same as there. Yields, after each decode chunk in which rows finished, their
+    (key, Completion) pairs. The cache holds the longest prompt's bucket plus `max_new_tokens`:
+    a longer prompt waits until the running rows finish, then the cache grows to it (a bounded
+    number of times: prompt buckets are powers of two, then prefill-chunk multiples).
+
+    Raises:
+      RequestError: a row the engine cannot run (see `ContinuousEngine.check`), when it is read.
+    """
+    from infer.continuous import ContinuousEngine, Request  # here: this module stays free of jax for configs
+
+    stop = tokenizer.eos_ids if stop_token_ids is None else stop_token_ids
+    multiple = engine._batch_multiple()
+    slots = -(-checks.positive_int(slots, "slots") // multiple) * multiple  # rows split over the data axes
+    finished: list[tuple[Any, Completion]] = []
+
+    def request(key, prompt: Sequence[int], mode: Mode, seed: int) -> Request:
+        ids: list[int] = []
+        forced: list[bool] = []
+
+        def on_tokens(new: list[int], new_forced: list[bool], done: bool) -> None:
+            ids.extend(new)
+            forced.extend(new_forced)
+            if done:
+                finished.append((key, _completion(ids, forced, None, tokenizer, stop)))
+
+        budget = thinking_budget if Mode(mode) is Mode.THINK else None
+        return Request(list(prompt), max_new_tokens, on_tokens, mode_sampling(mode, sampling), budget, seed)
+
+    source = iter(rows)
+    continuous = None
+    held = None  # a row too long for the current cache, admitted once the running rows finish
+    exhausted = False
+    while True:
+        while not exhausted and (continuous is None or continuous.waiting < slots):
+            row = held if held is not None else next(source, None)
+            held = None
+            if row is None:
+                exhausted = True
+                break
+            if continuous is None or len(row[1]) + max_new_tokens > continuous.context:
+                if continuous is not None and not continuous.idle():
+                    held = row
+                    break
+                positions = min(engine.context, engine.prompt_positions(len(row[1])) + max_new_tokens)
+                continuous = ContinuousEngine(engine, slots=slots, max_len=positions, chunk=chunk, max_queue=slots,
+                                              stop_token_ids=stop)
+            continuous.submit(request(*row))
+        if continuous is None or (exhausted and continuous.idle()):
+            return
+        continuous.step()
+        if finished:
+            yield finished
+            finished = []
 
 
 def _completion(ids: list[int], forced: list[bool], logprobs: list[float] | None, tokenizer: Tokenizer,

@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 
 import qwen3_jax as q
-from infer import batch, rollout
+from infer import batch, continuous, rollout
 from infer.engine import Engine
 from infer.sampling import NON_THINKING_SAMPLING, THINKING_SAMPLING
 from qwen3_jax.chat import EMPTY_THINK_BLOCK, render
@@ -113,34 +113,54 @@ def reference(engine, tokenizer, prompts, tmp_path_factory):
 # ------------------------------------------------------------------------------- records
 
 
-class ScriptedEngine:
-    """Replies with a fixed well-formed completion per mode and records each call's settings, so
-    the records can be checked against exactly known tokens."""
+class ScriptedContinuous:
+    """Stands in for `infer.continuous.ContinuousEngine`: each step replies to every waiting request
+    with a fixed well-formed completion for its mode (read off the prompt's end), so the records
+    can be checked against exactly known tokens; `requests` keeps what was submitted."""
 
-    def __init__(self, cfg, tokenizer):
-        self.cfg, self.calls = cfg, []
-        self.context = cfg.context_length
-        self.thinking_off = tokenizer.encode(EMPTY_THINK_BLOCK)
-        self.replies = {
-            "think": tokenizer.encode("<think>\nOne plus one is two.\n</think>\n\nIt is 2.") + [IM_END_ID],
-            "no_think": tokenizer.encode("It is 2.") + [IM_END_ID],
-        }
+    requests: list = []
 
-    def generate(self, prompts, return_forced=False, **kwargs):
-        self.calls.append(kwargs)
-        ids = [self.replies["no_think" if p[-len(self.thinking_off):] == self.thinking_off else "think"]
-               for p in prompts]
-        return (ids, [[False] * len(i) for i in ids]) if return_forced else ids
+    def __init__(self, engine, *, max_len, **_):
+        self.context, self._waiting = max_len, []
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def idle(self) -> bool:
+        return not self._waiting
+
+    def submit(self, request):
+        self.requests.append(request)
+        self._waiting.append(request)
+
+    def step(self) -> bool:
+        for r in self._waiting:
+            reply = REPLIES["no_think" if r.prompt[-len(THINKING_OFF):] == THINKING_OFF else "think"]
+            r.on_tokens(reply, [False] * len(reply), True)
+        self._waiting = []
+        return True
 
 
-def test_records_round_trip_into_the_sft_loader(model, tokenizer, tmp_path):
+THINKING_OFF = Tokenizer.qwen3().encode(EMPTY_THINK_BLOCK)
+REPLIES = {"think": Tokenizer.qwen3().encode("<think>\nOne plus one is two.\n</think>\n\nIt is 2.") + [IM_END_ID],
+           "no_think": Tokenizer.qwen3().encode("It is 2.") + [IM_END_ID]}
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    monkeypatch.setattr(continuous, "ContinuousEngine", ScriptedContinuous)
+    monkeypatch.setattr(ScriptedContinuous, "requests", [])
+    return ScriptedContinuous
+
+
+def test_records_round_trip_into_the_sft_loader(engine, scripted, tokenizer, tmp_path):
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     inputs = [
         {"messages": [{"role": "user", "content": "What is 1+1?"}], "tools": tools, "answer": "2"},
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1? /no_think"}]},
     ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs))
-    engine = ScriptedEngine(model.cfg, tokenizer)
     settings = batch.Settings(samples=1, max_new_tokens=MAX_NEW, thinking_budget=5, sampling={"presence_penalty": 1.5})
     summary = batch.generate_file(engine, tokenizer, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), settings,
                                   batch_size=8)
@@ -148,14 +168,14 @@ def test_records_round_trip_into_the_sft_loader(model, tokenizer, tmp_path):
     records = read_records(tmp_path / "out.jsonl")
     assert [key(r) for r in records] == [(1, "think", 0), (1, "no_think", 0), (2, "think", 0), (2, "no_think", 0)]
 
-    # One engine call with per-row settings: the mode's Qwen sampling, the budget on think rows only.
-    (call,) = engine.calls
-    modes = [r["mode"] for r in records]
-    assert call["temperature"] == [(THINKING_SAMPLING if m == "think" else NON_THINKING_SAMPLING)["temperature"]
-                                   for m in modes]
-    assert call["top_p"] == [0.95, 0.8, 0.95, 0.8] and call["presence_penalty"] == [1.5] * 4
-    assert call["thinking_budget"] == [5, None, 5, None]
-    assert call["seed"] == [rollout.row_seed(0, *key(r)) for r in records]
+    # Per-row settings: the mode's Qwen sampling, the budget on think rows only, the row's own seed.
+    requests, modes = scripted.requests, [r["mode"] for r in records]
+    assert [r.sampling["temperature"] for r in requests] == [
+        (THINKING_SAMPLING if m == "think" else NON_THINKING_SAMPLING)["temperature"] for m in modes]
+    assert [r.sampling["top_p"] for r in requests] == [0.95, 0.8, 0.95, 0.8]
+    assert [r.sampling["presence_penalty"] for r in requests] == [1.5] * 4
+    assert [r.thinking_budget for r in requests] == [5, None, 5, None]
+    assert [r.seed for r in requests] == [rollout.row_seed(0, *key(r)) for r in records]
 
     for record, source in zip(records, [inputs[0], inputs[0], inputs[1], inputs[1]]):
         flag = "/think" if record["mode"] == "think" else "/no_think"
@@ -164,7 +184,7 @@ def test_records_round_trip_into_the_sft_loader(model, tokenizer, tmp_path):
         assert prompt_messages[-1]["content"].count(flag) == 1  # "1+1? /no_think" gets no second /no_think
         assert prompt_messages[:-1] == source["messages"][:-1]
         assert {k: record[k] for k in source if k != "messages"} == {k: v for k, v in source.items() if k != "messages"}
-        assert record["finished"] and record["num_tokens"] == len(engine.replies[record["mode"]])
+        assert record["finished"] and record["num_tokens"] == len(REPLIES[record["mode"]])
         assert reply == {"role": "assistant", "content": "It is 2.",
                          "reasoning_content": "One plus one is two." if record["mode"] == "think" else ""}
 
@@ -183,11 +203,11 @@ def test_records_round_trip_into_the_sft_loader(model, tokenizer, tmp_path):
         think = record["mode"] == "think"
         prompt = tokenizer.encode(render(record["messages"][:-1], tools=record.get("tools"), add_generation_prompt=True,
                                          enable_thinking=think))
-        completion = engine.replies[record["mode"]]
+        completion = REPLIES[record["mode"]]
         assert doc["tokens"].tolist() == prompt + completion + tokenizer.encode("\n")
-        trained = completion if think else engine.thinking_off + completion
+        trained = completion if think else THINKING_OFF + completion
         assert doc["targets"][doc["loss_mask"] > 0].tolist() == trained
-        first = len(prompt) - 1 - (0 if think else len(engine.thinking_off))
+        first = len(prompt) - 1 - (0 if think else len(THINKING_OFF))
         assert np.flatnonzero(doc["loss_mask"]).tolist() == list(range(first, first + len(trained)))
 
 
@@ -236,25 +256,26 @@ def test_resume_cuts_a_torn_line_and_generates_only_what_is_missing(reference, e
     assert sorted(map(int, open(out + batch.PROGRESS_SUFFIX).read().splitlines()[1:])) == sorted(VALID)
 
 
-def test_resume_after_an_exception_mid_run(reference, engine, tokenizer, prompts, tmp_path):
+def test_resume_after_an_exception_mid_run(reference, engine, tokenizer, prompts, tmp_path, monkeypatch):
     _, _, records, _ = reference
+    step = continuous.ContinuousEngine.step
+    steps = iter(range(100))
 
-    class FailsOnSecondBatch:
-        cfg, context, calls = engine.cfg, engine.context, 0
+    def fails_on_the_third_step(self):
+        if next(steps) == 2:
+            raise RuntimeError("killed")
+        return step(self)
 
-        def generate(self, *args, **kwargs):
-            self.calls += 1
-            if self.calls == 2:
-                raise RuntimeError("killed")
-            return engine.generate(*args, **kwargs)
-
+    monkeypatch.setattr(continuous.ContinuousEngine, "step", fails_on_the_third_step)
     out = str(tmp_path / "out.jsonl")
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(RuntimeError, match="killed"):
-        batch.generate_file(FailsOnSecondBatch(), tokenizer, prompts, out, SETTINGS, batch_size=3)
-    assert len(read_records(out)) == 3  # the first batch, no prompt of it complete
+        batch.generate_file(engine, tokenizer, prompts, out, SETTINGS, batch_size=3)
+    monkeypatch.undo()
+    written = len(read_records(out))
+    assert 0 < written < len(records)  # rows finished in the first two steps
     with contextlib.redirect_stderr(io.StringIO()):
         summary = batch.generate_file(engine, tokenizer, prompts, out, SETTINGS, batch_size=3)
-    assert (summary.resumed, summary.prompts, summary.written) == (0, len(VALID), len(records) - 3)
+    assert summary.resumed + summary.prompts == len(VALID) and summary.written == len(records) - written
     assert by_key(read_records(out)) == by_key(records)
 
 
@@ -315,10 +336,10 @@ def test_keep_that_cannot_be_imported_is_named_before_any_generation(verifier, e
     ("my_verifier:broken", r"raised on prompt line 1 \(think, sample 0\): KeyError"),
     ("my_verifier:not_bool", "returned 'yes' on prompt line 1 .* it must return True or False"),
 ])
-def test_keep_that_fails_is_named(verifier, model, tokenizer, prompts, spec, message):
+def test_keep_that_fails_is_named(verifier, engine, scripted, tokenizer, prompts, spec, message):
     settings = batch.Settings(max_new_tokens=MAX_NEW, keep=spec)
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(ConfigError, match=message):
-        batch.generate_file(ScriptedEngine(model.cfg, tokenizer), tokenizer, prompts, "out.jsonl", settings)
+        batch.generate_file(engine, tokenizer, prompts, "out.jsonl", settings)
 
 
 # ------------------------------------------------------------------------------- errors
