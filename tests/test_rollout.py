@@ -147,3 +147,33 @@ def test_generate_chat_sets_each_row_and_parses_the_reply(tokenizer):
         rollout.generate_chat(engine, tokenizer, prompts, modes[:2], max_new_tokens=5)
     with pytest.raises(ValueError, match="seed has 2 values for 3 prompts"):
         rollout.generate_chat(engine, tokenizer, prompts, modes, max_new_tokens=5, seed=[1, 2])
+
+
+def test_stream_chat_replies_as_generate_chat_with_row_seeds_and_grows_its_cache(tokenizer, monkeypatch):
+    """5 sampled rows of both modes through 2 slots, prompt buckets growing 16 -> 64 (so the cache
+    is rebuilt once, after the running rows drain), equal to one static call."""
+    import qwen3_jax as q
+    from infer.engine import Engine
+
+    cfg = q.preset("tiny-dense", vocab_size=151936, hidden_size=32, intermediate_size=48, num_layers=2,
+                   max_position_embeddings=256)
+    engine = Engine.for_tokenizer(q.init_model(cfg, seed=3), tokenizer)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 150000, size=n).tolist() for n in (5, 12, 9, 40, 3)]
+    modes = [Mode.THINK, Mode.NO_THINK, Mode.THINK, Mode.NO_THINK, Mode.THINK]
+    seeds = [11, 12, 13, 14, 15]
+    kw = dict(max_new_tokens=8, thinking_budget=3, sampling={"top_k": 0})
+    static = rollout.generate_chat(engine, tokenizer, prompts, modes, seed=seeds, **kw)
+    contexts = []
+    import infer.continuous as continuous_lib
+
+    class Recording(continuous_lib.ContinuousEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            contexts.append(self.context)
+
+    monkeypatch.setattr(continuous_lib, "ContinuousEngine", Recording)
+    chunks = list(rollout.stream_chat(engine, tokenizer, zip(range(5), prompts, modes, seeds), slots=2, **kw))
+    streamed = dict(pair for chunk in chunks for pair in chunk)
+    assert [streamed[i] for i in range(5)] == static
+    assert contexts == [16 + 8, 64 + 8] and len(chunks) > 1
