@@ -4,8 +4,9 @@
 
 Each prompt gets --samples samples per mode, asked by the soft and hard switch together (`Switch.BOTH`)
 with Qwen's sampling for the mode and each sample's own seed (`rollout.row_seed`), so a sample does not
-depend on its batch. Rows decode by continuous batching, --batch_size at a time. A rerun of the same command resumes OUT (OUT.progress beside it); malformed input
-lines are reported as FILE:LINE and skipped. Record and progress formats: README, "Batch generation".
+depend on its batch. Rows decode by continuous batching, --batch_size at a time. A rerun of the same
+command resumes OUT (OUT.progress beside it); malformed input lines are reported as FILE:LINE and
+skipped. Record and progress formats: README, "Batch generation".
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ class ContinuousEngine:
         """Every row free (finished and greedy): the state before the first request, or after a failed step."""
         engine, B, N = self.engine, self.slots, self.context
 
-        def initial():  # the cache comes apart: on a mesh the rules shard it
+        def initial():  # all but the cache
             state = engine._decode_state(
                 None, jnp.zeros((B, engine.cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32), 0, N,
                 [False] * B, np.full(B, UNLIMITED_BUDGET, np.int32))
@@ -192,8 +192,10 @@ class ContinuousEngine:
             place = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
         with engine._mesh_context():
             state, rows = jax.device_put(jax.jit(initial)(), place)
-            cache = engine._init_cache(B, self.cache_len)
-        self._state, self._rows = state._replace(cache=jax.device_put(cache, place) if engine.mesh is None else cache), rows
+            cache = engine._init_cache(B, self.cache_len)  # sharded by the rules on a mesh
+        if engine.mesh is None:
+            cache = jax.device_put(cache, place)
+        self._state, self._rows = state._replace(cache=cache), rows
 
     # ------------------------------------------------------------------------------ requests
 
@@ -280,7 +282,7 @@ class ContinuousEngine:
             return False
         start = time.perf_counter()
         self._state = self.decode_fn(self.engine.graphdef, self.engine.params, self._state, self._rows,
-                              jnp.asarray(self.chunk, jnp.int32), self.engine.max_candidates)
+                                     jnp.asarray(self.chunk, jnp.int32), self.engine.max_candidates)
         ids, forced, counts, done = to_host(self.window_fn(self._state, jnp.asarray(self._emitted, jnp.int32)))
         new = sum(int(counts[s] - self._emitted[s]) for s in self._active)
         self.tokens_per_second = new / (time.perf_counter() - start)

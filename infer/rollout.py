@@ -247,11 +247,12 @@ def stream_chat(
     """Replies to rendered prompts through continuous batching (`infer.continuous`), as they finish.
 
     `rows`: (key, prompt ids, mode, seed) tuples, read lazily (at most `slots` wait beside the
-    `slots` decoding; on a mesh `slots` is rounded up to the data-parallel degree). Each row samples as `generate_chat`'s would with a per-row seed, so its
-    tokens are the same as there. Yields, after each decode chunk in which rows finished, their
-    (key, Completion) pairs. The cache holds the longest prompt's bucket plus `max_new_tokens`:
-    a longer prompt waits until the running rows finish, then the cache grows to it (a bounded
-    number of times: prompt buckets are powers of two, then prefill-chunk multiples).
+    `slots` decoding; on a mesh `slots` is rounded up to the data-parallel degree). Each row
+    samples as `generate_chat`'s would with a per-row seed, so its tokens are the same as there.
+    Yields, after each decode chunk in which rows finished, their (key, Completion) pairs. The
+    cache holds the longest prompt's bucket plus `max_new_tokens`: a longer prompt waits until the
+    running rows finish, then the cache grows to it (a bounded number of times: prompt buckets are
+    powers of two, then prefill-chunk multiples).
 
     Raises:
       RequestError: a row the engine cannot run (see `ContinuousEngine.check`), when it is read.
