@@ -51,14 +51,17 @@ def token_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
     return [int(t) for t in out]
 
 
+MAX_INT32 = 2**31 - 1  # budgets and top_k travel as int32 arrays
+
+
 def optional_budget(value: Any, name: str) -> int | None:
-    """None (no limit) or an int >= 0."""
+    """None (no limit) or an int in [0, MAX_INT32]."""
     if value is None:
         return None
     if not is_int(value):
         raise RequestError(f"{name} must be None or an int >= 0, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise RequestError(f"{name} must be None or an int >= 0, got {value}")
+    if not 0 <= value <= MAX_INT32:
+        raise RequestError(f"{name} must be None or an int in [0, {MAX_INT32}], got {value}")
     return int(value)
 
 

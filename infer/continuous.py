@@ -165,6 +165,7 @@ class ContinuousEngine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}  # slot -> request
+        self._admitting: list[Request] = []  # taken off the queue by the current step, not yet active
         self._emitted = np.zeros(self.slots, np.int64)
         self._draining = False
         self._thread: threading.Thread | None = None
@@ -274,10 +275,12 @@ class ContinuousEngine:
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
             free = [s for s in range(self.slots) if s not in self._active or s in cancelled]
             admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+            self._admitting = admitted
         if cancelled:
             self._free(cancelled)
         if admitted:
             self._admit_requests(admitted, free[:len(admitted)])
+        self._admitting = []
         if not self._active:
             return False
         start = time.perf_counter()
@@ -368,9 +371,11 @@ class ContinuousEngine:
     def _fail_all(self) -> None:
         """Ends every running and waiting request (each gets a last, empty callback) and starts from free rows."""
         with self._lock:
-            requests = list(self._active.values()) + list(self._waiting)
+            # A failed admission leaves its requests neither waiting nor active: they end too.
+            requests = list({id(r): r for r in [*self._active.values(), *self._admitting, *self._waiting]}.values())
             self._waiting.clear()
             self._active.clear()
+            self._admitting = []
             self._reset()
             self._lock.notify_all()
         for r in requests:

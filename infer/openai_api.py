@@ -161,11 +161,37 @@ def _stop(value: Any) -> list[str]:
     return list(stops)
 
 
+def _unpaired_surrogate(value: Any, where: str) -> str | None:
+    """The first field under `value` whose text holds a lone UTF-16 surrogate (JSON lets "\\ud800"
+    through; no tokenizer can encode it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            if _unpaired_surrogate(k, where) is not None:  # the key itself: name the object holding it
+                return where or "body"
+            found = _unpaired_surrogate(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unpaired_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def parse_chat_request(body: Any) -> ChatRequest:
     """Validates a decoded JSON body. Raises ApiError (400) naming the first field at fault;
     unknown fields are ignored, as OpenAI-compatible servers do."""
     if not isinstance(body, Mapping):
         raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    where = _unpaired_surrogate(body, "")
+    if where:
+        raise bad(where, "holds an unpaired UTF-16 surrogate (a lone \\ud800-\\udfff escape), which is not Unicode text")
     messages = _messages(body.get("messages"))
     tools = _tools(body)
     try:
@@ -186,7 +212,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         "min_p": _number(body, "min_p", 0, 1, high_open=True),
         "presence_penalty": _number(body, "presence_penalty", -2, 2),
     }
-    top_k = _int(body, "top_k", -1)
+    top_k = _int(body, "top_k", -1, checks.MAX_INT32)
     overrides["top_k"] = None if top_k is None else max(top_k, 0)  # vLLM spells "off" as -1
     for name in ("frequency_penalty", "repetition_penalty"):
         if body.get(name) not in (None, 0, 0.0, 1.0 if name == "repetition_penalty" else 0):
@@ -207,7 +233,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise bad("model", "must be a string")
     return ChatRequest(
         messages=messages, tools=tools, mode=mode, enable_thinking=enable_thinking, sampling=sampling,
-        max_tokens=max_tokens, thinking_budget=_int(body, "thinking_budget", 0), seed=None if seed is None else seed % 2**32,
+        max_tokens=max_tokens, thinking_budget=_int(body, "thinking_budget", 0, checks.MAX_INT32), seed=None if seed is None else seed % 2**32,
         stop=_stop(body.get("stop")), n=_int(body, "n", 1, MAX_N) or 1, stream=_bool(body, "stream", False),
         include_usage=_bool(options, "include_usage", False, "stream_options.include_usage"), model=model,
     )

@@ -29,6 +29,7 @@ from absl import app, flags
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -332,7 +333,14 @@ async def metrics(request: Request) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error")
+    _server(request).metrics.requests.labels("500").inc()
     return _error(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (an unknown path, a wrong method) in OpenAI's error body."""
+    return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                           headers=exc.headers))
 
 
 def make_app(engine: ContinuousEngine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None = None,
@@ -354,7 +362,7 @@ def make_app(engine: ContinuousEngine, tokenizer: Tokenizer, *, model_name: str,
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-    ], exception_handlers={Exception: _unexpected}, lifespan=lifespan)
+    ], exception_handlers={Exception: _unexpected, HTTPException: _http_error}, lifespan=lifespan)
     application.state.server = state
     return application
 

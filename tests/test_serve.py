@@ -316,6 +316,9 @@ BAD = [  # (body, param); each a 400
     ({"messages": user("x"), "stream": "yes"}, "stream"),
     ({"messages": user("x"), "chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
     ({"messages": user("x"), "tools": [{"type": "function"}]}, "tools[0]"),
+    # Past int32: these once failed the engine's step (every running request ended, this one hung).
+    ({"messages": user("x"), "thinking_budget": 2**31}, "thinking_budget"),
+    ({"messages": user("x"), "top_k": 2**31}, "top_k"),
 ]
 
 
@@ -331,6 +334,13 @@ def test_bad_input_gets_its_status_naming_the_field_and_the_server_stays_up(rand
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     raw = httpx2.post(url + "/v1/chat/completions", content=b'{"messages": [', headers=headers)
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    for body, param in ((rb'{"messages": [{"role": "user", "content": "a\ud800"}]}', "messages[0].content"),
+                        (rb'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+                         rb'"function": {"name": "f", "description": "\udfff"}}]}', "tools[0].function.description")):
+        raw = httpx2.post(url + "/v1/chat/completions", content=body, headers=headers)  # valid JSON, not Unicode
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == param, raw.text
+    raw = httpx2.get(url + "/v1/chat/completions", headers=headers)
+    assert raw.status_code == 405 and raw.json()["error"]["message"].startswith("GET /v1/chat/completions")
     big = json.dumps({"messages": user("x" * 70_000)})
     raw = httpx2.post(url + "/v1/chat/completions", content=big, headers=headers)
     assert raw.status_code == 413 and raw.json()["error"]["type"] == "request_too_large"
@@ -529,6 +539,28 @@ def test_submit_past_the_queue_raises_and_cancel_frees_rows(random_engine, tok):
     ce.step()
     assert ce.free_slots == 2 and ce.idle()
     assert np.asarray(ce._state.done_B).all()  # a freed row stops decoding
+
+
+def test_a_failed_admission_ends_the_requests_it_was_admitting(random_engine, tok):
+    ce = ContinuousEngine(random_engine, slots=2, chunk=2, stop_token_ids=tok.eos_ids)
+    admit, failed = ce.admit_fn, []
+
+    def fails_once(*args):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("an admission bug")
+        return admit(*args)
+
+    ce.admit_fn = fails_once
+    ended, finished, got = threading.Event(), threading.Event(), []
+    ce.submit(Request([1, 2, 3], 5, lambda ids, f, done: done and ended.set()))
+    ce.start()
+    try:
+        assert ended.wait(60)  # taken off the queue, never active: it still hears that it ended
+        ce.submit(Request([7, 8, 9], 3, lambda ids, f, done: (got.extend(ids), done and finished.set())[0] and None))
+        assert finished.wait(60) and len(got) == 3 and ce.free_slots == 2 and ce.idle()
+    finally:
+        ce.stop(10)
 
 
 def test_a_failed_step_ends_its_requests_and_the_engine_serves_on(random_engine, tok):
