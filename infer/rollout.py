@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +120,20 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Message], mode: Mode,
         raise DataError(str(e)) from e
     text = chat.render(messages, tools=tools, add_generation_prompt=True,
                        enable_thinking=mode is Mode.THINK or switch is Switch.SOFT)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates no tokenizer encodes
+        raise DataError(f"{_where(messages, tools, text[e.start])} is not Unicode text: it holds an unpaired "
+                        f"surrogate {text[e.start]!r}") from None
     return tokenizer.encode(text)
+
+
+def _where(messages: Sequence[Message], tools, char: str) -> str:
+    """The first message (or the tools) whose JSON holds `char`."""
+    for i, m in enumerate(messages):
+        if char in json.dumps(m, ensure_ascii=False, default=str):
+            return f"message {i}"
+    return "tools" if tools and char in json.dumps(tools, ensure_ascii=False, default=str) else "the rendered prompt"
 
 
 # --------------------------------------------------------------------------------- sampling

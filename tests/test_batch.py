@@ -43,8 +43,9 @@ MALFORMED = {  # line -> (text, what the report says)
     10: ('{"messages": [{"role": "user", "content": "x"}], "mode": "think"}', "field(s) ['mode'] would be overwritten"),
     11: ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}',
          "a prompt must not end with an assistant turn"),
+    13: ('{"messages": [{"role": "user", "content": "a \\ud800"}]}', "messages: message 0 is not Unicode text"),
 }
-NUM_LINES = 12  # line 8 is empty: skipped without a report
+NUM_LINES = 13  # line 8 is empty: skipped without a report
 
 
 def key(record: dict) -> tuple:
