@@ -334,6 +334,8 @@ class ReplyParser:
 
     def _answer(self, text: str, out: list, final: bool) -> None:
         """Emits answer text, holding back what a stop string or a tool call may still claim."""
+        # The newlines before an answer are trimmed (below), so no stop string may match them.
+        text = text if self.parts[False].started else text.lstrip("\n")
         for s in self.stop:
             k = text.find(s)
             if k >= 0:

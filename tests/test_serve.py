@@ -510,6 +510,11 @@ def test_reply_parser_stops_at_a_stop_string_in_the_answer_only(tok):
         message, p = parse(tok, ids, step, in_think=False, stop=["END", "zzz"])
         assert message["reasoning_content"] == "the END is near" and message["content"] == "Answer: 42. "
         assert p.stopped
+    # The newlines between </think> and the answer are trimmed, not matched: "\n" ends the answer's first line.
+    ids = tok.encode("<think>\nabc\n</think>\n\nLine one.\nLine two.")
+    for step in (1, 3, len(ids)):
+        message, p = parse(tok, ids, step, in_think=False, stop=["\n"])
+        assert (message["reasoning_content"], message["content"], p.stopped) == ("abc", "Line one.", True)
 
 
 def test_request_defaults_follow_the_mode_and_budget_applies_when_thinking():
