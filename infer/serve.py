@@ -157,6 +157,9 @@ async def chat_completions(request: Request) -> Response:
 
 def _submit(state: ServerState, req: ChatRequest, prompt: list[int], max_new: int):
     """Queues the request's `n` choices; all or none (429 when the queue has no room for all)."""
+    if req.n > state.engine.max_queue:  # a 429 would have the client retry what can never fit
+        raise openai_api.bad("n", f"{req.n} choices cannot all wait in a queue of {state.engine.max_queue} "
+                             "(the server's --max_queue)")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     tok = state.tokenizer

@@ -370,6 +370,9 @@ def test_a_full_queue_answers_429_with_retry_after(thinker_server):
     assert set(results) <= {(429, "1"), "length"}
     assert ask(c, user("Hello"), max_tokens=40, extra_body={"thinking_budget": 1}).choices[0].finish_reason == "stop"
     assert ce.free_slots == ce.slots
+    with pytest.raises(openai.BadRequestError) as e:  # more choices than the queue holds never fit: not a 429
+        ask(c, user("Hello"), max_tokens=2, n=3)
+    assert e.value.body["param"] == "n" and "--max_queue" in e.value.body["message"]
 
 
 def metric(url: str, name: str) -> float:
