@@ -226,9 +226,15 @@ class _Run:
                 for _ in ids:
                     m.itl.observe(per_token)
             self.last_time[i] = t
-        c.tokens += len(ids)
-        c.last_id = ids[-1] if ids else c.last_id
-        deltas = c.parser.feed(ids)
+        if c.parser.stop:  # token by token, so that usage counts only the tokens up to the stop string
+            deltas, used = [], 0
+            while used < len(ids) and not c.parser.stopped:
+                deltas += c.parser.feed(ids[used:used + 1])
+                used += 1
+        else:
+            deltas, used = c.parser.feed(ids), len(ids)
+        c.tokens += used
+        c.last_id = ids[used - 1] if used else c.last_id
         if c.parser.stopped:
             self.state.engine.cancel(c.request)
             c.finish = "stop"

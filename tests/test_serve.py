@@ -296,6 +296,19 @@ def test_two_budgets_in_flight_each_stop_thinking_at_their_own(thinker_server, t
         assert reply.usage.completion_tokens == 1 + budget + len(forced) + 4
         (alone,) = complete(thinker_engine, tok, [user("Hello")], max_new_tokens=100, thinking_budget=budget)
         assert (alone.thinking, alone.answer) == (m.reasoning_content, m.content)
+    # A stop string ends the reply and its usage at the token that completes it (" world" of "Hello world ").
+    for stream in (False, True):
+        kw = dict(max_tokens=100, stop=["world"], extra_body={"thinking_budget": 4})
+        if stream:
+            merged, finish, usage = stream_message(ask(c, user("Hello"), stream=True,
+                                                       stream_options={"include_usage": True}, **kw))
+            content = merged[0]["content"]
+        else:
+            reply = ask(c, user("Hello"), **kw)
+            content, finish, usage = reply.choices[0].message.content, {0: reply.choices[0].finish_reason}, reply.usage
+        assert (content, finish[0]) == ("Hello ", "stop")
+        assert usage.completion_tokens == 1 + 4 + len(forced) + 2
+        assert usage.completion_tokens_details.reasoning_tokens == 1 + 4 + forced.index(tok.end_think_id) + 1
 
 
 BAD = [  # (body, param); each a 400
