@@ -66,6 +66,7 @@ class Request:
     seed: int = 0
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     cancelled: bool = False
+    failed: bool = False  # set before its last callback when a failed step ended it
 
 
 def _batch_axis(x: jax.Array) -> int:
@@ -379,6 +380,7 @@ class ContinuousEngine:
             self._reset()
             self._lock.notify_all()
         for r in requests:
+            r.failed = True
             with contextlib.suppress(Exception):  # the callback that failed may fail again
                 r.on_tokens([], [], True)
 

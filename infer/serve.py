@@ -260,10 +260,23 @@ class _Run:
                  u["completion_tokens_details"]["reasoning_tokens"], seconds,
                  ",".join(str(c.finish) for c in self.choices))
 
+    def _failed(self) -> ApiError | None:
+        """A 500 when the engine ended a choice by a failed step (its reply would be cut short)."""
+        if any(c.request.failed for c in self.choices):
+            return ApiError(500, "a decode step failed; this reply is incomplete (see the server's log)",
+                            type="server_error")
+        return None
+
     def _cancel(self) -> None:
         for c in self.choices:
             if c.finish is None:
                 self.state.engine.cancel(c.request)
+
+    def _cancel_all(self) -> None:
+        """Ends every open choice (after a failure: no later 499 for them)."""
+        self._cancel()
+        for c in self.choices:
+            c.finish = c.finish or "error"
 
     async def complete(self, request: Request) -> Response:
         deltas: list[list[dict[str, Any]]] = [[] for _ in self.choices]
@@ -282,6 +295,11 @@ class _Run:
         except asyncio.CancelledError:
             self._cancel()
             raise
+        failed = self._failed()
+        if failed:
+            self._cancel_all()
+            self._log(failed.status)
+            return _error(failed)
         choices = [{"index": i, "message": openai_api.merge_deltas(d), "finish_reason": c.finish, "logprobs": None}
                    for i, (d, c) in enumerate(zip(deltas, self.choices))]
         self._log(200)
@@ -301,6 +319,12 @@ class _Run:
                 i, deltas = self._take(await self.queue.get())
                 for d in deltas:
                     yield event([{"index": i, "delta": d, "finish_reason": None}])
+                failed = self._failed()
+                if failed:  # the status line has gone: the error travels as an event, as vLLM's does
+                    self._cancel_all()
+                    yield f"data: {json.dumps(failed.body())}\n\ndata: [DONE]\n\n"
+                    self._log(failed.status)
+                    return
                 if self.choices[i].finish is not None:
                     yield event([{"index": i, "delta": {}, "finish_reason": self.choices[i].finish}])
             if self.req.include_usage:

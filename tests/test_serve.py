@@ -584,6 +584,31 @@ def test_a_failed_admission_ends_the_requests_it_was_admitting(random_engine, to
         ce.stop(10)
 
 
+def test_a_reply_a_failed_step_cut_short_is_a_500_not_a_short_reply(random_engine, tok):
+    ce = ContinuousEngine(random_engine, slots=2, chunk=2, stop_token_ids=tok.eos_ids)
+    decode, failures = ce.decode_fn, []
+
+    def fails_twice(*args):
+        if len(failures) < 2:
+            failures.append(True)
+            raise RuntimeError("a decode bug")
+        return decode(*args)
+
+    ce.decode_fn = fails_twice
+    with serving(ce, tok) as url:
+        c = client(url)
+        with pytest.raises(openai.InternalServerError) as e:
+            ask(c, user("hi"), max_tokens=5)
+        assert e.value.body["type"] == "server_error"
+        with httpx2.stream("POST", url + "/v1/chat/completions",
+                           json={"messages": user("hi"), "max_tokens": 5, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"  # the status line went with the first event
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["type"] == "server_error"
+        assert ask(c, user("hi"), max_tokens=5, temperature=0).usage.completion_tokens == 5
+        assert metric(url, 'qwen3_requests_total{status="500"}') == 2 and ce.free_slots == 2
+
+
 def test_a_failed_step_ends_its_requests_and_the_engine_serves_on(random_engine, tok):
     ce = ContinuousEngine(random_engine, slots=2, chunk=2, stop_token_ids=tok.eos_ids)
     ended = threading.Event()
