@@ -285,10 +285,14 @@ class _Run:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self._cancel()
-                        self._log(499)
-                        return Response(status_code=499)
+                    item = None
+                # Checked at each decode chunk's tokens too: a reply that keeps coming must not hide
+                # that its client has gone (its row would decode to the end).
+                if await request.is_disconnected():
+                    self._cancel()
+                    self._log(499)
+                    return Response(status_code=499)
+                if item is None:
                     continue
                 i, new = self._take(item)
                 deltas[i] += new

@@ -411,6 +411,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(thinker_server):
                  "qwen3_requests_running", "qwen3_requests_waiting", "qwen3_generation_tokens_per_second"):
         assert name in text
     assert metric(url, "qwen3_time_to_first_token_seconds_count") > 0
+    # A non-streamed request whose client leaves while its tokens keep coming is cancelled, not decoded to the end.
+    answered = metric(url, 'qwen3_requests_total{status="200"}')
+    with pytest.raises(httpx2.TimeoutException):
+        httpx2.post(url + "/v1/chat/completions", json={"messages": user("Hello"), "max_tokens": 240}, timeout=1.0)
+    deadline = time.time() + 20
+    while metric(url, 'qwen3_requests_total{status="499"}') != gone + 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(url, 'qwen3_requests_total{status="499"}') == gone + 2
+    assert metric(url, 'qwen3_requests_total{status="200"}') == answered
+    while ce.free_slots != ce.slots and time.time() < deadline:
+        time.sleep(0.05)
+    assert ce.free_slots == ce.slots
 
 
 def test_soak_500_requests_at_concurrency_16(random_server):
