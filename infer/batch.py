@@ -245,7 +245,7 @@ def _rows(raw: bytes, line: int, tokenizer: Tokenizer, settings: Settings, max_p
           present: set[tuple[str, int]]) -> list[_Row] | None:
     """The samples still to generate for one input line; None for an empty line."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a byte order mark may open the file
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8: {e}") from None
     if not text.strip():

@@ -230,6 +230,14 @@ def test_malformed_lines_are_named_and_counted(reference, prompts):
         assert r["messages"][-2]["content"].endswith("/" + r["mode"])
 
 
+def test_a_byte_order_mark_opening_the_file_is_not_a_malformed_line(tokenizer):
+    raw = '\ufeff{"messages": [{"role": "user", "content": "x"}]}\r\n'.encode()
+    (row,) = batch._rows(raw, 1, tokenizer, batch.Settings(modes=(rollout.Mode.THINK,)), 100, set())
+    assert row.record["messages"][0]["content"].startswith("x")
+    with pytest.raises(batch.DataError, match="not JSON"):  # past the first line it is a stray character
+        batch._rows(raw, 2, tokenizer, batch.Settings(), 100, set())
+
+
 def test_a_sample_does_not_depend_on_its_batch(reference, engine, tokenizer, prompts, tmp_path):
     """Per-row seeds: batches of 5 rows put every sample beside other rows than batches of 3."""
     _, _, records, _ = reference
