@@ -110,8 +110,9 @@ async def _body(request: Request, limit: int) -> Any:
 def _authorize(state: ServerState, request: Request) -> None:
     if state.api_key is None:
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # The scheme is case-insensitive (RFC 9110, section 11.1); the key is compared in constant time.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
         raise ApiError(401, "a missing or wrong API key (send 'Authorization: Bearer KEY')",
                        type="authentication_error")
 

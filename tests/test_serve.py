@@ -362,6 +362,8 @@ def test_bad_input_gets_its_status_naming_the_field_and_the_server_stays_up(rand
     assert e.value.status_code == 401
     for path in ("/v1/models", "/v1/chat/completions"):
         assert httpx2.request("GET" if "models" in path else "POST", url + path, json={"messages": user("x")}).status_code == 401
+    for scheme, status in (("bearer", 200), ("BEARER", 200), ("Basic", 401), ("Bearer" + KEY, 401)):
+        assert httpx2.get(url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == status, scheme
     ok = ask(c, user("still there?"), max_tokens=3, temperature=0)
     assert ok.choices[0].finish_reason in ("stop", "length")
     assert [m.id for m in c.models.list().data] == ["tiny"]
