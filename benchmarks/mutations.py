@@ -284,6 +284,9 @@ FAULTS = (
     Fault("reasoning_tokens_count_answer_tokens", "infer/openai_api.py",
           "            self.reasoning_tokens += self.in_think", "            self.reasoning_tokens += 1",
           ("tests/test_serve.py", "-k", "two_budgets")),
+    Fault("usage_counts_tokens_past_the_stop_string", "infer/serve.py",
+          "        c.tokens += used\n", "        c.tokens += len(ids)\n",
+          ("tests/test_serve.py", "-k", "two_budgets")),
 )
 
 
