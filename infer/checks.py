@@ -60,8 +60,10 @@ def optional_budget(value: Any, name: str) -> int | None:
         return None
     if not is_int(value):
         raise RequestError(f"{name} must be None or an int >= 0, got {type(value).__name__} {value!r}")
-    if not 0 <= value <= MAX_INT32:
-        raise RequestError(f"{name} must be None or an int in [0, {MAX_INT32}], got {value}")
+    if value < 0:
+        raise RequestError(f"{name} must be None or an int >= 0, got {value}")
+    if value > MAX_INT32:
+        raise RequestError(f"{name} must be at most {MAX_INT32} (None: no limit), got {value}")
     return int(value)
 
 

@@ -234,6 +234,7 @@ def test_sharded_decode_equals_unsharded(kind, shape, tmp_path):
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"top_k": -1}, "top_k must be an int >= 0"),
         ({"thinking_budget": -3}, "thinking_budget must be None or an int >= 0"),
+        ({"thinking_budget": 2**31}, "thinking_budget must be at most 2147483647"),  # was an OverflowError
         ({"thinking_budget": [1]}, "thinking_budget has 1 values for 4 prompts"),
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
         ({"seed": [1]}, "seed has 1 values for 4 prompts"),
