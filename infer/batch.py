@@ -103,7 +103,7 @@ def generate_file(
     as `infer.cli_common.load` builds it).
     `batch_size`: rows (prompt x mode x sample) decoded together, by continuous batching
     (`rollout.stream_chat`): a finished row's slot takes the next row at once. The output does not
-    depend on it (per-row seeds); the records of a prompt are written as its rows finish.
+    depend on it (per-row seeds; records written in input order, once the rows before them are).
     `progress`: show a progress bar over prompts (stderr). Malformed lines are reported on stderr.
     Raises ConfigError (see `check`) before generating anything.
     """
@@ -145,7 +145,7 @@ def generate_file(
             completed.clear()
 
         def rows():
-            """(row, prompt ids, mode, seed) for every sample still to generate, read line by line."""
+            """(number, prompt ids, mode, seed) for every sample still to generate, read line by line."""
             for line, raw in enumerate(src, start=1):
                 if line in done:
                     summary.resumed += 1
@@ -166,13 +166,23 @@ def generate_file(
                     continue
                 remaining[line] = len(line_rows)
                 for r in line_rows:
-                    yield r, r.prompt_ids, r.mode, rollout.row_seed(settings.seed, r.line, r.mode, r.sample)
+                    read.append(r)
+                    yield len(read) - 1, r.prompt_ids, r.mode, rollout.row_seed(settings.seed, r.line, r.mode, r.sample)
 
+        # Rows finish out of order; they are written in input order, so that OUT does not depend on
+        # --batch_size (the SFT loader's shuffle reads it in file order).
+        read: list[_Row | None] = []
+        replies: dict[int, rollout.Completion] = {}
+        written = 0
         for finished in rollout.stream_chat(engine, tokenizer, rows(), slots=batch_size,
                                             max_new_tokens=settings.max_new_tokens,
                                             thinking_budget=settings.thinking_budget, sampling=settings.sampling):
+            replies.update(finished)
             records = []
-            for row, reply in finished:
+            while written in replies:
+                row, reply = read[written], replies.pop(written)
+                read[written] = None  # written rows are not kept
+                written += 1
                 record = _output_record(row, reply)
                 summary.unfinished += not record["finished"]
                 if record["finished"] or settings.keep_unfinished:

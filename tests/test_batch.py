@@ -120,6 +120,7 @@ class ScriptedContinuous:
     can be checked against exactly known tokens; `requests` keeps what was submitted."""
 
     requests: list = []
+    in_order = True  # False: each step finishes only the newest request, so rows finish out of order
 
     def __init__(self, engine, *, max_len, **_):
         self.context, self._waiting = max_len, []
@@ -136,10 +137,10 @@ class ScriptedContinuous:
         self._waiting.append(request)
 
     def step(self) -> bool:
-        for r in self._waiting:
+        finishing, self._waiting = (self._waiting, []) if self.in_order else (self._waiting[-1:], self._waiting[:-1])
+        for r in finishing:
             reply = REPLIES["no_think" if r.prompt[-len(THINKING_OFF):] == THINKING_OFF else "think"]
             r.on_tokens(reply, [False] * len(reply), True)
-        self._waiting = []
         return True
 
 
@@ -153,6 +154,17 @@ def scripted(monkeypatch):
     monkeypatch.setattr(continuous, "ContinuousEngine", ScriptedContinuous)
     monkeypatch.setattr(ScriptedContinuous, "requests", [])
     return ScriptedContinuous
+
+
+def test_rows_that_finish_out_of_order_are_written_in_input_order(engine, scripted, tokenizer, prompts, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(scripted, "in_order", False)
+    out = str(tmp_path / "out.jsonl")
+    with contextlib.redirect_stderr(io.StringIO()):
+        batch.generate_file(engine, tokenizer, prompts, out, SETTINGS, batch_size=3)
+    records = read_records(out)
+    assert [key(r) for r in records] == [(line, m, k) for line in sorted(VALID) for m in rollout.MODES for k in range(2)]
+    assert list(map(int, open(out + batch.PROGRESS_SUFFIX).read().splitlines()[1:])) == sorted(VALID)
 
 
 def test_records_round_trip_into_the_sft_loader(engine, scripted, tokenizer, tmp_path):
@@ -239,12 +251,14 @@ def test_a_byte_order_mark_opening_the_file_is_not_a_malformed_line(tokenizer):
 
 
 def test_a_sample_does_not_depend_on_its_batch(reference, engine, tokenizer, prompts, tmp_path):
-    """Per-row seeds: batches of 5 rows put every sample beside other rows than batches of 3."""
+    """Per-row seeds: 5 rows decoding together put every sample beside other rows than 3 do, and
+    rows finish in another order; the file is the same, in input order."""
     _, _, records, _ = reference
     out = tmp_path / "out.jsonl"
     with contextlib.redirect_stderr(io.StringIO()):
         batch.generate_file(engine, tokenizer, prompts, str(out), SETTINGS, batch_size=5)
-    assert by_key(read_records(out)) == by_key(records)
+    assert read_records(out) == records
+    assert [key(r) for r in records] == sorted(map(key, records), key=lambda k: (k[0], rollout.MODES.index(k[1]), k[2]))
 
 
 def test_resume_cuts_a_torn_line_and_generates_only_what_is_missing(reference, engine, tokenizer, prompts, tmp_path):
