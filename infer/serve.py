@@ -1,15 +1,17 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine.
 
     python -m infer.serve --checkpoint DIR [--step N] [--host 127.0.0.1] [--port 8000] [--slots 16]
-        [--max_len N] [--api_key KEY] [--dtype float32|bfloat16]
+        [--max_len N] [--api_key KEY] [--dtype float32|bfloat16] [--mesh AXIS=N,...] [--decode_chunk 8]
+        [--max_queue 256] [--max_body_bytes N] [--served_model_name NAME] [--drain_seconds 30]
 
 `POST /v1/chat/completions` (streamed or not), `GET /v1/models`, `GET /health`, `GET /metrics`
 (Prometheus). Starlette routes, uvicorn serves, prometheus-client counts; the engine steps on its
 own thread (`infer.continuous`) and hands each request's ids to its handler through an asyncio queue.
 Bad requests get OpenAI's error body with status 400 (naming the field), 401 (wrong or missing key
 with --api_key), 413 (body over --max_body_bytes), 429 (the waiting queue is full; Retry-After),
-503 (shutting down). SIGTERM stops admitting, lets running requests finish (at most
---drain_seconds), and exits 0.
+503 (shutting down, on a connection opened before). SIGTERM stops admitting (uvicorn stops
+listening, so new connections are refused), lets running requests finish (at most --drain_seconds),
+and exits 0.
 """
 
 from __future__ import annotations
