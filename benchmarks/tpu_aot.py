@@ -197,6 +197,8 @@ def lower_train(config: ml_collections.ConfigDict, seq_len: int, mesh, platform:
                 if config.train.microbatches % m == 0 and rows % (dp * m) == 0)
     config.train.microbatches = micro
     config.data.seq_len = seq_len
+    if config.data.format != "synthetic" and not config.data.paths:  # released configs take them on the command line
+        config.data.paths = "compile-only/*.arrayrecord"  # never read: the step is compiled on abstract batches
     train_cfg = train_config(config)
     model = model_config(train_cfg.model)
     optimizer, step_cfg = resolve_shared(train_cfg, shape, batch_size=rows, seq_len=seq_len,
