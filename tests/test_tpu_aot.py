@@ -84,6 +84,30 @@ def test_compiles_for_a_tpu_topology():
     assert tpu_aot.REMAT_WARNING in log[0]
 
 
+def test_expert_weight_gradients_told_apart_in_compiled_hlo():
+    """Lines of libtpu's compiled HLO for the weight gradient of one grouped matmul (8,192 rows,
+    16 experts of [2048, 768]): megablox's `tgmm` kernel, and `ragged_dot`'s lowering, a dense
+    convolution over every expert; a row kernel (`gmm`, 2-D) is not a weight gradient."""
+    from benchmarks.hlo_stats import expert_weight_ops
+
+    megablox = """
+  %gmm.2 = bf16[8192,768]{1,0:T(8,128)(2,1)} custom-call(%fusion.18, %param.34), custom_call_target="tpu_custom_call"
+  %tgmm.1 = bf16[16,2048,768]{2,1,0:T(8,128)(2,1)} custom-call(%get-tuple-element.355, %fusion.12), custom_call_target="tpu_custom_call"
+"""
+    ragged_dot = """
+  ROOT %convolution-base-dilated = bf16[16,2048,768]{2,1,0:T(8,128)(2,1)} convolution(%fusion.3, %fusion.4), window={size=16 stride=15 lhs_dilate=16}, dim_labels=0fb_0io->0bf
+  %fusion.7 = f32[4,2048,768]{2,1,0} convolution(%a, %b), dim_labels=0fb_0io->0bf
+"""
+    shapes = tpu_aot.expert_weight_shapes(preset("tiny-moe", num_experts=16, hidden_size=2048, moe_intermediate_size=768),
+                                          make_mesh({"data": 8}))
+    assert shapes == {(16, 2048, 768), (16, 768, 2048)}
+    assert expert_weight_ops(megablox, shapes) == {"grouped_kernels": 1, "dense_convolutions": 0}
+    assert expert_weight_ops(ragged_dot, shapes) == {"grouped_kernels": 0, "dense_convolutions": 1}
+    # Under expert and tensor parallelism: El = E / expert, I / tensor.
+    assert tpu_aot.expert_weight_shapes(preset("tiny-moe"), make_mesh({"expert": 2, "tensor": 2, "data": 2})) == {
+        (4, 96, 24), (4, 24, 96)}
+
+
 def test_a_slice_that_does_not_fit_grows_along_the_kinds_axis():
     assert tpu_aot.larger("v5p:2x2x2", {"fsdp": 8}, "fsdp") == ("v5p:2x2x4", {"fsdp": 16})
     assert tpu_aot.larger("v5e:2x2", {"tensor": 4}, "tensor") == ("v5e:2x4", {"tensor": 8})
