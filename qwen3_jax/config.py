@@ -14,7 +14,7 @@ from qwen3_jax.errors import ConfigError, need
 from qwen3_jax.sharding import ShardingRules
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+REMAT_POLICIES = ("none", "full", "offload", "dots", "dots_with_no_batch_dims")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "megablox")
 ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn")  # the kernels of qwen3_jax.attention
 

@@ -3,8 +3,9 @@
 Dropless: every (token, expert) pair is computed, nothing is capped by a capacity factor. Expert
 parallelism (`expert` mesh axis) runs under `jax.shard_map` with a fixed set of collectives per
 layer (tests/test_sharding_hlo.py counts them); `moe_chunk_tokens` bounds the gathered tokens an
-expert shard holds at once. Shapes: B batch, T length, D hidden, E experts (El local), I expert
-width, K top-k, M = B*T*K pairs.
+expert shard holds at once. The grouped matmuls (`moe_impl`, `auto` by platform): megablox's
+Pallas kernels on TPU, `jax.lax.ragged_dot` on GPU, a blocked scan on CPU. Shapes: B batch, T
+length, D hidden, E experts (El local), I expert width, K top-k, M = B*T*K pairs.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ class MegabloxTiling:
     tm = rows_per_tile (see `megablox_rows_per_tile`); tk and tn are the largest of 1024, 512,
     256, 128 dividing the dimension, else the whole dimension (a TPU block dimension must be a
     multiple of 128 or the full array). One table serves the forward (k = D, n = F), the input
-    gradient (k = F, n = D) and the weight gradient's `tgmm` (k = D, n = F). VMEM per kernel at the
-    largest tiles (512 x 1024 x 1024, bfloat16, double-buffered inputs and output, float32
-    accumulator): about 12 MiB, inside the 16 MiB default scoped limit of v5e / v5p / v6e.
+    gradient (k = F, n = D) and the weight gradient's `tgmm` (k = D, n = F). At the largest tiles
+    (512 x 1024 x 1024: bfloat16 blocks double-buffered, a float32 accumulator) a kernel holds
+    about 12 MiB of VMEM. Qwen3-30B-A3B (D 2048, I 768): (512, 1024, 256) forward; 235B-A22B (D
+    4096, I 1536): (512, 1024, 512); libtpu compiles them for v5p and v6e (`benchmarks.tpu_aot`).
     """
 
     rows_per_tile: int
@@ -124,12 +126,12 @@ class MegabloxTiling:
 
 
 def megablox_rows_per_tile(num_rows: int, num_groups: int) -> int:
-    """The largest power of two <= min(512, rows per group), at least 16 (bfloat16's sublane tile).
+    """The largest power of two <= min(512, rows / groups), at least 16 (bfloat16's sublane tile).
 
-    A tile that straddles a group boundary is computed once per group it holds, so tiles near the
-    mean group size bound that waste to about 2x; 512 rows (megablox's and MaxText's m tile)
-    fill the MXU at Qwen3-30B-A3B's and 235B-A22B's training shapes, where every expert shard's
-    groups hold thousands of rows.
+    A tile that straddles a group boundary is computed once per group it holds, so tiles no
+    larger than a group bound that waste to about 2x; 512 rows (MaxText's m tile for megablox)
+    at Qwen3-30B-A3B's and 235B-A22B's training and prefill shapes, where an expert shard's
+    groups hold thousands of rows; 16 for decode's few.
     """
     tm = 16
     while tm * 2 <= min(512, num_rows // max(num_groups, 1)):

@@ -438,8 +438,23 @@ def test_scan_unrolled_unstacked_and_remat_agree():
         graphdef, state = nnx.split(model)
         return jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens) ** 2)))(state)
 
-    for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads("full"))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(a)).max())
+    ref_grads = jax.tree.leaves(grads("none"))
+    for remat in ("full", "offload"):
+        for a, b in zip(ref_grads, jax.tree.leaves(grads(remat))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(a)).max())
+
+
+def test_offload_remat_saves_layer_inputs_in_host_memory():
+    """remat="offload" saves each layer's input, its one residual, as a host-memory array (the jaxpr's
+    `<host>` type; XLA:CPU then keeps it where it is, TPUs move it over PCIe); "full" saves none there."""
+    tokens = jnp.asarray(_tokens(2, 10, vocab=512))
+
+    def jaxpr(remat):
+        graphdef, state = nnx.split(q.init_model(q.preset("tiny-dense", remat=remat), seed=1))
+        return str(jax.make_jaxpr(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens) ** 2)))(state))
+
+    offload, full = jaxpr("offload"), jaxpr("full")
+    assert "f32<host>[2,10,96]" in offload and "<host>" not in full
 
 
 def test_kv_cache_prefill_and_decode_match_full_forward():
