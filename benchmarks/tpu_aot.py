@@ -31,7 +31,9 @@ reference, not comparable); step-time lower bound = max(program matmul FLOPs / p
 must move / HBM bandwidth), the bytes being the step's arguments and outputs (decode: its
 arguments, read once per generated token); the implied MFU ceiling = model FLOPs / (peak x that
 bound); collective bytes of the compiled per-device HLO; the partitioner's involuntary-
-rematerialisation warnings. A row that does not fit in HBM (or that libtpu refuses to compile for
+rematerialisation warnings; for MoE, the compiled instructions that produce the expert weights'
+gradients, grouped kernels (megablox's `tgmm`) or dense convolutions over every local expert
+(`benchmarks.hlo_stats.expert_weight_ops`). A row that does not fit in HBM (or that libtpu refuses to compile for
 lack of it) is compiled again on slices of twice the chips (`growth_axis`) until one fits.
 """
 
@@ -387,13 +389,18 @@ def _mfu(r: dict) -> str:
     return f"{100 * r['mfu_ceiling']:.0f}%" + (f" ({100 * every:.0f}% every row)" if every < 0.995 * r["mfu_ceiling"] else "")
 
 
+def _expert_grads(r: dict) -> str:
+    ops = r.get("expert_weight_gradient_ops")
+    return f"{ops['grouped_kernels']} / {ops['dense_convolutions']}" if ops and r["kind"] == "train" else ""
+
+
 def render(rows: list[dict]) -> str:
     """The README's markdown table of the results rows."""
     head = ("| preset | step | length | slice (mesh) | rows x tokens | per-chip GiB: args / temp / out = total "
             "(HBM) | fits / smallest slice that fits | model / program TFLOP per chip (XLA, loops once) | "
             "lower bound (bound) | MFU ceiling | collectives GB per chip (AG / AR / RS / A2A / CP) | "
-            "collectives at ICI peak | SPMD remat warnings |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "collectives at ICI peak | SPMD remat warnings | expert weight gradients: grouped kernels / dense |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         named = r.get("named", {"topology": r["topology"], "fits": r["fits"]})
@@ -403,7 +410,7 @@ def render(rows: list[dict]) -> str:
             fit = f"**no** on {named['topology']} ({named.get('why', '')})" + (
                 f"; fits {r['fits_on']}" if r["fits_on"] else "; none tried fits")
         if "compile_error" in r:
-            lines.append(f"| {r['preset']} | {r['kind']} | {r['length']:,} | {r['topology']} | | | {fit} |" + " |" * 6)
+            lines.append(f"| {r['preset']} | {r['kind']} | {r['length']:,} | {r['topology']} | | | {fit} |" + " |" * 7)
             continue
         m = r["memory_gib"]
         mesh = " x ".join(f"{a} {n}" for a, n in r["mesh"].items())
@@ -418,7 +425,7 @@ def render(rows: list[dict]) -> str:
             f"| {_seconds(r['step_time_lower_bound_s'])} ({r['bound']}) | {_mfu(r)} "
             f"| {' / '.join(_gb(c[k]) for k in COLLECTIVES)} "
             f"| {_seconds(sum(c[k] for k in COLLECTIVES) / CHIPS[r['topology'].split(':')[0]].ici_bytes_per_s)} "
-            f"| {r.get('involuntary_remat', 'not read')} |"
+            f"| {r.get('involuntary_remat', 'not read')} | {_expert_grads(r)} |"
         )
     return "\n".join(lines)
 

@@ -62,8 +62,10 @@ def test_compiles_for_a_tpu_topology():
             assert tpu_aot.kernels("tpu", cached) == {"moe_impl": moe.default_impl(),
                                                       "attention": attention.choose(cfg, cached=cached, packed=not cached)}
     lowered, facts = tpu_aot.lower_train(_train_config("tiny-moe"), 128, mesh, "tpu")
-    row = tpu_aot.analyse(lowered, "train", mesh, generation, facts["model_flops"])
+    row = tpu_aot.analyse(lowered, "train", mesh, generation, facts["model_flops"], 0.0, facts["expert_weight_shapes"])
     assert row["fits"] and row["hbm_gib"] == 95 and 0 < row["mfu_ceiling"] < 1
+    # megablox: gate, up and down's weight gradients are grouped kernels (tgmm), none a dense convolution.
+    assert row["expert_weight_gradient_ops"] == {"grouped_kernels": 3, "dense_convolutions": 0}
     assert row["involuntary_remat"] == 0  # read off libtpu's log: the canary below shows it would be seen
     assert row["program_flops_per_chip"] > row["xla_cost_analysis_flops_per_chip"]  # XLA: loop bodies once
     # Expert shards of 2: half the gathered rows are in a shard's groups under balanced routing.
@@ -117,3 +119,24 @@ def test_a_slice_that_does_not_fit_grows_along_the_kinds_axis():
     assert tpu_aot.growth_axis("serve", {"tensor": 8}, num_kv_heads=8, rows=8) == "data"  # no KV head left to split
     # Every row on its own batch shard already: a larger slice would only pad the batch.
     assert tpu_aot.growth_axis("serve", {"expert": 2, "tensor": 4, "data": 4}, num_kv_heads=4, rows=8) is None
+
+
+def test_committed_moe_rows_run_grouped_kernels_and_fit():
+    """The MoE rows of benchmarks/results/tpu_aot.json (compiled with libtpu, which CI lacks): on
+    TPU the MoE runs megablox, each weight gradient (gate, up, down) a grouped kernel and none a
+    dense convolution over the experts; training's matmul FLOPs within 1.3x of the model's; no
+    involuntary rematerialisation; every row fits the slice its config names."""
+    import json
+
+    rows = [r for r in json.load(open(tpu_aot.RESULTS))["rows"] if preset(r["preset"]).is_moe]
+    assert {(r["preset"], r["kind"], r["length"]) for r in rows} == {
+        (p, k, n) for p in ("qwen3-30b-a3b", "qwen3-235b-a22b")
+        for k, lengths in (("train", tpu_aot.TRAIN_LENGTHS), ("prefill", tpu_aot.SERVE_CONTEXTS),
+                           ("decode", tpu_aot.SERVE_CONTEXTS)) for n in lengths}
+    for r in rows:
+        where = (r["preset"], r["kind"], r["length"])
+        assert r["moe_impl"] == "megablox" and r["named"]["fits"] and r["involuntary_remat"] == 0, where
+        if r["kind"] == "train":
+            ops = r["expert_weight_gradient_ops"]  # XLA may duplicate a loop body's kernels (235B 32K: 6)
+            assert ops["grouped_kernels"] >= 3 and ops["dense_convolutions"] == 0, where
+            assert r["program_flops_per_chip"] < 1.3 * r["model_flops_per_chip"], where
