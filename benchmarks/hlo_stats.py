@@ -162,8 +162,11 @@ def collective_bytes(hlo_text: str) -> dict[str, float]:
             comps[current] = []
             if line.startswith("ENTRY"):
                 entry = current
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":
             current = None
+        elif current is not None and line[:1] not in (" ", "\t") and comps[current]:
+            # A Pallas kernel's backend_config spans lines (its JSON holds newlines): one instruction.
+            comps[current][-1] += line
         elif current is not None:
             comps[current].append(line)
     if entry is None:

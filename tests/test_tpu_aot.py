@@ -110,6 +110,34 @@ def test_expert_weight_gradients_told_apart_in_compiled_hlo():
         (4, 96, 24), (4, 24, 96)}
 
 
+def test_collectives_after_a_multi_line_pallas_kernel_are_counted():
+    """libtpu prints a Pallas kernel's backend_config over several lines (splash attention's JSON
+    holds newlines); a continuation line starting with "}" does not end the computation, so the
+    all-gather after it, in a loop of 4, counts."""
+    from benchmarks.hlo_stats import collective_bytes
+
+    hlo = """
+%body (p: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
+  %k = bf16[8,128]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"a":
+"{\"block_q\": 512}
+}}, metadata={op_name="splash"}
+  %ag = bf16[64,128]{1,0} all-gather(%k), dimensions={0}
+  ROOT %t = (s32[], bf16[8,128]) tuple(%i, %k)
+}
+
+%cond (p: (s32[], bf16[8,128])) -> pred[] {
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[8,128]) -> bf16[8,128] {
+  %w = (s32[], bf16[8,128]) while(%t0), condition=%cond, body=%body
+  ROOT %r = bf16[8,128] get-tuple-element(%w), index=1
+}
+"""
+    assert collective_bytes(hlo)["all-gather"] == 4 * 64 * 128 * 2
+
+
 def test_a_slice_that_does_not_fit_grows_along_the_kinds_axis():
     assert tpu_aot.larger("v5p:2x2x2", {"fsdp": 8}, "fsdp") == ("v5p:2x2x4", {"fsdp": 16})
     assert tpu_aot.larger("v5e:2x2", {"tensor": 4}, "tensor") == ("v5e:2x4", {"tensor": 8})
