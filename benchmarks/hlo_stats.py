@@ -11,6 +11,9 @@ the loops into account:
 - `collective_bytes`: bytes of the collectives in the compiled, partitioned HLO of one device,
   weighted the same way.
 
+`expert_weight_ops` counts, in the compiled HLO, how the expert weights' gradients are computed:
+grouped Pallas kernels, or dense convolutions over every local expert.
+
 A loop whose trip count is not a constant (decode's `while` over a traced step count) counts once:
 its figures are per iteration.
 """
@@ -24,6 +27,7 @@ from collections import defaultdict
 import numpy as np
 from jaxlib.mlir import ir
 
+_MEGABLOX = re.compile(r"t?gmm(_\d+)?$")  # the functions megablox's jitted kernels lower to
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 # ----------------------------------------------------------------------------- StableHLO FLOPs
@@ -61,9 +65,9 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     """{'flops': matmul FLOPs of `module`'s main function, loops weighted by trip count, global
     (all devices together); 'loops_without_trip_count': how many `while` loops counted once;
     'kernels_without_cost_estimate': Pallas TPU kernels (splash attention) whose FLOPs are not
-    counted, as they carry no cost estimate; 'ragged_dot_flops': the part of 'flops' in ragged_dot,
-    counted over every row}. A conditional counts its costliest branch, so the
-    causal tiles blockwise attention skips count as computed.
+    counted, as they carry no cost estimate; 'grouped_flops': the part of 'flops' in grouped
+    matmuls (ragged_dot, megablox's gmm and tgmm), counted over every row}. A conditional counts
+    its costliest branch, so the causal tiles blockwise attention skips count as computed.
 
     dot_general: 2 x result elements x contracted elements. ragged_dot: the same, divided by the
     group count when the ragged dimension is contracted (each group contracts only its own rows).
@@ -71,14 +75,14 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
     """
     funcs = {op.attributes["sym_name"].value: op for op in module.body.operations
              if "sym_name" in op.attributes}
-    # Every count is a pair: (all matmul FLOPs, the ragged_dot part of them).
+    # Every count is a pair: (all matmul FLOPs, the grouped-matmul part of them).
     memo: dict[str, np.ndarray] = {}
     unknown, opaque = [0], [0]
 
-    def region(r: ir.Region) -> np.ndarray:
-        return sum((operation(op.operation) for block in r.blocks for op in block.operations), np.zeros(2))
+    def region(r: ir.Region, func: str) -> np.ndarray:
+        return sum((operation(op.operation, func) for block in r.blocks for op in block.operations), np.zeros(2))
 
-    def operation(op: ir.Operation) -> np.ndarray:
+    def operation(op: ir.Operation, func: str) -> np.ndarray:
         name = op.name
         if name == "stablehlo.dot_general":
             dims = str(op.attributes["dot_dimension_numbers"])
@@ -98,29 +102,34 @@ def matmul_flops(module: ir.Module, mesh_shape: dict[str, int]) -> dict[str, flo
             n = _trip_count(op.regions[0])
             if n is None:
                 unknown[0] += 1
-            return (1 if n is None else n) * region(op.regions[1])
+            return (1 if n is None else n) * region(op.regions[1], func)
         if name in ("func.call", "call"):
             callee = ir.FlatSymbolRefAttr(op.attributes["callee"]).value
             if callee not in memo:
-                memo[callee] = region(funcs[callee].regions[0])
+                memo[callee] = region(funcs[callee].regions[0], callee)
             return memo[callee]
         if name == "stablehlo.custom_call" and "tpu_custom_call" in str(op.attributes["call_target_name"]):
-            # A Pallas kernel: its FLOPs are those of the cost estimate it was lowered with, if any.
-            estimate = re.search(r'cost_estimate\\?": ?\{[^}]*?flops\\?": ?(\d+)', str(op.attributes["backend_config"]))
+            # A Pallas kernel: its FLOPs are those of the cost estimate it was lowered with, if any
+            # (the MLIR text escapes the JSON's quotes as \22).
+            config = str(op.attributes["backend_config"]).replace("\\22", '"')
+            estimate = re.search(r'cost_estimate\\?": ?\{[^}]*?flops\\?": ?(\d+)', config)
             if estimate is None:
                 opaque[0] += 1
-            return np.array([float(estimate.group(1)) if estimate else 0.0, 0.0])
+                return np.zeros(2)
+            flops = float(estimate.group(1))
+            # megablox's gmm / tgmm estimate 2 x rows x k x n: every row, as ragged_dot is counted.
+            return np.array([flops, flops if _MEGABLOX.match(func) else 0.0])
         if name in ("stablehlo.case", "stablehlo.if"):  # one branch runs: count the costliest
-            return max((region(r) for r in op.regions), key=lambda c: c[0], default=np.zeros(2))
-        inner = sum(region(r) for r in op.regions)
+            return max((region(r, func) for r in op.regions), key=lambda c: c[0], default=np.zeros(2))
+        inner = sum(region(r, func) for r in op.regions)
         if name == "sdy.manual_computation" and inner[0]:
             axes = re.findall(r'"(\w+)"', str(op.attributes["manual_axes"]))
             inner *= math.prod(mesh_shape[a] for a in axes)
         return inner
 
-    flops, ragged = region(funcs["main"].regions[0])
+    flops, ragged = region(funcs["main"].regions[0], "main")
     return {"flops": float(flops), "loops_without_trip_count": unknown[0],
-            "kernels_without_cost_estimate": opaque[0], "ragged_dot_flops": float(ragged)}
+            "kernels_without_cost_estimate": opaque[0], "grouped_flops": float(ragged)}
 
 
 # ------------------------------------------------------------------------- compiled HLO bytes
@@ -153,8 +162,11 @@ def collective_bytes(hlo_text: str) -> dict[str, float]:
             comps[current] = []
             if line.startswith("ENTRY"):
                 entry = current
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":
             current = None
+        elif current is not None and line[:1] not in (" ", "\t") and comps[current]:
+            # A Pallas kernel's backend_config spans lines (its JSON holds newlines): one instruction.
+            comps[current][-1] += line
         elif current is not None:
             comps[current].append(line)
     if entry is None:
@@ -198,3 +210,25 @@ def collective_bytes(hlo_text: str) -> dict[str, float]:
     result = {k: total(entry).get(k, 0.0) for k in COLLECTIVES}
     result["loops_without_trip_count"] = unknown[0]
     return result
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (custom-call|convolution|dot)\((.*)$")
+
+
+def expert_weight_ops(hlo_text: str, shapes: set[tuple[int, ...]]) -> dict[str, int]:
+    """Instructions of one device's compiled HLO whose result has a local expert weight's shape
+    (`shapes`, e.g. {(El, D, I), (El, I, D)}): the weight gradients. 'grouped_kernels': Pallas /
+    Mosaic kernels (`tpu_custom_call`: megablox's `tgmm`); 'dense_convolutions': convolutions and
+    dots, which compute every (row, expert) product, the rows outside an expert's group masked to
+    zero (libtpu's lowering of `ragged_dot`'s weight gradient). Instructions, not executions: a
+    loop body counts once."""
+    counts = {"grouped_kernels": 0, "dense_convolutions": 0}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m is None or tuple(int(d) for d in m.group(3).split(",") if d) not in shapes:
+            continue
+        if m.group(4) == "custom-call":
+            counts["grouped_kernels"] += 'custom_call_target="tpu_custom_call"' in m.group(5)
+        else:
+            counts["dense_convolutions"] += 1
+    return counts

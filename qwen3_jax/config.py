@@ -14,8 +14,8 @@ from qwen3_jax.errors import ConfigError, need
 from qwen3_jax.sharding import ShardingRules
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-MOE_IMPLS = ("auto", "ragged_dot", "blocked")
+REMAT_POLICIES = ("none", "full", "offload", "dots", "dots_with_no_batch_dims")
+MOE_IMPLS = ("auto", "ragged_dot", "blocked", "megablox")
 ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "splash", "cudnn")  # the kernels of qwen3_jax.attention
 
 
@@ -69,7 +69,7 @@ class Qwen3Config:
     param_dtype: str = "float32"  # stored parameters
     scan_layers: bool = True  # one compiled layer body per run of identical layers
     remat: str = "none"
-    moe_impl: str = "auto"  # grouped matmul: auto = ragged_dot on TPU/GPU, blocked on CPU
+    moe_impl: str = "auto"  # grouped matmul: auto = megablox on TPU, ragged_dot on GPU, blocked on CPU
     moe_chunk_tokens: int = 0  # tokens per pass of an expert shard's loop (0: all); see qwen3_jax.moe
     # auto = splash on TPU, cuDNN on GPU (bf16, unpacked), blockwise otherwise and over a KV cache.
     attention: str = "auto"

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qwen3_jax.config import Qwen3Config
 from qwen3_jax.layers import (
@@ -24,6 +25,10 @@ from qwen3_jax.sharding import auto_mesh, constrain, state_shardings
 
 _REMAT = {
     "full": None,
+    # Full remat with each layer's input, the one array a layer saves, kept in host memory.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
+        offload_src="device", offload_dst="pinned_host"),
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -179,6 +184,8 @@ def _apply_run(run: DecoderLayer | nnx.List, x, ctx, cache, token_mask, cfg: Qwe
 
     def body(h, xs):
         layer_state, layer_cache = xs
+        if cfg.remat == "offload":
+            h = checkpoint_name(h, "layer_input")
         h, layer_cache, s = nnx.merge(graphdef, layer_state)(h, ctx, layer_cache, token_mask)
         return h, (layer_cache, s)
 

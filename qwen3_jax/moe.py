@@ -3,17 +3,21 @@
 Dropless: every (token, expert) pair is computed, nothing is capped by a capacity factor. Expert
 parallelism (`expert` mesh axis) runs under `jax.shard_map` with a fixed set of collectives per
 layer (tests/test_sharding_hlo.py counts them); `moe_chunk_tokens` bounds the gathered tokens an
-expert shard holds at once. Shapes: B batch, T length, D hidden, E experts (El local), I expert
-width, K top-k, M = B*T*K pairs.
+expert shard holds at once. The grouped matmuls (`moe_impl`, `auto` by platform): megablox's
+Pallas kernels on TPU, `jax.lax.ragged_dot` on GPU, a blocked scan on CPU. Shapes: B batch, T
+length, D hidden, E experts (El local), I expert width, K top-k, M = B*T*K pairs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 from jax.sharding import PartitionSpec as P
 
 from qwen3_jax.config import Qwen3Config
@@ -98,18 +102,82 @@ def _blocked_grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.A
     return y.reshape(num_blocks * block, F).at[dest_M].get(mode="fill", fill_value=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class MegabloxTiling:
+    """megablox's tile sizes for one grouped matmul with `rows_per_tile` rows (hashable: a static
+    argument of its jitted kernels), looked up per kernel as (m, k, n) -> (tm, tk, tn).
+
+    tm = rows_per_tile (see `megablox_rows_per_tile`); tk and tn are the largest of 1024, 512,
+    256, 128 dividing the dimension, else the whole dimension (a TPU block dimension must be a
+    multiple of 128 or the full array). One table serves the forward (k = D, n = F), the input
+    gradient (k = F, n = D) and the weight gradient's `tgmm` (k = D, n = F). At the largest tiles
+    (512 x 1024 x 1024: bfloat16 blocks double-buffered, a float32 accumulator) a kernel holds
+    about 12 MiB of VMEM. Qwen3-30B-A3B (D 2048, I 768): (512, 1024, 256) forward; 235B-A22B (D
+    4096, I 1536): (512, 1024, 512); libtpu compiles them for v5p and v6e (`benchmarks.tpu_aot`).
+    """
+
+    rows_per_tile: int
+
+    def __call__(self, m: int, k: int, n: int) -> tuple[int, int, int]:
+        def tile(dim: int) -> int:
+            return next((t for t in (1024, 512, 256, 128) if dim % t == 0), dim)
+
+        return self.rows_per_tile, tile(k), tile(n)
+
+
+def megablox_rows_per_tile(num_rows: int, num_groups: int) -> int:
+    """The largest power of two <= min(512, rows / groups), at least 16 (bfloat16's sublane tile).
+
+    A tile that straddles a group boundary is computed once per group it holds, so tiles no
+    larger than a group bound that waste to about 2x; 512 rows (MaxText's m tile for megablox)
+    at Qwen3-30B-A3B's and 235B-A22B's training and prefill shapes, where an expert shard's
+    groups hold thousands of rows; 16 for decode's few.
+    """
+    tm = 16
+    while tm * 2 <= min(512, num_rows // max(num_groups, 1)):
+        tm *= 2
+    return tm
+
+
+def _megablox_grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    """megablox's `gmm` under its own custom VJP (`ops.gmm`: `gmm` for the forward and the input
+    gradient, `tgmm` for the weight gradient), grouped kernels in both passes.
+
+    The rows past sum(sizes) (other shards' pairs, padding) form one more group, E, whose weights
+    this shard does not hold: gmm computes only the El held groups' tiles and zeroes the rows
+    outside them, tgmm only the held groups' gradients. Rows are padded to a multiple of the m
+    tile, into that group. Off TPU the kernels run in Pallas interpret mode (tests; slow).
+    """
+    M, _ = x_MxD.shape
+    E = w_ExDxF.shape[0]
+    tm = megablox_rows_per_tile(M, E)
+    pad = -M % tm
+    sizes_G = jnp.concatenate([sizes_E, (M + pad - jnp.sum(sizes_E))[None]]).astype(jnp.int32)
+    x = jnp.pad(x_MxD, ((0, pad), (0, 0)))
+    interpret = target_platform() != "tpu"
+    # Mosaic rejects a bfloat16 matmul at float32 contract precision (a global "highest" setting);
+    # bfloat16 products are exact in float32 anyway.
+    precision = jax.default_matmul_precision("default") if x.dtype == jnp.bfloat16 else contextlib.nullcontext()
+    with precision:  # positional: ops.gmm's nondiff_argnums are (dtype, tiling, transpose_rhs, interpret)
+        y = megablox.gmm(x, w_ExDxF, sizes_G, x_MxD.dtype, MegabloxTiling(tm), None, None, False, interpret)
+    return y[:M]
+
+
 def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array, impl: str) -> jax.Array:
     """Rows of x sorted by group; rows past sum(sizes) produce zeros."""
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x_MxD, w_ExDxF, sizes_E)
+    if impl == "megablox":
+        return _megablox_grouped_matmul(x_MxD, w_ExDxF, sizes_E)
     return _blocked_grouped_matmul(x_MxD, w_ExDxF, sizes_E)
 
 
 def default_impl() -> str:
-    """`ragged_dot` has native grouped kernels on TPU and GPU; XLA:CPU needs the blocked path. The
-    platform is the installed mesh's (`target_platform`), so an AOT compile for a TPU slice from a
-    CPU host gets the TPU path."""
-    return "blocked" if target_platform() == "cpu" else "ragged_dot"
+    """TPU: megablox, whose weight gradient is a grouped kernel too (libtpu lowers `ragged_dot`'s to
+    a dense convolution over every local expert). GPU: `ragged_dot`. CPU: the blocked scan, as
+    XLA:CPU lowers `ragged_dot` to a dense loop. The platform is the installed mesh's
+    (`target_platform`), so an AOT compile for a TPU slice from a CPU host gets the TPU path."""
+    return {"cpu": "blocked", "tpu": "megablox"}.get(target_platform(), "ragged_dot")
 
 
 def local_experts(

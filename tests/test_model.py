@@ -360,7 +360,7 @@ def test_dropless_moe_equals_masked_reference(impl):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot", "megablox"])
 def test_token_chunks_equal_one_pass_in_value_and_gradient(impl):
     """21 tokens in chunks of 5 (the last one padded), on a shard holding experts 2..5 of 8: the
     foreign experts' pairs and the padding contribute nothing, and the rematerialised chunks give
@@ -385,6 +385,40 @@ def test_token_chunks_equal_one_pass_in_value_and_gradient(impl):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_megablox_equals_ragged_dot_and_blocked_in_value_and_gradient():
+    """megablox's Pallas kernels (interpret mode on CPU) against the other two grouped matmuls, on
+    ragged groups with empty ones and rows past the last group (a shard's rows for experts it does
+    not hold): 16-row tiles, so groups start and end inside tiles. Gradients with respect to the
+    rows (`gmm` with the weights transposed) and the weights (`tgmm`)."""
+    M, D, F = 61, 24, 40
+    sizes_E = jnp.array([7, 0, 19, 0, 9, 11], jnp.int32)  # 46 rows in groups, 15 beyond
+    kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+    x_MxD = jax.random.normal(kx, (M, D))
+    w_ExDxF = jax.random.normal(kw, (6, D, F)) / np.sqrt(D)
+    probe_MxF = jax.random.normal(kg, (M, F))
+    assert moe_lib.megablox_rows_per_tile(M, 6) == 16  # padded to 64 rows, 4 tiles
+
+    def loss(args, impl):
+        return jnp.sum(probe_MxF * jnp.sin(moe_lib.grouped_matmul(*args, sizes_E, impl)))
+
+    ys = {impl: moe_lib.grouped_matmul(x_MxD, w_ExDxF, sizes_E, impl) for impl in ("megablox", "ragged_dot", "blocked")}
+    grads = {impl: jax.grad(loss)((x_MxD, w_ExDxF), impl) for impl in ys}
+    assert np.all(np.asarray(ys["megablox"][46:]) == 0)
+    for impl in ("ragged_dot", "blocked"):
+        np.testing.assert_allclose(np.asarray(ys["megablox"]), np.asarray(ys[impl]), atol=1e-5)
+        for a, b in zip(grads["megablox"], grads[impl]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    gx, gw = grads["megablox"]
+    assert np.all(np.asarray(gw[1]) == 0) and np.all(np.asarray(gw[3]) == 0)  # empty groups
+    assert np.all(np.asarray(gx[46:]) == 0) and float(jnp.abs(gx[:46]).max()) > 0
+
+
+def test_auto_moe_impl_per_platform(monkeypatch):
+    for platform, impl in (("tpu", "megablox"), ("gpu", "ragged_dot"), ("cpu", "blocked")):
+        monkeypatch.setattr(moe_lib, "target_platform", lambda p=platform: p)
+        assert moe_lib.default_impl() == impl
+
+
 def _route(layer, x, cfg):
     _, w, idx = moe_lib.route(jnp.einsum("BTD,DE->BTE", x, layer.router[...]), cfg.num_experts_per_tok, cfg.norm_topk_prob)
     return idx.reshape(-1, cfg.num_experts_per_tok), w.reshape(-1, cfg.num_experts_per_tok)
@@ -404,8 +438,23 @@ def test_scan_unrolled_unstacked_and_remat_agree():
         graphdef, state = nnx.split(model)
         return jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens) ** 2)))(state)
 
-    for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads("full"))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(a)).max())
+    ref_grads = jax.tree.leaves(grads("none"))
+    for remat in ("full", "offload"):
+        for a, b in zip(ref_grads, jax.tree.leaves(grads(remat))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(a)).max())
+
+
+def test_offload_remat_saves_layer_inputs_in_host_memory():
+    """remat="offload" saves each layer's input, its one residual, as a host-memory array (the jaxpr's
+    `<host>` type; XLA:CPU then keeps it where it is, TPUs move it over PCIe); "full" saves none there."""
+    tokens = jnp.asarray(_tokens(2, 10, vocab=512))
+
+    def jaxpr(remat):
+        graphdef, state = nnx.split(q.init_model(q.preset("tiny-dense", remat=remat), seed=1))
+        return str(jax.make_jaxpr(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens) ** 2)))(state))
+
+    offload, full = jaxpr("offload"), jaxpr("full")
+    assert "f32<host>[2,10,96]" in offload and "<host>" not in full
 
 
 def test_kv_cache_prefill_and_decode_match_full_forward():
