@@ -428,6 +428,9 @@ def main(argv: list[str]) -> None:
         summary = generate_file(engine, tokenizer, f.prompts, f.out, settings, batch_size=f.batch_size, progress=True)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # what is written is kept; the records of unfinished prompts are regenerated
+        print(f"\ninterrupted: {f.out} keeps what was written; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     print(f"{f.out}: {summary}")
 
 

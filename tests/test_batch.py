@@ -439,3 +439,16 @@ def test_command_line(checkpoint, reference, prompts, tmp_path, capsys):
         with pytest.raises(SystemExit, match=f"error: .*{message}"):
             run_main(argv + extra)
     flags.FLAGS.unparse_flags()
+
+
+def test_command_line_interrupted_says_how_to_resume(checkpoint, prompts, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "generate_file", interrupted)
+    out = str(tmp_path / "out.jsonl")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(["--checkpoint", checkpoint, "--prompts", prompts, "--out", out])
+    flags.FLAGS.unparse_flags()
+    assert exit_info.value.code == 130
+    assert f"interrupted: {out} keeps what was written; rerun the same command to resume" in capsys.readouterr().err
