@@ -127,14 +127,35 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         message = {"role": role, "content": _content(m.get("content"), where)}
         if role == "assistant":
             for key in ("reasoning_content", "reasoning"):
+                if m.get(key) is not None and not isinstance(m[key], str):
+                    raise bad(f"{where}.{key}", f"must be a string or null, got {type(m[key]).__name__}")
                 if isinstance(m.get(key), str):
                     message["reasoning_content"] = m[key]
             if m.get("tool_calls") is not None:
-                message["tool_calls"] = m["tool_calls"]
+                message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
         if message["content"] is None and not message.get("tool_calls"):
             raise bad(f"{where}.content", "must be a string")
         out.append(message)
     return out
+
+
+def _tool_calls(value: Any, where: str) -> list[Any]:
+    """An assistant message's earlier tool calls: each {"function": {"name": str, "arguments": a
+    JSON object, or a string holding one}}, as the chat template renders them."""
+    if not isinstance(value, list):
+        raise bad(where, f"must be a list of tool calls, got {type(value).__name__}")
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise bad(f"{where}[{j}]", "must be {\"function\": {\"name\": ..., \"arguments\": ...}}")
+        args = function.get("arguments", {})
+        try:
+            parsed = json.loads(args) if isinstance(args, str) else args
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, Mapping):
+            raise bad(f"{where}[{j}].function.arguments", "must be a JSON object or a string holding one")
+    return value
 
 
 def _tools(body: Mapping) -> list[dict[str, Any]] | None:
@@ -149,6 +170,8 @@ def _tools(body: Mapping) -> list[dict[str, Any]] | None:
         if not isinstance(tool, Mapping) or tool.get("type", "function") != "function" \
                 or not isinstance(tool.get("function"), Mapping) or not isinstance(tool["function"].get("name"), str):
             raise bad(f"tools[{i}]", "must be {\"type\": \"function\", \"function\": {\"name\": ..., ...}}")
+        if not isinstance(tool["function"].get("parameters", {}), Mapping):
+            raise bad(f"tools[{i}].function.parameters", "must be a JSON Schema object")
     return [dict(t) for t in tools] or None
 
 

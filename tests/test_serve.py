@@ -329,6 +329,15 @@ BAD = [  # (body, param); each a 400
     ({"messages": user("x"), "stream": "yes"}, "stream"),
     ({"messages": user("x"), "chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
     ({"messages": user("x"), "tools": [{"type": "function"}]}, "tools[0]"),
+    ({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+     "tools[0].function.parameters"),
+    ({"messages": user("x") + [{"role": "assistant", "content": "y", "reasoning_content": 5}] + user("z")},
+     "messages[1].reasoning_content"),
+    ({"messages": user("x") + [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}] + user("z")},
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"messages": user("x") + [{"role": "assistant", "content": None, "tool_calls": {"name": "f"}}] + user("z")},
+     "messages[1].tool_calls"),
     # Past int32: these once failed the engine's step (every running request ended, this one hung).
     ({"messages": user("x"), "thinking_budget": 2**31}, "thinking_budget"),
     ({"messages": user("x"), "top_k": 2**31}, "top_k"),
@@ -554,6 +563,17 @@ def test_request_defaults_follow_the_mode_and_budget_applies_when_thinking():
     assert no_think.sampling["top_k"] == 0 and 0 <= no_think.seed < 2**32
     hard = parse_chat_request({"messages": user("x"), "chat_template_kwargs": {"enable_thinking": False}})
     assert str(hard.mode) == "no_think" and hard.enable_thinking is False
+
+
+def test_a_tool_call_history_renders_as_qwens_template_does():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+             {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    messages = user("Weather?") + [{"role": "assistant", "content": None, "tool_calls": calls},
+                                   {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    req = parse_chat_request({"messages": messages, "tools": [WEATHER]})
+    text = chat.render(req.messages, tools=req.tools, add_generation_prompt=True)
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+    assert '{"name": "get_weather", "arguments": {"city": "Oslo"}}' in text and "sunny" in text
 
 
 def test_submit_past_the_queue_raises_and_cancel_frees_rows(random_engine, tok):
