@@ -60,19 +60,10 @@ class SamplingParams:
     presence_penalty: jax.Array
 
     @classmethod
-    def make(
-        cls,
-        batch: int,
-        *,
-        temperature: float | Sequence[float] = 1.0,
-        top_k: int | Sequence[int] = 0,
-        top_p: float | Sequence[float] = 1.0,
-        min_p: float | Sequence[float] = 0.0,
-        presence_penalty: float | Sequence[float] = 0.0,
-    ) -> SamplingParams:
-        """Validates host-side values (a scalar for all rows or one per row)."""
-        t, k, p, m, pp = cls.check(batch, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                   presence_penalty=presence_penalty)
+    def make(cls, batch: int, **settings: float | Sequence[float]) -> SamplingParams:
+        """Validates host-side values (a scalar for all rows or one per row; the settings and
+        defaults are `check`'s)."""
+        t, k, p, m, pp = cls.check(batch, **settings)
         return cls(
             temperature=jnp.asarray(t, jnp.float32),
             top_k=jnp.asarray(k, jnp.int32),
